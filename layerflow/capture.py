@@ -1,0 +1,357 @@
+"""One-pass multi-layer capture, streamed to a sharded safetensors store.
+
+One forward pass per batch captures every requested site: hooks copy activations into
+preallocated shard buffers, and the pass stops after the deepest captured layer
+(`stop_at_layer`), so the unembedding is never computed. A writer thread saves full shards
+while the model computes the next one; two buffer sets bound RAM whatever the token count.
+
+Layout of a capture directory:
+
+    plan.json                       what is being captured (written first; resume checks it)
+    shards/train-00000.safetensors  one tensor per hook name [tokens, d] + "tokens" [seqs, ctx]
+    shards/train-00000.json         the shard's checksum and statistics (written after it)
+    capture.json                    the manifest (written last: its presence means "complete")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from layerflow import __version__
+from layerflow.data import TokenPlan, describe_source, make_sequences, source_fingerprint, special_token_ids
+from layerflow.errors import LayerflowError
+from layerflow.models import LoadedModel, load_model, sha256_file
+from layerflow.sites import Site, SiteKind, prepare_hooks, resolve
+
+SCHEMA_VERSION = 1
+PLAN_FILE = "plan.json"
+MANIFEST_FILE = "capture.json"
+SHARD_DIR = "shards"
+TOKENS_KEY = "tokens"
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHARD_BYTES = 128 * 2**20  # target size of one shard
+
+
+@dataclass
+class CaptureConfig:
+    model: str
+    layers: list[int]
+    kinds: list[SiteKind] = field(default_factory=lambda: [SiteKind.resid_post])
+    n_tokens: int = 20_000  # total, train + held-out
+    context_size: int = 128
+    prepend_bos: bool = True
+    source: str = "default"
+    holdout_fraction: float = 0.1
+    dtype: str = "float32"  # storage dtype
+    batch_size: int = 8  # sequences per forward pass
+    shard_seqs: int | None = None  # sequences per shard; None: about SHARD_BYTES per shard
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class ShardRecord:
+    file: str
+    split: str  # "train" or "heldout"
+    first_seq: int
+    n_seqs: int
+    n_tokens: int
+    sha256: str
+    norm_sums: dict[str, float]  # per hook: sum of activation L2 norms over non-special tokens
+    norm_count: int  # number of non-special tokens
+
+
+@dataclass
+class CaptureManifest:
+    schema_version: int
+    layerflow_version: str
+    model: dict[str, Any]  # name, official_name, family, weights_source, from_pretrained_kwargs
+    sites: list[dict[str, Any]]  # layer, kind, hook_name, d
+    layers: list[int]
+    d_model: int
+    dtype: str
+    context_size: int
+    prepend_bos: bool
+    bos_token_id: int | None
+    special_token_ids: list[int]
+    text_source: dict[str, Any]
+    split: dict[str, int]  # train_seqs, heldout_seqs, train_tokens, heldout_tokens
+    n_tokens: int
+    shards: list[ShardRecord]
+    mean_norm: dict[str, float]  # per hook, over non-special tokens of all shards
+    seconds: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CaptureManifest":
+        data = json.loads(text)
+        data["shards"] = [ShardRecord(**s) for s in data["shards"]]
+        return cls(**data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _plan_dict(cfg: CaptureConfig, loaded: LoadedModel, sites: list[Site], token_plan: TokenPlan, shard_seqs: int) -> dict:
+    return {
+        "model": loaded.name,
+        "weights_source": loaded.weights_source,
+        "hooks": [s.hook_name for s in sites],
+        "n_tokens": cfg.n_tokens,
+        "context_size": cfg.context_size,
+        "prepend_bos": cfg.prepend_bos,
+        "bos_token_id": token_plan.bos_token_id,
+        "source": cfg.source,
+        "source_fingerprint": source_fingerprint(cfg.source),
+        "holdout_fraction": cfg.holdout_fraction,
+        "dtype": cfg.dtype,
+        "shard_seqs": shard_seqs,
+        "seed": cfg.seed,
+    }
+
+
+def _check_output_dir(out_dir: Path, plan: dict, overwrite: bool) -> str:
+    """Returns 'fresh', 'resume' or 'complete'; refuses a directory holding a different run."""
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return "fresh"
+    plan_path = out_dir / PLAN_FILE
+    if not plan_path.exists():
+        # Never delete a directory layerflow did not write, even with --overwrite.
+        raise LayerflowError(f"Output directory '{out_dir}' is not empty and holds no layerflow capture. "
+                             "Choose another --out.")
+    if overwrite:
+        shutil.rmtree(out_dir)
+        return "fresh"
+    old = json.loads(plan_path.read_text())
+    if old == plan:
+        return "complete" if (out_dir / MANIFEST_FILE).exists() else "resume"
+    diffs = [f"{k}: {old.get(k)!r} -> {plan.get(k)!r}" for k in sorted(set(old) | set(plan)) if old.get(k) != plan.get(k)]
+    raise LayerflowError(f"Output directory '{out_dir}' holds a different capture ({'; '.join(diffs)}). "
+                         "Choose another --out, or pass --overwrite to replace it.")
+
+
+def _shard_plan(n_train: int, n_heldout: int, shard_seqs: int) -> list[tuple[str, int, int]]:
+    shards = []
+    for split, start, count in (("train", 0, n_train), ("heldout", n_train, n_heldout)):
+        for i, first in enumerate(range(start, start + count, shard_seqs)):
+            shards.append((f"{split}-{i:05d}", first, min(shard_seqs, start + count - first)))
+    return shards
+
+
+def _finished_shard(out_dir: Path, name: str, tokens: torch.Tensor) -> ShardRecord | None:
+    """A shard from an interrupted run, if it is complete and matches the plan."""
+    shard, sidecar = out_dir / SHARD_DIR / f"{name}.safetensors", out_dir / SHARD_DIR / f"{name}.json"
+    if not (shard.exists() and sidecar.exists()):
+        return None
+    record = ShardRecord(**json.loads(sidecar.read_text()))
+    if sha256_file(shard) != record.sha256:
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(shard), "pt") as f:
+        if not torch.equal(f.get_tensor(TOKENS_KEY).long(), tokens):
+            return None
+    return record
+
+
+def capture(
+    cfg: CaptureConfig,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    loaded: LoadedModel | None = None,
+) -> CaptureManifest:
+    """Capture `cfg.layers` x `cfg.kinds` into `out_dir`; resume an interrupted capture there."""
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    if cfg.dtype not in STORE_DTYPES:
+        raise LayerflowError(f"Unknown storage dtype '{cfg.dtype}'. Valid: {', '.join(STORE_DTYPES)}.")
+    if not 0 <= cfg.holdout_fraction < 1:
+        raise LayerflowError(f"Held-out fraction {cfg.holdout_fraction} must be in [0, 1).")
+    if cfg.n_tokens < cfg.context_size:
+        raise LayerflowError(f"--tokens {cfg.n_tokens} is less than one sequence (context size {cfg.context_size}).")
+    loaded = loaded or load_model(cfg.model, device=cfg.device)
+    model = loaded.model
+    sites = resolve(model, cfg.layers, cfg.kinds)
+    hook_names = [s.hook_name for s in sites]
+    prepare_hooks(model, hook_names)
+    widths = {s.hook_name: _site_width(model.cfg, s) for s in sites}
+
+    tokenizer = model.tokenizer
+    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+    token_plan = TokenPlan(cfg.source, cfg.context_size, cfg.prepend_bos, bos, cfg.seed)
+    store_dtype = STORE_DTYPES[cfg.dtype]
+    bytes_per_seq = cfg.context_size * sum(widths.values()) * store_dtype.itemsize
+    shard_seqs = cfg.shard_seqs or max(1, SHARD_BYTES // bytes_per_seq)
+    plan = _plan_dict(cfg, loaded, sites, token_plan, shard_seqs)
+    state = _check_output_dir(out_dir, plan, overwrite)
+    if state == "complete":
+        return CaptureManifest.from_json((out_dir / MANIFEST_FILE).read_text())
+
+    n_seqs = math.ceil(cfg.n_tokens / cfg.context_size)
+    n_heldout = math.ceil(n_seqs * cfg.holdout_fraction) if cfg.holdout_fraction > 0 else 0
+    n_train = n_seqs - n_heldout
+    if n_train < 1:
+        raise LayerflowError(f"--tokens {cfg.n_tokens} leaves no training sequences after the held-out split.")
+    tokens = make_sequences(n_seqs, token_plan, tokenizer, model.cfg.d_vocab)
+    specials = torch.tensor(special_token_ids(tokenizer, token_plan), dtype=torch.long)
+
+    (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / PLAN_FILE, json.dumps(plan, indent=2))
+
+    records: dict[str, ShardRecord] = {}
+    todo = []
+    for name, first, count in _shard_plan(n_train, n_heldout, shard_seqs):
+        done = _finished_shard(out_dir, name, tokens[first : first + count]) if state == "resume" else None
+        if done:
+            records[name] = done
+        else:
+            todo.append((name, first, count))
+
+    total = n_seqs * cfg.context_size
+    done_tokens = sum(r.n_tokens for r in records.values())
+    if progress:
+        progress(done_tokens, total)
+    writer = _ShardWriter(out_dir / SHARD_DIR, widths, shard_seqs * cfg.context_size, store_dtype, specials)
+    stop_at = max(cfg.layers) + 1
+    try:
+        with torch.inference_mode(), model.hooks(fwd_hooks=[(n, writer.hook) for n in hook_names]):
+            for name, first, count in todo:
+                shard_tokens = tokens[first : first + count]
+                writer.begin(name, "train" if name.startswith("train") else "heldout", first, shard_tokens)
+                for b in range(0, count, cfg.batch_size):
+                    batch = shard_tokens[b : b + cfg.batch_size].to(cfg.device)
+                    model(batch, stop_at_layer=stop_at)
+                    writer.advance(batch.numel())
+                    done_tokens += batch.numel()
+                    if progress:
+                        progress(done_tokens, total)
+                writer.finish_shard()
+    finally:
+        for record in writer.close():
+            records[record.file.removesuffix(".safetensors")] = record
+
+    shard_records = [records[name] for name, _, _ in _shard_plan(n_train, n_heldout, shard_seqs)]
+    count = sum(r.norm_count for r in shard_records)
+    manifest = CaptureManifest(
+        schema_version=SCHEMA_VERSION,
+        layerflow_version=__version__,
+        model={
+            "name": loaded.name,
+            "official_name": loaded.spec.official_name,
+            "family": loaded.spec.family,
+            "weights_source": loaded.weights_source,
+            "from_pretrained_kwargs": loaded.from_pretrained_kwargs,
+        },
+        sites=[{"layer": s.layer, "kind": s.kind.value, "hook_name": s.hook_name, "d": widths[s.hook_name]} for s in sites],
+        layers=list(cfg.layers),
+        d_model=model.cfg.d_model,
+        dtype=cfg.dtype,
+        context_size=cfg.context_size,
+        prepend_bos=cfg.prepend_bos,
+        bos_token_id=bos,
+        special_token_ids=specials.tolist(),
+        text_source={"source": cfg.source, "description": describe_source(cfg.source),
+                     "fingerprint": plan["source_fingerprint"], "seed": cfg.seed},
+        split={"train_seqs": n_train, "heldout_seqs": n_heldout,
+               "train_tokens": n_train * cfg.context_size, "heldout_tokens": n_heldout * cfg.context_size},
+        n_tokens=total,
+        shards=shard_records,
+        mean_norm={h: sum(r.norm_sums[h] for r in shard_records) / max(count, 1) for h in hook_names},
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    atomic_write_text(out_dir / MANIFEST_FILE, manifest.to_json())
+    return manifest
+
+
+def _site_width(cfg: Any, site: Site) -> int:
+    return cfg.d_mlp if site.kind == SiteKind.mlp_hidden else cfg.d_model
+
+
+class _ShardWriter:
+    """Owns two buffer sets: hooks fill one while a thread checks and saves the other."""
+
+    def __init__(self, shard_dir: Path, widths: dict[str, int], rows: int, dtype: torch.dtype, specials: torch.Tensor):
+        self.shard_dir, self.specials = shard_dir, specials
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(2):
+            self.free.put({h: torch.empty(rows, d, dtype=dtype) for h, d in widths.items()})
+        self.full: queue.Queue = queue.Queue()
+        self.records: list[ShardRecord] = []
+        self.error: BaseException | None = None
+        self.buffers: dict[str, torch.Tensor] | None = None
+        self.offset = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def begin(self, name: str, split: str, first: int, tokens: torch.Tensor) -> None:
+        self._raise_if_failed()
+        self.buffers = self.free.get()
+        self.offset = 0
+        self.meta = (name, split, first, tokens)
+
+    def hook(self, act: torch.Tensor, hook: Any) -> None:
+        flat = act.reshape(-1, act.shape[-1])
+        self.buffers[hook.name][self.offset : self.offset + flat.shape[0]].copy_(flat)
+
+    def advance(self, n_tokens: int) -> None:
+        self.offset += n_tokens
+
+    def finish_shard(self) -> None:
+        self.full.put((self.meta, self.buffers, self.offset))
+        self.buffers = None
+
+    def close(self) -> list[ShardRecord]:
+        self.full.put(None)
+        self.thread.join()
+        self._raise_if_failed()
+        return self.records
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        from safetensors.torch import save_file
+
+        while (item := self.full.get()) is not None:
+            (name, split, first, tokens), buffers, n = item
+            if self.error is not None:
+                continue
+            try:
+                acts = {h: b[:n] for h, b in buffers.items()}
+                keep = ~torch.isin(tokens.reshape(-1), self.specials)
+                norm_sums = {}
+                for h, a in acts.items():
+                    if not torch.isfinite(a).all():
+                        raise LayerflowError(f"Shard {name}: activations at {h} contain NaN or Inf. "
+                                             "Nothing was saved for this shard; try --dtype float32.")
+                    norm_sums[h] = a[keep].float().norm(dim=-1).sum().item()
+                path = self.shard_dir / f"{name}.safetensors"
+                tmp = path.with_name(path.name + ".tmp")
+                save_file({**acts, TOKENS_KEY: tokens.to(torch.int32).contiguous()}, str(tmp))
+                record = ShardRecord(f"{name}.safetensors", split, first, tokens.shape[0], n,
+                                     sha256_file(tmp), norm_sums, int(keep.sum()))
+                os.replace(tmp, path)
+                atomic_write_text(path.with_suffix(".json"), json.dumps(asdict(record)))
+                self.records.append(record)
+            except BaseException as err:  # surfaced in the main thread
+                self.error = err
+            finally:
+                self.free.put(buffers)

@@ -1,0 +1,52 @@
+"""Reading a capture store written by `capture.py`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from jaxtyping import Float, Int
+from safetensors import safe_open
+
+from layerflow.capture import MANIFEST_FILE, SHARD_DIR, TOKENS_KEY, CaptureManifest
+from layerflow.errors import LayerflowError
+
+SPLITS = ("train", "heldout")
+
+
+class ActivationStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        manifest = self.root / MANIFEST_FILE
+        if not manifest.exists():
+            raise LayerflowError(f"'{self.root}' is not a finished capture (no {MANIFEST_FILE}). "
+                                 "Run `layerflow capture` (it resumes an interrupted one).")
+        self.manifest = CaptureManifest.from_json(manifest.read_text())
+
+    @property
+    def hook_names(self) -> list[str]:
+        return [s["hook_name"] for s in self.manifest.sites]
+
+    def shards(self, split: str) -> list[Path]:
+        if split not in SPLITS:
+            raise LayerflowError(f"Unknown split '{split}'. Valid: {', '.join(SPLITS)}.")
+        return [self.root / SHARD_DIR / s.file for s in self.manifest.shards if s.split == split]
+
+    def activations(self, hook_name: str, split: str = "train") -> Float[torch.Tensor, "tokens d"]:
+        """All activations of one hook in a split, in token order (loads them into RAM)."""
+        if hook_name not in self.hook_names:
+            raise LayerflowError(f"Hook '{hook_name}' was not captured. Captured: {', '.join(self.hook_names)}.")
+        return torch.cat([_read(p, hook_name) for p in self.shards(split)])
+
+    def tokens(self, split: str = "train") -> Int[torch.Tensor, "seqs context"]:
+        return torch.cat([_read(p, TOKENS_KEY).long() for p in self.shards(split)])
+
+    def special_mask(self, split: str = "train") -> torch.Tensor:
+        """True at positions holding BOS or another special token, flattened like `activations`."""
+        specials = torch.tensor(self.manifest.special_token_ids, dtype=torch.long)
+        return torch.isin(self.tokens(split).reshape(-1), specials)
+
+
+def _read(path: Path, key: str) -> torch.Tensor:
+    with safe_open(str(path), "pt") as f:
+        return f.get_tensor(key)
