@@ -194,7 +194,7 @@ def capture(
     widths = {s.hook_name: _site_width(model.cfg, s) for s in sites}
 
     tokenizer = model.tokenizer
-    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+    bos = loaded.bos_token_id
     token_plan = TokenPlan(cfg.source, cfg.context_size, cfg.prepend_bos, bos, cfg.seed)
     store_dtype = STORE_DTYPES[cfg.dtype]
     bytes_per_seq = cfg.context_size * sum(widths.values()) * store_dtype.itemsize

@@ -49,6 +49,7 @@ class LoadedModel:
     spec: ModelSpec
     weights_source: str  # where the weights came from, for manifests
     from_pretrained_kwargs: dict[str, Any] = field(default_factory=lambda: dict(NO_PROCESSING))
+    twin_bos_token_id: int | None = None  # twins have no tokenizer; their real config names BOS
 
     @property
     def name(self) -> str:
@@ -57,6 +58,12 @@ class LoadedModel:
     @property
     def tokenizer(self):
         return self.model.tokenizer
+
+    @property
+    def bos_token_id(self) -> int | None:
+        if self.tokenizer is not None:
+            return self.tokenizer.bos_token_id
+        return self.twin_bos_token_id
 
 
 def cache_dir() -> Path:
@@ -211,7 +218,9 @@ def _load_twin(spec: ModelSpec, dtype: torch.dtype, seed: int, shape: dict[str, 
     cfg.set_seed_everywhere(seed)
     model.init_weights()  # pretrained configs turn init off; twins need it
     size = "real size" if shape is None else "shape " + ",".join(f"{k}={v}" for k, v in shape.items())
-    return LoadedModel(model, spec, f"twin:{spec.official_name} (random init, seed {seed}, {size})")
+    bos = _read_twin_config(spec.name.removesuffix(TWIN_SUFFIX)).get("bos_token_id")
+    return LoadedModel(model, spec, f"twin:{spec.official_name} (random init, seed {seed}, {size})",
+                       twin_bos_token_id=None if bos is None else bos % cfg.d_vocab)
 
 
 # --- offline GGUF models ------------------------------------------------------------------------

