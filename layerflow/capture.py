@@ -40,7 +40,7 @@ MANIFEST_FILE = "capture.json"
 SHARD_DIR = "shards"
 TOKENS_KEY = "tokens"
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SHARD_BYTES = 128 * 2**20  # target size of one shard
+SHARD_BYTES = 64 * 2**20  # target size of one shard
 
 
 @dataclass
@@ -339,10 +339,11 @@ class _ShardWriter:
                 keep = ~torch.isin(tokens.reshape(-1), self.specials)
                 norm_sums = {}
                 for h, a in acts.items():
-                    if not torch.isfinite(a).all():
+                    norms = torch.linalg.vector_norm(a, dim=-1, dtype=torch.float32)
+                    if not torch.isfinite(norms).all():  # a row's norm is finite iff all its entries are
                         raise LayerflowError(f"Shard {name}: activations at {h} contain NaN or Inf. "
                                              "Nothing was saved for this shard; try --dtype float32.")
-                    norm_sums[h] = a[keep].float().norm(dim=-1).sum().item()
+                    norm_sums[h] = norms[keep].sum().item()
                 path = self.shard_dir / f"{name}.safetensors"
                 tmp = path.with_name(path.name + ".tmp")
                 save_file({**acts, TOKENS_KEY: tokens.to(torch.int32).contiguous()}, str(tmp))
