@@ -15,6 +15,8 @@ Layout of a capture directory:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
@@ -228,7 +230,7 @@ def capture(
     done_tokens = sum(r.n_tokens for r in records.values())
     if progress:
         progress(done_tokens, total)
-    writer = _ShardWriter(out_dir / SHARD_DIR, widths, shard_seqs * cfg.context_size, store_dtype, specials)
+    writer = _ShardWriter(out_dir / SHARD_DIR, widths, shard_seqs * cfg.context_size, store_dtype, specials, cfg.device)
     stop_at = max(cfg.layers) + 1
     try:
         with torch.inference_mode(), model.hooks(fwd_hooks=[(n, writer.hook) for n in hook_names]):
@@ -280,6 +282,36 @@ def capture(
     return manifest
 
 
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int32: "I32"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Write a safetensors file straight from tensor memory and return its SHA-256.
+
+    `safetensors.torch.save_file` copies every tensor into a Python bytes object first; a shard
+    is hundreds of MB, and those copies and a second read for the checksum compete with the
+    forward pass for memory bandwidth.
+    """
+    header: dict[str, Any] = {}
+    offset = 0
+    for key, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for chunk in (len(encoded).to_bytes(8, "little"), encoded):
+            f.write(chunk)
+            digest.update(chunk)
+        for t in tensors.values():
+            data = memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+            f.write(data)
+            digest.update(data)
+    return digest.hexdigest()
+
+
 def _site_width(cfg: Any, site: Site) -> int:
     return cfg.d_mlp if site.kind == SiteKind.mlp_hidden else cfg.d_model
 
@@ -287,15 +319,19 @@ def _site_width(cfg: Any, site: Site) -> int:
 class _ShardWriter:
     """Owns two buffer sets: hooks fill one while a thread checks and saves the other."""
 
-    def __init__(self, shard_dir: Path, widths: dict[str, int], rows: int, dtype: torch.dtype, specials: torch.Tensor):
+    def __init__(self, shard_dir: Path, widths: dict[str, int], rows: int, dtype: torch.dtype,
+                 specials: torch.Tensor, device: str):
         self.shard_dir, self.specials = shard_dir, specials
+        # From a GPU, copy into pinned host memory without blocking; synchronise once per shard.
+        self.pinned = torch.device(device).type == "cuda"
         self.free: queue.Queue = queue.Queue()
-        for _ in range(2):
-            self.free.put({h: torch.empty(rows, d, dtype=dtype) for h, d in widths.items()})
+        for _ in range(2):  # (activations, their row norms) per hook
+            self.free.put(({h: torch.empty(rows, d, dtype=dtype, pin_memory=self.pinned) for h, d in widths.items()},
+                           {h: torch.empty(rows, pin_memory=self.pinned) for h in widths}))
         self.full: queue.Queue = queue.Queue()
         self.records: list[ShardRecord] = []
         self.error: BaseException | None = None
-        self.buffers: dict[str, torch.Tensor] | None = None
+        self.buffers: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
         self.offset = 0
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -307,13 +343,20 @@ class _ShardWriter:
         self.meta = (name, split, first, tokens)
 
     def hook(self, act: torch.Tensor, hook: Any) -> None:
+        # Norms are taken here, on the main thread: torch ops on the writer thread would start a
+        # second OpenMP team that competes with the forward pass for the cores.
         flat = act.reshape(-1, act.shape[-1])
-        self.buffers[hook.name][self.offset : self.offset + flat.shape[0]].copy_(flat)
+        rows = slice(self.offset, self.offset + flat.shape[0])
+        acts, norms = self.buffers
+        acts[hook.name][rows].copy_(flat, non_blocking=self.pinned)
+        norms[hook.name][rows].copy_(torch.linalg.vector_norm(flat, dim=-1, dtype=torch.float32), non_blocking=self.pinned)
 
     def advance(self, n_tokens: int) -> None:
         self.offset += n_tokens
 
     def finish_shard(self) -> None:
+        if self.pinned:
+            torch.cuda.synchronize()
         self.full.put((self.meta, self.buffers, self.offset))
         self.buffers = None
 
@@ -328,27 +371,29 @@ class _ShardWriter:
             raise self.error
 
     def _run(self) -> None:
-        from safetensors.torch import save_file
-
+        # Saving is background work: at the lowest priority it only fills gaps in the forward
+        # pass instead of stalling its threads (Linux gives each thread its own nice value).
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while (item := self.full.get()) is not None:
             (name, split, first, tokens), buffers, n = item
             if self.error is not None:
                 continue
             try:
-                acts = {h: b[:n] for h, b in buffers.items()}
+                acts = {h: b[:n] for h, b in buffers[0].items()}
                 keep = ~torch.isin(tokens.reshape(-1), self.specials)
                 norm_sums = {}
-                for h, a in acts.items():
-                    norms = torch.linalg.vector_norm(a, dim=-1, dtype=torch.float32)
-                    if not torch.isfinite(norms).all():  # a row's norm is finite iff all its entries are
+                for h, norms in buffers[1].items():
+                    # A row's norm is NaN/Inf iff the row holds a NaN/Inf (or overflows float32).
+                    if not torch.isfinite(norms[:n]).all():
                         raise LayerflowError(f"Shard {name}: activations at {h} contain NaN or Inf. "
-                                             "Nothing was saved for this shard; try --dtype float32.")
-                    norm_sums[h] = norms[keep].sum().item()
+                                             "Nothing was saved for this shard.")
+                    norm_sums[h] = norms[:n][keep].sum().item()
                 path = self.shard_dir / f"{name}.safetensors"
                 tmp = path.with_name(path.name + ".tmp")
-                save_file({**acts, TOKENS_KEY: tokens.to(torch.int32).contiguous()}, str(tmp))
+                sha = write_safetensors(tmp, {**acts, TOKENS_KEY: tokens.to(torch.int32)})
                 record = ShardRecord(f"{name}.safetensors", split, first, tokens.shape[0], n,
-                                     sha256_file(tmp), norm_sums, int(keep.sum()))
+                                     sha, norm_sums, int(keep.sum()))
                 os.replace(tmp, path)
                 atomic_write_text(path.with_suffix(".json"), json.dumps(asdict(record)))
                 self.records.append(record)

@@ -195,3 +195,18 @@ def test_cli_capture_twin(tmp_path):
         f"blocks.{L}.{h}" for L in (0, 2, 4) for h in ("hook_resid_pre", "mlp.hook_in")]
     assert json.loads((out / PLAN_FILE).read_text())["n_tokens"] == 512
     assert "blocks.4.mlp.hook_in" in result.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_shard_writer_is_read_by_safetensors(tmp_path, dtype):
+    from safetensors.torch import load_file
+
+    from layerflow.capture import write_safetensors
+
+    tensors = {"blocks.0.hook_resid_post": torch.randn(5, 7).to(dtype), "tokens": torch.arange(6, dtype=torch.int32).view(2, 3)}
+    sha = write_safetensors(tmp_path / "x.safetensors", tensors)
+    assert sha == hashlib.sha256((tmp_path / "x.safetensors").read_bytes()).hexdigest()
+    loaded = load_file(tmp_path / "x.safetensors")
+    assert loaded.keys() == tensors.keys()
+    for key, value in tensors.items():
+        assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value)
