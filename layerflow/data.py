@@ -6,14 +6,16 @@ A source is one of:
 - `hf:NAME[:CONFIG]`: a Hugging Face dataset (streamed; needs the hub), column `text`, split `train`;
 - `random`: uniform random token ids (for twins, which have no tokenizer, and for benchmarks).
 
-Sequences are cut from one token stream (documents joined by the tokenizer's EOS), then a seeded
-permutation picks which ones are used, so a small capture still samples the whole corpus.
+Sequences are cut from one token stream (dataset rows joined by the tokenizer's EOS), then a
+seeded permutation picks which ones are used. Files up to 64 MB (the shipped corpus included) are
+tokenized whole, once per tokenizer, and cached, so even a small capture samples the whole corpus.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -27,7 +29,9 @@ from layerflow.errors import LayerflowError
 DEFAULT_SOURCE = "default"
 RANDOM_SOURCE = "random"
 HF_PREFIX = "hf:"
-# Sample sequences from a pool this many times larger than needed (bounded by the corpus).
+# Files up to this size are tokenized whole (once, then cached) and sampled uniformly.
+SMALL_FILE_BYTES = 64 * 2**20
+# Larger sources: sample sequences from a prefix this many times larger than needed.
 POOL_FACTOR = 8
 
 
@@ -64,6 +68,13 @@ def source_fingerprint(source: str) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _is_small_file(source: str) -> bool:
+    if source == DEFAULT_SOURCE:
+        return True
+    path = Path(source)
+    return not source.startswith(HF_PREFIX) and path.is_file() and path.stat().st_size <= SMALL_FILE_BYTES
+
+
 def iter_documents(source: str) -> Iterator[str]:
     if source.startswith(HF_PREFIX):
         yield from _iter_hf_dataset(source[len(HF_PREFIX):])
@@ -90,21 +101,23 @@ def iter_documents(source: str) -> Iterator[str]:
 
 
 def _iter_hf_dataset(spec: str) -> Iterator[str]:
+    """Stream the `text` column of a dataset's train split: a hub name, or a local dataset folder."""
     import datasets
 
     name, _, config = spec.partition(":")
     try:
-        ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
-        for row in ds:
+        for row in datasets.load_dataset(name, config or None, split="train", streaming=True):
             yield row["text"]
-    except (OSError, ConnectionError, ValueError) as err:
+    except LayerflowError:
+        raise
+    except Exception as err:  # datasets raises many types for "unreachable", "no such dataset", "no column"
         raise LayerflowError(
-            f"Could not stream Hugging Face dataset '{spec}': {err}\n"
-            "Offline sources: 'default' (shipped corpus) or a local text file."
+            f"Could not stream Hugging Face dataset '{spec}' (split train, column text): {type(err).__name__}: {err}\n"
+            "Offline sources: 'default' (shipped corpus), a local text file, or hf:<local dataset folder>."
         ) from None
 
 
-def _token_stream(tokenizer: Any, source: str, max_tokens: int) -> list[int]:
+def _token_stream(tokenizer: Any, source: str, max_tokens: int) -> torch.Tensor:
     eos = tokenizer.eos_token_id
     tokens: list[int] = []
     for i, doc in enumerate(iter_documents(source)):
@@ -113,6 +126,27 @@ def _token_stream(tokenizer: Any, source: str, max_tokens: int) -> list[int]:
         tokens.extend(tokenizer.encode(doc, add_special_tokens=False))
         if len(tokens) >= max_tokens:
             break
+    return torch.tensor(tokens, dtype=torch.long)
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _whole_file_tokens(tokenizer: Any, source: str) -> torch.Tensor:
+    """All tokens of a file source, cached per (file content, tokenizer) in the layerflow cache."""
+    from layerflow.models import cache_dir
+
+    path = cache_dir() / "tokens" / f"{source_fingerprint(source)[:16]}-{_tokenizer_fingerprint(tokenizer)}.pt"
+    if path.exists():
+        return torch.load(path).long()
+    tokens = _token_stream(tokenizer, source, max_tokens=1 << 62)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(tokens.to(torch.int32), tmp)
+    os.replace(tmp, path)
     return tokens
 
 
@@ -138,8 +172,11 @@ def make_sequences(
                 f"This model has no tokenizer (a random-init twin), so it cannot read text source "
                 f"'{plan.source}'. Use --source random."
             )
-        stream = _token_stream(tokenizer, plan.source, max_tokens=n_seqs * body * POOL_FACTOR)
-        if not stream:
+        if _is_small_file(plan.source):  # sample from the whole file: tokenized once, then cached
+            stream = _whole_file_tokens(tokenizer, plan.source)
+        else:  # large files and datasets: sample from a prefix a few times larger than needed
+            stream = _token_stream(tokenizer, plan.source, max_tokens=n_seqs * body * POOL_FACTOR)
+        if not len(stream):
             raise LayerflowError(f"Text source '{plan.source}' is empty: it yields no tokens.")
         pool = len(stream) // body
         if pool < n_seqs:
@@ -148,7 +185,7 @@ def make_sequences(
                 f"{pool} sequences of {body} tokens, but {n_seqs} are needed ({n_seqs * ctx} tokens). "
                 "Use a longer text, fewer tokens or a shorter context size."
             )
-        chunks = torch.tensor(stream[: pool * body], dtype=torch.long).view(pool, body)
+        chunks = stream[: pool * body].view(pool, body)
         bodies = chunks[torch.randperm(pool, generator=generator)[:n_seqs]]
     if not plan.prepend_bos:
         return bodies

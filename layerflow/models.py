@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -83,16 +84,32 @@ def load_model(
 ) -> LoadedModel:
     """Load a zoo model by name. `seed` and `shape` only apply to twins (`shape=TINY_SHAPE` for tests)."""
     spec = get_spec(name)
-    if spec.source == OFFLINE:
-        loaded = _load_offline(spec, dtype)
-    elif spec.source == HUB:
-        loaded = _load_from_hub(spec, dtype)
-    else:
-        loaded = _load_twin(spec, dtype, seed, shape)
+    with _quiet():
+        if spec.source == OFFLINE:
+            loaded = _load_offline(spec, dtype)
+        elif spec.source == HUB:
+            loaded = _load_from_hub(spec, dtype)
+        else:
+            loaded = _load_twin(spec, dtype, seed, shape)
     loaded.model.cfg.model_name = spec.name  # error messages and manifests use zoo names
     loaded.model.to(device)
     loaded.model.eval()
     return loaded
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Library code never prints: silence TransformerLens' prints and transformers' progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def model_config(name: str):
