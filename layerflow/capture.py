@@ -15,7 +15,6 @@ Layout of a capture directory:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -190,7 +189,8 @@ def capture(
         raise LayerflowError(f"--tokens {cfg.n_tokens} is less than one sequence (context size {cfg.context_size}).")
     loaded = loaded or load_model(cfg.model, device=cfg.device)
     model = loaded.model
-    sites = resolve(model, cfg.layers, cfg.kinds)
+    layers = sorted(set(cfg.layers))
+    sites = resolve(model, layers, cfg.kinds)
     hook_names = [s.hook_name for s in sites]
     prepare_hooks(model, hook_names)
     widths = {s.hook_name: _site_width(model.cfg, s) for s in sites}
@@ -231,7 +231,7 @@ def capture(
     if progress:
         progress(done_tokens, total)
     writer = _ShardWriter(out_dir / SHARD_DIR, widths, shard_seqs * cfg.context_size, store_dtype, specials, cfg.device)
-    stop_at = max(cfg.layers) + 1
+    stop_at = layers[-1] + 1
     try:
         with torch.inference_mode(), model.hooks(fwd_hooks=[(n, writer.hook) for n in hook_names]):
             for name, first, count in todo:
@@ -262,7 +262,7 @@ def capture(
             "from_pretrained_kwargs": loaded.from_pretrained_kwargs,
         },
         sites=[{"layer": s.layer, "kind": s.kind.value, "hook_name": s.hook_name, "d": widths[s.hook_name]} for s in sites],
-        layers=list(cfg.layers),
+        layers=layers,
         d_model=model.cfg.d_model,
         dtype=cfg.dtype,
         context_size=cfg.context_size,
@@ -325,7 +325,12 @@ def _site_width(cfg: Any, site: Site) -> int:
 
 
 class _ShardWriter:
-    """Owns two buffer sets: hooks fill one while a thread checks and saves the other."""
+    """Two buffer sets: hooks fill one while a thread saves the other.
+
+    All torch compute (norms, checks, statistics) stays on the forward thread; the saving thread
+    only does I/O and hashing. Torch ops on a second thread would start a second OpenMP team that
+    fights the forward pass for the cores.
+    """
 
     def __init__(self, shard_dir: Path, widths: dict[str, int], rows: int, dtype: torch.dtype,
                  specials: torch.Tensor, device: str):
@@ -351,8 +356,6 @@ class _ShardWriter:
         self.meta = (name, split, first, tokens)
 
     def hook(self, act: torch.Tensor, hook: Any) -> None:
-        # Norms are taken here, on the main thread: torch ops on the writer thread would start a
-        # second OpenMP team that competes with the forward pass for the cores.
         flat = act.reshape(-1, act.shape[-1])
         rows = slice(self.offset, self.offset + flat.shape[0])
         acts, norms = self.buffers
@@ -365,7 +368,18 @@ class _ShardWriter:
     def finish_shard(self) -> None:
         if self.pinned:
             torch.cuda.synchronize()
-        self.full.put((self.meta, self.buffers, self.offset))
+        (name, split, first, tokens), (acts, norms), n = self.meta, self.buffers, self.offset
+        keep = ~torch.isin(tokens.reshape(-1), self.specials)
+        norm_sums = {}
+        for h, norm in norms.items():
+            # A row's norm is NaN/Inf iff the row holds a NaN/Inf (or overflows float32).
+            if not torch.isfinite(norm[:n]).all():
+                self.free.put(self.buffers)
+                raise LayerflowError(f"Shard {name}: activations at {h} contain NaN or Inf. Nothing was saved for it.")
+            norm_sums[h] = norm[:n][keep].sum().item()
+        record = ShardRecord(f"{name}.safetensors", split, first, tokens.shape[0], n, "", norm_sums, int(keep.sum()))
+        tensors = {**{h: a[:n] for h, a in acts.items()}, TOKENS_KEY: tokens.to(torch.int32)}
+        self.full.put((record, tensors, self.buffers))
         self.buffers = None
 
     def close(self) -> list[ShardRecord]:
@@ -379,32 +393,16 @@ class _ShardWriter:
             raise self.error
 
     def _run(self) -> None:
-        # Saving is background work: at the lowest priority it only fills gaps in the forward
-        # pass instead of stalling its threads (Linux gives each thread its own nice value).
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while (item := self.full.get()) is not None:
-            (name, split, first, tokens), buffers, n = item
-            if self.error is not None:
-                continue
+            record, tensors, buffers = item
             try:
-                acts = {h: b[:n] for h, b in buffers[0].items()}
-                keep = ~torch.isin(tokens.reshape(-1), self.specials)
-                norm_sums = {}
-                for h, norms in buffers[1].items():
-                    # A row's norm is NaN/Inf iff the row holds a NaN/Inf (or overflows float32).
-                    if not torch.isfinite(norms[:n]).all():
-                        raise LayerflowError(f"Shard {name}: activations at {h} contain NaN or Inf. "
-                                             "Nothing was saved for this shard.")
-                    norm_sums[h] = norms[:n][keep].sum().item()
-                path = self.shard_dir / f"{name}.safetensors"
-                tmp = path.with_name(path.name + ".tmp")
-                checksum = write_safetensors(tmp, {**acts, TOKENS_KEY: tokens.to(torch.int32)})
-                record = ShardRecord(f"{name}.safetensors", split, first, tokens.shape[0], n,
-                                     checksum, norm_sums, int(keep.sum()))
-                os.replace(tmp, path)
-                atomic_write_text(path.with_suffix(".json"), json.dumps(asdict(record)))
-                self.records.append(record)
+                if self.error is None:
+                    path = self.shard_dir / record.file
+                    tmp = path.with_name(path.name + ".tmp")
+                    record.checksum = write_safetensors(tmp, tensors)
+                    os.replace(tmp, path)
+                    atomic_write_text(path.with_suffix(".json"), json.dumps(asdict(record)))
+                    self.records.append(record)
             except BaseException as err:  # surfaced in the main thread
                 self.error = err
             finally:
