@@ -9,14 +9,13 @@ Methods, all on the same token sequences and batch size:
   (b) per-layer  one forward per layer, each stopped after it (how the research notes captured)
   (c) cache    run_with_cache over all layers without stop_at_layer (unembedding included)
 Rounds are interleaved and the median of each method is used, because these machines are noisy.
-Peak RAM is measured in fresh processes at two token counts.
+Peak RAM during capture is measured in fresh processes at two token counts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -92,18 +91,23 @@ def measure(args) -> dict:
 
 
 def peak_rss_mb(args, n_tokens: int) -> float:
-    """Peak RSS of a fresh process that loads the model and captures `n_tokens` tokens."""
+    """Peak RSS while capturing `n_tokens` tokens, in a fresh process, after the model is loaded.
+
+    Loading peaks higher than capturing, so the peak counter (VmHWM) is reset after loading by
+    writing 5 to /proc/self/clear_refs (Linux).
+    """
     code = (
-        "import resource, sys, tempfile, torch\n"
+        "import re, tempfile, torch\n"
         "from layerflow.capture import CaptureConfig, capture\n"
         "from layerflow.models import load_model\n"
         f"loaded = load_model({args.model!r}, device={args.device!r})\n"
         "src = 'random' if loaded.tokenizer is None else 'default'\n"
         f"cfg = CaptureConfig({args.model!r}, list(range(loaded.model.cfg.n_layers)), n_tokens={n_tokens}, "
         f"context_size={args.context_size}, source=src, batch_size={args.batch_size}, device={args.device!r})\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
         f"with tempfile.TemporaryDirectory(dir={args.tmp!r}) as out:\n"
         "    capture(cfg, out, loaded=loaded)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        "print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])
@@ -123,8 +127,13 @@ def main() -> None:
     p.add_argument("--rss-tokens", type=int, nargs=2, default=[4096, 16384], help="two token counts for peak RAM")
     p.add_argument("--tmp", default=None, help="where temporary captures are written")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--only-rss", action="store_true", help="skip the speed measurements")
     args = p.parse_args()
 
+    if args.only_rss:
+        rss = {t: peak_rss_mb(args, t) for t in args.rss_tokens}
+        print("peak RSS during capture: " + ", ".join(f"{m:.0f} MB at {t} tokens" for t, m in rss.items()))
+        return
     result = measure(args)
     r, n = result["tokens_per_s"], result["n_layers"]
     rss = {t: peak_rss_mb(args, t) for t in args.rss_tokens} if args.rss_tokens[0] > 0 else {}
@@ -140,7 +149,8 @@ def main() -> None:
     ]
     if rss:
         (t1, m1), (t2, m2) = rss.items()
-        lines.append(f"  peak RSS: {m1:.0f} MB at {t1} tokens, {m2:.0f} MB at {t2} tokens (ratio {m2 / m1:.2f}, goal ~1)")
+        lines.append(f"  peak RSS during capture: {m1:.0f} MB at {t1} tokens, {m2:.0f} MB at {t2} tokens "
+                     f"(ratio {m2 / m1:.2f}, goal ~1)")
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:

@@ -235,3 +235,22 @@ def test_unreachable_dataset_is_a_clear_error(tmp_path, smollm2):
 
     with pytest.raises(LayerflowError, match=r"(?s)Could not stream Hugging Face dataset '.*no-such-dataset'.*Offline sources"):
         make_sequences(4, TokenPlan(f"hf:{tmp_path}/no-such-dataset", 32, True, 1, 0), smollm2.tokenizer)
+
+
+def test_cli_refuses_a_different_run_and_a_short_corpus(tmp_path):
+    out = tmp_path / "cap"
+    common = ["--layers", "0", "--source", "random", "--context-size", "16", "--out", str(out)]
+    assert run_cli("capture", "gpt2-twin", "--tokens", "64", *common).returncode == 0
+    manifest = (out / MANIFEST_FILE).read_text()
+    refused = run_cli("capture", "gpt2-twin", "--tokens", "128", *common)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "holds a different capture" in refused.stderr and "--overwrite" in refused.stderr
+    assert (out / MANIFEST_FILE).read_text() == manifest
+
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to fill even one sequence of sixty-four tokens.")
+    result = run_cli("capture", "smollm2-135m", "--layers", "0", "--source", str(short), "--tokens", "512",
+                     "--context-size", "64", "--out", str(tmp_path / "short-out"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "too short" in " ".join(result.stderr.split()) and str(short) in " ".join(result.stderr.split())
+    assert not (tmp_path / "short-out").exists()
