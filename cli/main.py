@@ -107,6 +107,11 @@ def capture(
     for s in manifest.sites:
         table.add_row(f"L{s['layer']}.{s['kind']}", s["hook_name"], str(s["d"]), f"{manifest.mean_norm[s['hook_name']]:.2f}")
     out.print(table)
+    norms = [(s["layer"], manifest.mean_norm[s["hook_name"]]) for s in manifest.sites if s["kind"] == "resid_post"]
+    if len(norms) > 1:
+        (first, n_first), (last, n_last) = norms[0], norms[-1]
+        out.print(f"resid_post norm grows {n_last / n_first:.1f}x from L{first} to L{last}: compare layers with "
+                  "scale-free metrics (FVU), not raw MSE.")
     split = manifest.split
     out.print(f"train {split['train_tokens']} tokens, held-out {split['heldout_tokens']} tokens, "
               f"{len(manifest.shards)} shards, {manifest.n_tokens / max(elapsed, 1e-9):.0f} tokens/s this run "

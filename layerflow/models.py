@@ -91,8 +91,8 @@ def load_model(
             loaded = _load_from_hub(spec, dtype)
         else:
             loaded = _load_twin(spec, dtype, seed, shape)
+        loaded.model.to(device)  # TransformerLens prints here
     loaded.model.cfg.model_name = spec.name  # error messages and manifests use zoo names
-    loaded.model.to(device)
     loaded.model.eval()
     return loaded
 
