@@ -32,7 +32,7 @@ def main() -> None:
     n_layers = loaded.model.cfg.n_layers
     kinds = [SiteKind.resid_post, SiteKind.mlp_out, SiteKind.attn_out]
     cfg = CaptureConfig(args.model, list(range(n_layers)), kinds, n_tokens=args.tokens)
-    manifest = capture(cfg, Path("artifacts") / args.model / "capture-norms", loaded=loaded)
+    manifest = capture(cfg, Path("artifacts") / args.model / "capture-norms", loaded=loaded, overwrite=True)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for kind in kinds:
