@@ -188,6 +188,8 @@ def capture(
     if cfg.n_tokens < cfg.context_size:
         raise LayerflowError(f"--tokens {cfg.n_tokens} is less than one sequence (context size {cfg.context_size}).")
     loaded = loaded or load_model(cfg.model, device=cfg.device)
+    if loaded.name != cfg.model:
+        raise LayerflowError(f"The config names model '{cfg.model}' but the loaded model is '{loaded.name}'.")
     model = loaded.model
     layers = sorted(set(cfg.layers))
     sites = resolve(model, layers, cfg.kinds)

