@@ -1,0 +1,112 @@
+"""Reconstruction metrics, defined once: training evals, transfer and reports all use these.
+
+FVU = E||x - x_hat||^2 / E||x - E[x]||^2, a ratio of averages over the whole eval set (not an
+average of per-batch ratios), with the variance taken around the mean. SAELens before the fix
+for its issue #659 took it around zero, which flatters every SAE on activations with a large
+mean; the pinned 6.54.x agrees with this definition (tests cross-check its
+`ExplainedVarianceCalculator`).
+
+Sums are accumulated in float64 on the CPU: the variance is a difference of two large, nearly
+equal numbers when activations have a large mean component.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from jaxtyping import Float
+
+DENSE_THRESHOLD = 0.10  # a latent firing on more than 10% of tokens counts as dense
+SMALL_NORM = 1e-4  # inputs with a smaller norm are left out of the l2 ratio (as SAELens does)
+
+
+@dataclass(frozen=True)
+class ReconstructionMetrics:
+    n_tokens: int
+    fvu: float  # fraction of variance unexplained
+    explained_variance: float  # 1 - fvu
+    mse: float  # E||x - x_hat||^2 (summed over dimensions, averaged over tokens)
+    variance: float  # E||x - E[x]||^2
+    l0: float | None  # mean active latents per token
+    dead_fraction: float | None  # latents that never fired on the eval set
+    dense_fraction: float | None  # latents firing on > DENSE_THRESHOLD of tokens
+    l2_ratio: float  # mean over tokens of ||x_hat|| / ||x||
+    relative_reconstruction_bias: float  # E||x_hat||^2 / E<x, x_hat> (1 = no shrinkage; arXiv:2404.16014 eq. 10)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ReconstructionStats:
+    """Streaming accumulator: add batches of (x, x_hat[, latents]); `compute()` at the end."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sum_x: torch.Tensor | None = None
+        self.sum_sq_norm = 0.0
+        self.sum_sq_residual = 0.0
+        self.sum_sq_norm_hat = 0.0
+        self.sum_dot = 0.0
+        self.sum_l2_ratio = 0.0
+        self.n_l2_ratio = 0
+        self.fire_counts: torch.Tensor | None = None
+        self.sum_l0 = 0.0
+
+    def add(
+        self,
+        x: Float[torch.Tensor, "tokens d"],
+        x_hat: Float[torch.Tensor, "tokens d"],
+        latents: Float[torch.Tensor, "tokens d_sae"] | None = None,
+    ) -> None:
+        if x.shape != x_hat.shape:
+            raise ValueError(f"x has shape {tuple(x.shape)} but x_hat has {tuple(x_hat.shape)}")
+        x, x_hat = x.double(), x_hat.double()
+        batch_sum = x.sum(0).cpu()
+        self.sum_x = batch_sum if self.sum_x is None else self.sum_x + batch_sum
+        self.sum_sq_norm += x.pow(2).sum().item()
+        self.sum_sq_residual += (x - x_hat).pow(2).sum().item()
+        self.sum_sq_norm_hat += x_hat.pow(2).sum().item()
+        self.sum_dot += (x * x_hat).sum().item()
+        norm_in, norm_out = x.norm(dim=-1), x_hat.norm(dim=-1)
+        ok = norm_in >= SMALL_NORM
+        self.sum_l2_ratio += (norm_out[ok] / norm_in[ok]).sum().item()
+        self.n_l2_ratio += int(ok.sum())
+        self.n += x.shape[0]
+        if latents is not None:
+            active = latents != 0
+            self.sum_l0 += active.sum().item()
+            counts = active.sum(0).cpu()
+            self.fire_counts = counts if self.fire_counts is None else self.fire_counts + counts
+
+    def compute(self) -> ReconstructionMetrics:
+        if self.n == 0:
+            raise ValueError("No tokens were added.")
+        mean = self.sum_x / self.n
+        variance = self.sum_sq_norm / self.n - mean.pow(2).sum().item()
+        mse = self.sum_sq_residual / self.n
+        fvu = mse / variance if variance > 0 else float("nan")
+        has_latents = self.fire_counts is not None
+        return ReconstructionMetrics(
+            n_tokens=self.n,
+            fvu=fvu,
+            explained_variance=1.0 - fvu,
+            mse=mse,
+            variance=variance,
+            l0=self.sum_l0 / self.n if has_latents else None,
+            dead_fraction=(self.fire_counts == 0).double().mean().item() if has_latents else None,
+            dense_fraction=(self.fire_counts > DENSE_THRESHOLD * self.n).double().mean().item() if has_latents else None,
+            l2_ratio=self.sum_l2_ratio / max(self.n_l2_ratio, 1),
+            relative_reconstruction_bias=self.sum_sq_norm_hat / self.sum_dot if self.sum_dot else float("nan"),
+        )
+
+
+def reconstruction_metrics(
+    x: Float[torch.Tensor, "tokens d"],
+    x_hat: Float[torch.Tensor, "tokens d"],
+    latents: Float[torch.Tensor, "tokens d_sae"] | None = None,
+) -> ReconstructionMetrics:
+    """All metrics for one in-memory eval set."""
+    stats = ReconstructionStats()
+    stats.add(x, x_hat, latents)
+    return stats.compute()

@@ -1,0 +1,74 @@
+"""Reconstruction metrics against planted cases, an independent two-pass computation, and SAELens."""
+
+import pytest
+import torch
+from sae_lens.evals import ExplainedVarianceCalculator
+
+from layerflow.metrics import ReconstructionStats, reconstruction_metrics
+
+
+def _activations(n=2000, d=16, mean=5.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.linspace(0.5, 3.0, d)
+    return mean + torch.randn(n, d, generator=g) * scales
+
+
+def test_perfect_reconstruction_has_fvu_zero():
+    x = _activations()
+    assert reconstruction_metrics(x, x.clone()).fvu == pytest.approx(0.0, abs=1e-12)
+
+
+def test_mean_predictor_has_fvu_one():
+    x = _activations()
+    m = reconstruction_metrics(x, x.mean(0, keepdim=True).expand_as(x))
+    assert m.fvu == pytest.approx(1.0, abs=1e-9)
+    # variance around zero (SAELens before #659) would call this a good reconstruction
+    around_zero = 1 - m.mse / x.double().pow(2).sum(-1).mean().item()
+    assert around_zero > 0.7
+
+
+@pytest.mark.parametrize("c", [0.5, 0.8, 1.3])
+def test_scaled_reconstruction(c):
+    x = _activations().double()  # float64 so that c * x is exact to the tolerance below
+    m = reconstruction_metrics(x, c * x)
+    assert m.l2_ratio == pytest.approx(c, rel=1e-9)
+    assert m.relative_reconstruction_bias == pytest.approx(c, rel=1e-9)
+    x64 = x.double()
+    expected_fvu = ((1 - c) ** 2 * x64.pow(2).sum(-1).mean() / (x64 - x64.mean(0)).pow(2).sum(-1).mean()).item()
+    assert m.fvu == pytest.approx(expected_fvu, rel=1e-9)
+
+
+def test_streaming_equals_two_pass_with_large_mean():
+    x = _activations(n=3000, mean=1e3)  # cancellation-prone: variance is tiny next to E||x||^2
+    x_hat = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    stats = ReconstructionStats()
+    for chunk_x, chunk_hat in zip(x.split(512), x_hat.split(512)):  # uneven last batch
+        stats.add(chunk_x, chunk_hat)
+    x64, h64 = x.double(), x_hat.double()
+    two_pass = ((x64 - h64).pow(2).sum(-1).mean() / (x64 - x64.mean(0)).pow(2).sum(-1).mean()).item()
+    assert stats.compute().fvu == pytest.approx(two_pass, rel=1e-6)
+
+
+def test_matches_sae_lens_explained_variance():
+    x = _activations(n=1500)
+    x_hat = 0.9 * x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    theirs = ExplainedVarianceCalculator()
+    ours = ReconstructionStats()
+    for cx, ch in zip(x.split(400), x_hat.split(400)):
+        theirs.add_batch(ch, cx)
+        ours.add(cx, ch)
+    assert ours.compute().explained_variance == pytest.approx(theirs.compute(), rel=1e-6)
+
+
+def test_sparsity_metrics_on_planted_latents():
+    n, d_sae = 1000, 8
+    latents = torch.zeros(n, d_sae)
+    latents[:, 0] = 1.0  # fires everywhere: dense
+    latents[: n // 20, 1] = 2.0  # fires on 5%: neither dense nor dead
+    latents[: n // 5, 2] = 0.5  # fires on 20%: dense
+    # latents 3..7 never fire: dead
+    x = _activations(n=n)
+    m = reconstruction_metrics(x, x, latents)
+    assert m.l0 == pytest.approx(1 + 0.05 + 0.2)
+    assert m.dead_fraction == pytest.approx(5 / 8)
+    assert m.dense_fraction == pytest.approx(2 / 8)
