@@ -1,0 +1,57 @@
+"""LayerSchedule: depth bands, presets, and real SAELens configs and SAEs for every architecture."""
+
+import pytest
+import torch
+from sae_lens.registry import get_sae_training_class
+
+from layerflow.errors import LayerflowError
+from layerflow.schedule import ARCHITECTURES, LayerSchedule, get_preset
+
+
+def test_notes_preset_reproduces_the_depth_dependent_l1():
+    notes = get_preset("notes")
+    l1 = [notes.values(layer, 30)["l1_coefficient"] for layer in range(30)]
+    assert l1[:10] == [1.5e-4] * 10  # relative depth <= 1/3: layers 0..9
+    assert l1[10:20] == [1e-4] * 10
+    assert l1[20:] == [5e-5] * 10
+    cfg = notes.sae_config(29, 30, d_in=576)
+    assert cfg.d_sae == 8 * 576 and cfg.l1_coefficient == 5e-5
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_every_architecture_builds_a_real_sae_lens_training_sae(architecture):
+    schedule = LayerSchedule(architecture, {"expansion_factor": 4})
+    cfg = schedule.sae_config(3, 6, d_in=32)
+    sae_class, cfg_class = get_sae_training_class(architecture)
+    assert type(cfg) is cfg_class and cfg.d_sae == 128
+    sae = sae_class(cfg)
+    out = sae(torch.randn(5, 32))
+    assert out.shape == (5, 32)
+
+
+def test_default_preset_is_a_modern_sparse_coder():
+    cfg = get_preset("default").sae_config(0, 30, d_in=576)
+    assert type(cfg).__name__ == "BatchTopKTrainingSAEConfig" and cfg.k == 32
+    assert cfg.normalize_activations == "expected_average_only_in"
+
+
+def test_round_trip_through_a_dict():
+    notes = get_preset("notes")
+    again = LayerSchedule.from_dict(notes.to_dict())
+    assert all(again.values(L, 24) == notes.values(L, 24) for L in range(24))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"architecture": "topkk"}, r"Unknown SAE architecture 'topkk'.*Did you mean 'topk'"),
+    ({"architecture": "topk", "base": {"l1_coefficient": 1e-4}}, r"Unknown hyperparameter 'l1_coefficient' for topk"),
+    ({"architecture": "standard", "by_depth": [(0.5, {})]}, r"end at 1.0"),
+])
+def test_bad_schedules(kwargs, match):
+    with pytest.raises(LayerflowError, match=match):
+        LayerSchedule(**kwargs)
+
+
+def test_matryoshka_widths_scale_with_each_layers_width():
+    schedule = LayerSchedule("matryoshka_batchtopk", {"expansion_factor": 8, "matryoshka_fractions": [0.125, 0.5]})
+    cfg = schedule.sae_config(0, 4, d_in=64)
+    assert cfg.matryoshka_widths == [64, 256, 512]
