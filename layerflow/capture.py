@@ -185,6 +185,8 @@ def capture(
         raise LayerflowError(f"Unknown storage dtype '{cfg.dtype}'. Valid: {', '.join(STORE_DTYPES)}.")
     if not 0 <= cfg.holdout_fraction < 1:
         raise LayerflowError(f"Held-out fraction {cfg.holdout_fraction} must be in [0, 1).")
+    if cfg.batch_size < 1:
+        raise LayerflowError(f"Batch size {cfg.batch_size} must be at least 1.")
     if cfg.n_tokens < cfg.context_size:
         raise LayerflowError(f"--tokens {cfg.n_tokens} is less than one sequence (context size {cfg.context_size}).")
     loaded = loaded or load_model(cfg.model, device=cfg.device)
