@@ -1,0 +1,66 @@
+"""SAEs on disk in SAELens' own format: a folder that `sae_lens.SAE.load_from_disk` loads.
+
+    <folder>/cfg.json                  SAELens inference config, `metadata` filled in
+    <folder>/sae_weights.safetensors   weights with the activation scale folded in
+    <folder>/sparsity.safetensors      log10 firing frequency per latent ("sparsity")
+
+Folders are written to a temporary name and renamed, so a crash never leaves half an SAE.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from sae_lens.constants import SPARSITY_FILENAME
+
+from layerflow.capture import CaptureManifest
+
+
+def sae_metadata(manifest: CaptureManifest, hook_name: str, exclude_special_tokens: bool = True) -> dict[str, Any]:
+    """What SAELens (and a reader) needs to use an SAE trained on a layerflow capture."""
+    model = manifest.model
+    return {
+        "hook_name": hook_name,
+        "model_name": model["official_name"],
+        "context_size": manifest.context_size,
+        "prepend_bos": manifest.prepend_bos,
+        "model_from_pretrained_kwargs": model["from_pretrained_kwargs"],
+        "exclude_special_tokens": manifest.special_token_ids if exclude_special_tokens else False,
+        "layerflow_model": model["name"],
+        "layerflow_weights_source": model["weights_source"],
+    }
+
+
+def save_sae(
+    sae: Any,
+    folder: str | Path,
+    metadata: dict[str, Any],
+    log_feature_sparsity: torch.Tensor,
+    scaling_factor: float | None = None,
+) -> Path:
+    """Save a SAELens TrainingSAE for inference, folding the activation scale into its weights.
+
+    `scaling_factor` is what the trainer multiplied activations by (e.g. SAELens'
+    `expected_average_only_in`); after folding, the saved SAE reads raw activations.
+    The SAE passed in is left untouched, so training can go on after a checkpoint.
+    """
+    folder = Path(folder)
+    sae = copy.deepcopy(sae)
+    if scaling_factor is not None:
+        sae.fold_activation_norm_scaling_factor(scaling_factor)
+    for key, value in metadata.items():
+        setattr(sae.cfg.metadata, key, value)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    sae.save_inference_model(tmp)
+    save_file({"sparsity": log_feature_sparsity.detach().float().cpu().contiguous()}, tmp / SPARSITY_FILENAME)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
