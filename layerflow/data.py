@@ -60,31 +60,35 @@ def describe_source(source: str) -> str:
     return f"local file {Path(source).resolve()}"
 
 
-def source_fingerprint(source: str) -> str:
-    """A content hash for file sources, so a changed corpus is not mistaken for the same run."""
+def _source_file(source: str) -> Path | None:
+    """The file behind a file source (None for 'random' and hf: sources); a clear error if missing."""
     if source == RANDOM_SOURCE or source.startswith(HF_PREFIX):
-        return source
-    path = default_corpus_path() if source == DEFAULT_SOURCE else Path(source)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _is_small_file(source: str) -> bool:
-    if source == DEFAULT_SOURCE:
-        return True
-    path = Path(source)
-    return not source.startswith(HF_PREFIX) and path.is_file() and path.stat().st_size <= SMALL_FILE_BYTES
-
-
-def iter_documents(source: str) -> Iterator[str]:
-    if source.startswith(HF_PREFIX):
-        yield from _iter_hf_dataset(source[len(HF_PREFIX):])
-        return
+        return None
     path = default_corpus_path() if source == DEFAULT_SOURCE else Path(source)
     if not path.is_file():
         raise LayerflowError(
             f"Text source '{source}' is not a file. Valid sources: 'default', 'random', "
             "a path to a .txt/.txt.gz file, or hf:DATASET[:CONFIG]."
         )
+    return path
+
+
+def source_fingerprint(source: str) -> str:
+    """A content hash for file sources, so a changed corpus is not mistaken for the same run."""
+    path = _source_file(source)
+    return source if path is None else hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _is_small_file(source: str) -> bool:
+    path = _source_file(source)
+    return path is not None and path.stat().st_size <= SMALL_FILE_BYTES
+
+
+def iter_documents(source: str) -> Iterator[str]:
+    if source.startswith(HF_PREFIX):
+        yield from _iter_hf_dataset(source[len(HF_PREFIX):])
+        return
+    path = _source_file(source)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8", errors="replace") as f:
         # One document per file; read in paragraph-aligned chunks so huge files stream.

@@ -168,6 +168,7 @@ def test_twin_cannot_read_text(tmp_path):
     (["capture", "pythia-70m-twin", "--sites", "resid_mid", "--source", "random"], "no resid_mid"),
     (["capture", "gpt2-twin", "--sites", "resid_mdi"], "Unknown site kind 'resid_mdi'"),
     (["sites", "phi3"], "Unknown model 'phi3'"),
+    (["capture", "smollm2-135m", "--source", "/no/such/corpus.txt"], "Text source '/no/such/corpus.txt' is not a file"),
 ])
 def test_cli_bad_input(tmp_path, args, message):
     result = run_cli(*args, "--out", str(tmp_path / "out")) if args[0] == "capture" else run_cli(*args)
