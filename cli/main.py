@@ -118,6 +118,101 @@ def capture(
               f"(mean norms exclude special-token positions)")
 
 
+def _parse_setting(text: str) -> tuple[str, object]:
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise LayerflowError(f"--set '{text}' is not KEY=VALUE (e.g. --set k=64 or --set lr=1e-3).")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def _site_table(title: str, rows: list[dict]) -> Table:
+    table = Table(title=title)
+    columns = [("site", "hook_name"), ("FVU", "fvu"), ("L0", "l0"), ("dead", "dead_fraction"), ("dense", "dense_fraction"),
+               ("l2 ratio", "l2_ratio"), ("CE score", "ce_loss_score"), ("dCE nats", "delta_ce"), ("KL", "kl_div")]
+    present = [(name, key) for name, key in columns if any(r.get(key) is not None for r in rows)]
+    for name, _ in present:
+        table.add_column(name, justify="left" if name == "site" else "right")
+    for r in rows:
+        table.add_row(*[r[key] if key == "hook_name" else ("-" if r.get(key) is None else f"{r[key]:.4g}")
+                        for _, key in present])
+    return table
+
+
+@app.command()
+def train(
+    store: Path = typer.Argument(..., help="A capture directory (from `layerflow capture`)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory.", show_default="<store>/../train"),
+    preset: str = typer.Option("default", help="Schedule preset: 'default' (BatchTopK k=32, 8x) or 'notes' (L1 by depth)."),
+    schedule_file: Optional[Path] = typer.Option(None, "--schedule", help="A LayerSchedule JSON file (overrides --preset)."),
+    architecture: Optional[str] = typer.Option(None, help="Override the schedule's SAE architecture."),
+    settings: list[str] = typer.Option([], "--set", help="Override a hyperparameter at every depth, e.g. --set k=64."),
+    hooks: Optional[str] = typer.Option(None, help="Comma-separated hook names to train (default: every captured site)."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Optimizer steps (default: --epochs over the training tokens)."),
+    epochs: float = typer.Option(1.0, min=0.0, help="Passes over the captured training tokens when --steps is not given."),
+    batch_tokens: int = typer.Option(4096, min=1, help="Tokens per step (every site sees the same tokens)."),
+    include_special_tokens: bool = typer.Option(False, help="Train and evaluate on BOS/special positions too."),
+    checkpoint_every: int = typer.Option(500, min=1, help="Steps between checkpoints (resume picks the last)."),
+    seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False, help="Replace a different run already in --out."),
+    model_eval: bool = typer.Option(True, help="Also splice the SAEs into the model for CE/KL at the end."),
+) -> None:
+    """Train one SAE per captured site from the same batches; save SAELens folders, evals and a manifest."""
+    import dataclasses
+    import json
+
+    from layerflow.schedule import LayerSchedule, get_preset
+    from layerflow.store import ActivationStore
+    from layerflow.train import TrainConfig
+    from layerflow.train import train as run_train
+
+    schedule = LayerSchedule.from_dict(json.loads(schedule_file.read_text())) if schedule_file else get_preset(preset)
+    if architecture or settings:
+        base = {**schedule.base, **dict(_parse_setting(s) for s in settings)}
+        schedule = dataclasses.replace(schedule, architecture=architecture or schedule.architecture, base=base)
+    capture_manifest = ActivationStore(store).manifest
+    out_dir = out_dir or store.parent / "train"
+    cfg = TrainConfig(str(store), hooks.split(",") if hooks else None, schedule, steps, epochs, batch_tokens,
+                      exclude_special_tokens=not include_special_tokens, checkpoint_every=checkpoint_every, seed=seed)
+    loaded = None
+    if model_eval:
+        from layerflow.models import load_model
+
+        with err.status(f"loading {capture_manifest.model['name']} for the spliced evals"):
+            loaded = load_model(capture_manifest.model["name"])
+    with Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                  TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("train", total=None)
+        manifest = run_train(cfg, out_dir, overwrite=overwrite, loaded=loaded,
+                             progress=lambda done, total: bar.update(task, completed=done, total=total))
+    rows = [s.evals | {"hook_name": s.hook_name} for s in manifest.sites if s.evals]
+    out.print(_site_table(f"{len(manifest.sites)} SAEs ({schedule.architecture}) -> {out_dir}", rows))
+    out.print(f"{manifest.steps} steps x {cfg.batch_tokens} tokens per site in {manifest.seconds:.0f} s; "
+              f"held-out figures in {out_dir / 'evals.csv'}; SAELens folders in {out_dir / 'saes'}")
+
+
+@app.command(name="eval")
+def eval_command(
+    saes: Path = typer.Argument(..., help="A training run directory, or a folder of SAELens SAE folders."),
+    store: Optional[Path] = typer.Option(None, help="Capture with held-out activations (default: the run's own)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write evals.json/csv (default: SAES)."),
+    include_special_tokens: bool = typer.Option(False, help="Count BOS/special positions too."),
+    model_eval: bool = typer.Option(True, help="Splice the SAEs into the model for CE/KL."),
+) -> None:
+    """Evaluate SAEs on held-out tokens: FVU, L0, dead/dense, l2 ratio, and spliced CE/KL."""
+    from layerflow.train import evaluate_run
+
+    with err.status("evaluating"):
+        results, written = evaluate_run(saes, store, out_dir, exclude_special_tokens=not include_special_tokens,
+                                        model_eval=model_eval)
+    out.print(_site_table(f"{len(results)} SAEs on held-out tokens", [r.to_row() for r in results.values()]))
+    out.print(f"written: {', '.join(str(p) for p in written)}")
+
+
 def main() -> None:
     try:
         app()

@@ -78,7 +78,7 @@ class ShardRecord:
 class CaptureManifest:
     schema_version: int
     layerflow_version: str
-    model: dict[str, Any]  # name, official_name, family, weights_source, from_pretrained_kwargs
+    model: dict[str, Any]  # name, official_name, family, weights_source, from_pretrained_kwargs, n_layers
     sites: list[dict[str, Any]]  # layer, kind, hook_name, d
     layers: list[int]
     d_model: int
@@ -267,6 +267,7 @@ def capture(
             "family": loaded.spec.family,
             "weights_source": loaded.weights_source,
             "from_pretrained_kwargs": loaded.from_pretrained_kwargs,
+            "n_layers": model.cfg.n_layers,
         },
         sites=[{"layer": s.layer, "kind": s.kind.value, "hook_name": s.hook_name, "d": widths[s.hook_name]} for s in sites],
         layers=layers,

@@ -1,0 +1,134 @@
+"""Training runs: SAELens folders, determinism, resume, bad input, and the 30-layer end-to-end run."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from sae_lens import SAE
+
+from conftest import run_cli, tiny_twin
+from layerflow.capture import CaptureConfig, capture
+from layerflow.errors import LayerflowError
+from layerflow.schedule import LayerSchedule
+from layerflow.store import ActivationStore
+from layerflow.train import CHECKPOINT_DIR, TrainConfig, TrainManifest, train
+
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    capture(CaptureConfig(model="gpt2-twin", layers=[0, 1], n_tokens=6144, context_size=32, source="random"),
+            root, loaded=tiny_twin("gpt2-twin"))
+    return root
+
+
+def _schedule(arch: str) -> LayerSchedule:
+    base = {"expansion_factor": 4, "normalize_activations": "expected_average_only_in", "lr": 1e-3}
+    if "topk" in arch:
+        base["k"] = 8
+    elif arch in ("standard", "gated"):
+        base["l1_coefficient"] = 1.0
+    return LayerSchedule(arch, base)
+
+
+def _weights(run) -> dict:
+    return {h: load_file(run / "saes" / h / "sae_weights.safetensors") for h in HOOKS}
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "standard"])  # the stacked sparse path and SAELens' own step
+def test_same_seed_same_result_and_resume_continues_exactly(tiny_store, tmp_path, arch):
+    cfg = TrainConfig(str(tiny_store), schedule=_schedule(arch), steps=12, batch_tokens=256, checkpoint_every=4)
+    full = train(cfg, tmp_path / "full", evaluate=False)
+    again = train(cfg, tmp_path / "again", evaluate=False)
+    assert train(cfg, tmp_path / "interrupted", evaluate=False, stop_after=6) is None
+    assert sorted(p.name for p in (tmp_path / "interrupted" / CHECKPOINT_DIR).iterdir()) == ["step-000000006"]
+    assert not (tmp_path / "interrupted" / "train.json").exists()
+    resumed = train(cfg, tmp_path / "interrupted", evaluate=False)
+    assert [s.final_loss for s in full.sites] == [s.final_loss for s in again.sites] == [s.final_loss for s in resumed.sites]
+    a, b, c = _weights(tmp_path / "full"), _weights(tmp_path / "again"), _weights(tmp_path / "interrupted")
+    for h in HOOKS:
+        for key in a[h]:
+            assert torch.equal(a[h][key], b[h][key]) and torch.equal(a[h][key], c[h][key]), (h, key)
+    assert not (tmp_path / "interrupted" / CHECKPOINT_DIR).exists()  # cleaned up once complete
+
+
+def test_different_seed_gives_different_saes(tiny_store, tmp_path):
+    runs = [train(TrainConfig(str(tiny_store), schedule=_schedule("topk"), steps=3, batch_tokens=256, seed=s),
+                  tmp_path / str(s), evaluate=False) for s in (0, 1)]
+    assert runs[0].sites[0].final_loss != runs[1].sites[0].final_loss
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"])
+def test_every_architecture_saves_a_folder_saelens_loads(tiny_store, tmp_path, arch):
+    manifest = train(TrainConfig(str(tiny_store), schedule=_schedule(arch), steps=4, batch_tokens=256), tmp_path,
+                     evaluate=False)
+    store = ActivationStore(tiny_store)
+    for site in manifest.sites:
+        sae = SAE.load_from_disk(tmp_path / site.folder)
+        meta = sae.cfg.metadata
+        assert meta.hook_name == site.hook_name and meta.model_name == store.manifest.model["official_name"]
+        assert meta.context_size == 32 and meta.prepend_bos is True
+        assert meta.exclude_special_tokens == store.manifest.special_token_ids
+        assert meta.model_from_pretrained_kwargs == store.manifest.model["from_pretrained_kwargs"]
+        assert (tmp_path / site.folder / "sparsity.safetensors").exists()
+        x = store.activations(site.hook_name, "heldout")[:64]
+        assert sae(x).shape == x.shape and torch.isfinite(sae(x)).all()
+
+
+def test_scale_is_folded_so_saved_saes_read_raw_activations(tiny_store, tmp_path):
+    """Train on activations scaled to norm sqrt(d); the saved SAE must reconstruct raw ones just as well."""
+    manifest = train(TrainConfig(str(tiny_store), schedule=_schedule("topk"), steps=30, batch_tokens=512), tmp_path,
+                     evaluate=False)
+    store = ActivationStore(tiny_store)
+    site = manifest.sites[1]
+    assert abs(site.scaling_factor - 1.0) > 0.05  # the test means something only if scaling did something
+    sae = SAE.load_from_disk(tmp_path / site.folder)
+    x = store.activations(site.hook_name, "train")[:2048]
+    x = x[~store.special_mask("train")[:2048]]
+    raw_loss = (sae(x) - x).pow(2).sum(-1).mean().item()
+    # final_loss is in scaled units: MSE scales with the square of the factor.
+    assert raw_loss * site.scaling_factor**2 == pytest.approx(site.final_loss, rel=0.25)
+
+
+def test_bad_input_is_refused_clearly(tiny_store, tmp_path):
+    cfg = TrainConfig(str(tiny_store), schedule=_schedule("topk"), steps=2, batch_tokens=256)
+    with pytest.raises(LayerflowError, match=r"blocks.7.hook_resid_post.*Captured: blocks.0"):
+        train(TrainConfig(str(tiny_store), hooks=["blocks.7.hook_resid_post"]), tmp_path / "a")
+    foreign = tmp_path / "foreign"
+    (foreign / "some_sae").mkdir(parents=True)
+    (foreign / "some_sae" / "cfg.json").write_text("{}")
+    with pytest.raises(LayerflowError, match="holds SAEs that this run did not write"):
+        train(cfg, foreign)
+    assert (foreign / "some_sae" / "cfg.json").exists()
+    train(cfg, tmp_path / "run", evaluate=False)
+    other = TrainConfig(str(tiny_store), schedule=_schedule("topk"), steps=3, batch_tokens=256)
+    with pytest.raises(LayerflowError, match="different training run.*steps: 2 -> 3"):
+        train(other, tmp_path / "run")
+
+
+def test_diverging_training_stops_and_keeps_the_last_good_checkpoint(tiny_store, tmp_path):
+    schedule = LayerSchedule("topk", {"expansion_factor": 4, "k": 8, "lr": 1e4})
+    cfg = TrainConfig(str(tiny_store), schedule=schedule, steps=50, batch_tokens=256, checkpoint_every=1)
+    with pytest.raises(LayerflowError, match="diverged at step") as info:
+        train(cfg, tmp_path, evaluate=False)
+    assert "last good checkpoint is kept" in str(info.value)
+    checkpoints = list((tmp_path / CHECKPOINT_DIR).iterdir())
+    assert len(checkpoints) == 1 and not (tmp_path / "train.json").exists()
+
+
+def test_cli_train_and_eval_on_a_twin(tiny_store, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("train", str(tiny_store), "--out", str(run), "--steps", "3", "--batch-tokens", "256",
+                     "--set", "expansion_factor=2", "--set", "k=4", "--no-model-eval")
+    assert result.returncode == 0, result.stderr
+    assert "FVU" in result.stdout and (run / "evals.csv").exists()
+    manifest = TrainManifest.from_json((run / "train.json").read_text())
+    assert all(s.evals and s.evals["fvu"] > 0 for s in manifest.sites)
+    assert all(s.hyperparameters["k"] == 4 for s in manifest.sites)
+    result = run_cli("eval", str(run), "--no-model-eval")
+    assert result.returncode == 0, result.stderr
+    bad = run_cli("train", str(tiny_store), "--out", str(tmp_path / "x"), "--set", "kk=4", "--no-model-eval")
+    assert bad.returncode == 2 and "Unknown hyperparameter 'kk'" in bad.stderr and "Traceback" not in bad.stderr
