@@ -150,6 +150,7 @@ class SiteResult:
     folder: str  # relative to the run directory
     hyperparameters: dict[str, Any]  # this site's schedule values
     scaling_factor: float
+    first_loss: float  # total loss of the first step (scaled units)
     final_loss: float  # mean total loss over the last 10% of steps (scaled units)
     evals: dict[str, Any] | None = None
 
@@ -387,7 +388,7 @@ def _save_saes(out_dir, store, hooks, saes, groups, values, scales, losses, cfg)
         save_sae(saes[h], folder, sae_metadata(store.manifest, h, cfg.exclude_special_tokens), sparsity[h], scale[h])
         tail = losses[h][-max(1, len(losses[h]) // 10):]
         results[h] = SiteResult(h, sites[h]["layer"], str(folder.relative_to(out_dir)), values[h], scale[h],
-                                sum(tail) / len(tail))
+                                losses[h][0], sum(tail) / len(tail))
     return results
 
 
