@@ -1,19 +1,22 @@
 """Held-out evaluation of one SAE per site: reconstruction metrics and spliced-model figures.
 
-Reconstruction (FVU, L0, dead/dense, l2 ratio, shrinkage) is computed on the held-out
-activations of a capture store with `metrics.ReconstructionStats`.
+Reconstruction (FVU, L0, dead/dense, l2 ratio, shrinkage) streams the held-out activations of a
+capture store, shard by shard, through `metrics.ReconstructionStats`.
 
-Spliced figures follow SAELens' `run_evals` conventions, so the two can be compared:
+Spliced figures follow SAELens' `run_evals` (`get_recons_loss`), so the two can be compared:
 - the reconstruction replaces the site's activation at every non-special position (special
   positions keep their clean activation); zero-ablation zeroes every position;
-- CE is the mean next-token loss over predictions made *from* non-special positions;
-  KL(clean || spliced) is the mean over non-special positions;
+- CE is the mean next-token loss (logits[:, t] against tokens[:, t+1]) over predictions made
+  *from* a non-special position t: the target may be special (e.g. an EOS), the input may not;
+- KL(clean || spliced) is the mean over all non-special positions, the last one included;
 - CE loss score = (CE_zero - CE_spliced) / (CE_zero - CE_clean).
-With `exclude_special_tokens=False` every position counts.
+With `exclude_special_tokens=False` every position counts and every position is spliced.
 
-Per batch of sequences there is one clean pass (caching what the sites need), then one pass per
-site whose batch holds both variants, [spliced; zero-ablated]. That pass starts at the site's
-layer (`start_at_layer`) from the cached residual, so the layers below are not recomputed.
+Per batch of sequences there is one clean pass (logits plus the cached activations the sites
+need), then one pass per site whose batch holds both variants, [spliced; zero-ablated]. That
+pass starts at the site's layer (`start_at_layer`) from the cached residual, so the layers below
+are not recomputed: a `resid_pre`/`resid_post` site *is* the residual entering layer L / L+1;
+any other site is replaced by a hook inside block L.
 """
 
 from __future__ import annotations
@@ -21,36 +24,45 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
+from safetensors import safe_open
 
-from layerflow.errors import LayerflowError
+from layerflow.capture import TOKENS_KEY, atomic_write_text
+from layerflow.errors import LayerflowError, did_you_mean
 from layerflow.metrics import ReconstructionMetrics, ReconstructionStats
 from layerflow.sites import prepare_hooks
 from layerflow.store import ActivationStore
 
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from layerflow.models import LoadedModel
+
 EVAL_JSON, EVAL_CSV = "evals.json", "evals.csv"
-CHUNK_TOKENS = 8192
+SCHEMA_VERSION = 1
+CHUNK_TOKENS = 8192  # held-out activations per SAE call
 
 
 @dataclass(frozen=True)
 class SiteEval:
     hook_name: str
-    reconstruction: ReconstructionMetrics
+    reconstruction: ReconstructionMetrics  # over held-out activations
     ce_clean: float | None = None  # mean next-token CE of the clean model (nats)
     ce_spliced: float | None = None  # with the SAE reconstruction in place of the activation
     ce_zero_ablation: float | None = None  # with the activation set to zero
     ce_loss_score: float | None = None  # (ce_zero - ce_spliced) / (ce_zero - ce_clean)
-    delta_ce: float | None = None  # ce_spliced - ce_clean
-    kl_div: float | None = None  # mean KL(clean || spliced) of next-token distributions
+    delta_ce: float | None = None  # ce_spliced - ce_clean (nats)
+    kl_div: float | None = None  # mean over tokens of KL(clean || spliced), next-token distributions
 
     def to_row(self) -> dict[str, Any]:
+        """Flat dict for CSV/JSON: hook_name, every reconstruction field, the CE/KL fields."""
         row = {"hook_name": self.hook_name, **self.reconstruction.to_dict()}
         row.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("hook_name", "reconstruction")})
         return row
@@ -63,111 +75,162 @@ class SiteEval:
 
 
 def evaluate_saes(
-    saes: dict[str, Any],
+    saes: dict[str, "SAE"],
     store: ActivationStore,
-    loaded: Any | None = None,
+    loaded: "LoadedModel | None" = None,
     exclude_special_tokens: bool = True,
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, SiteEval]:
-    """Evaluate `saes` (hook name -> SAELens SAE reading raw activations) on the held-out split."""
-    widths = {s["hook_name"]: s["d"] for s in store.manifest.sites}
+    """Evaluate `saes` (hook name -> SAELens SAE reading raw activations) on the held-out split.
+
+    With `loaded`, also the spliced CE/KL figures on the held-out tokens. `progress(done, total)`
+    counts one unit per site (reconstruction) plus one per batch of sequences (spliced passes).
+    """
+    sites = {s["hook_name"]: s for s in store.manifest.sites}
     for hook, sae in saes.items():
-        if hook not in widths:
-            raise LayerflowError(f"SAE for '{hook}': that hook is not in the capture at '{store.root}'. "
-                                 f"Captured: {', '.join(widths)}.")
-        if sae.cfg.d_in != widths[hook]:
+        if hook not in sites:
+            raise LayerflowError(f"SAE for hook '{hook}': that hook is not in the capture at '{store.root}'. "
+                                 f"{did_you_mean(hook, list(sites))}")
+        if sae.cfg.d_in != sites[hook]["d"]:
             raise LayerflowError(f"SAE for '{hook}' has d_in {sae.cfg.d_in}, but the captured activations there "
-                                 f"have width {widths[hook]}. Use an SAE trained on this site.")
+                                 f"have width {sites[hook]['d']}. Use an SAE trained on this site.")
     if not store.shards("heldout"):
         raise LayerflowError(f"The capture at '{store.root}' has no held-out split: capture with --holdout > 0.")
-    special = store.special_mask("heldout") if exclude_special_tokens else None
+    if batch_size < 1:
+        raise LayerflowError(f"Batch size {batch_size} must be at least 1.")
+    if loaded is not None and loaded.name != store.manifest.model["name"]:
+        raise LayerflowError(f"The capture at '{store.root}' is of model '{store.manifest.model['name']}', "
+                             f"but the loaded model is '{loaded.name}'. Load '{store.manifest.model['name']}'.")
+    specials = store.manifest.special_token_ids if exclude_special_tokens else []
+    tokens = store.tokens("heldout") if loaded is not None else None
+    total = len(saes) + (math.ceil(len(tokens) / batch_size) if tokens is not None else 0)
+    report = progress or (lambda done, total: None)
+
     recon = {}
     for i, (hook, sae) in enumerate(saes.items()):
-        recon[hook] = _reconstruction(sae, store.activations(hook, "heldout"), special)
-        if progress:
-            progress(i + 1, len(saes))
-    spliced = {}
-    if loaded is not None:
-        specials = store.manifest.special_token_ids if exclude_special_tokens else []
-        spliced = spliced_metrics(saes, loaded.model, store.tokens("heldout"), specials, batch_size)
+        recon[hook] = _reconstruction(sae, _heldout_chunks(store, hook, specials))
+        report(i + 1, total)
+    spliced: dict[str, dict[str, float]] = {}
+    if loaded is not None and saes:
+        starts = {h: _start(sites[h]["layer"], sites[h]["kind"]) for h in saes}
+        spliced = spliced_metrics(saes, loaded.model, tokens, starts, specials, batch_size,
+                                  on_batch=lambda b: report(len(saes) + b, total))
     return {h: SiteEval(h, recon[h], **spliced.get(h, {})) for h in saes}
 
 
+def _heldout_chunks(store: ActivationStore, hook: str, specials: list[int]) -> Iterator[Float[torch.Tensor, "tokens d"]]:
+    """Held-out activations of `hook` without special positions, one shard in RAM at a time."""
+    special_ids = torch.tensor(specials, dtype=torch.long)
+    for path in store.shards("heldout"):
+        with safe_open(str(path), "pt") as f:
+            x, tokens = f.get_tensor(hook), f.get_tensor(TOKENS_KEY).long()
+        yield from x[~torch.isin(tokens.reshape(-1), special_ids)].split(CHUNK_TOKENS)
+
+
 @torch.no_grad()
-def _reconstruction(sae, x: Float[torch.Tensor, "tokens d"], special: torch.Tensor | None) -> ReconstructionMetrics:
-    if special is not None:
-        x = x[~special]
+def _reconstruction(sae: "SAE", chunks: Iterator[Float[torch.Tensor, "tokens d"]]) -> ReconstructionMetrics:
     stats = ReconstructionStats()
-    for chunk in x.split(CHUNK_TOKENS):
-        chunk = chunk.to(sae.device, sae.dtype)
-        latents = sae.encode(chunk)
-        stats.add(chunk, sae.decode(latents), latents)
+    for x in chunks:
+        latents = sae.encode(x.to(sae.device, sae.dtype))
+        x_hat = sae.decode(latents)
+        stats.add(x.float(), x_hat.float(), latents.to_dense() if latents.is_sparse else latents)
+    if stats.n == 0:
+        raise LayerflowError("The held-out split holds only special tokens: nothing to evaluate.")
     return stats.compute()
 
 
-def _start_layer(hook: str) -> tuple[int, bool]:
-    """(layer to start the spliced pass at, whether the site *is* that layer's residual input)."""
-    layer = int(hook.split(".")[1])
-    if hook.endswith("hook_resid_pre"):
+def _start(layer: int, kind: str) -> tuple[int, bool]:
+    """(layer the spliced pass starts at, whether the site *is* that layer's residual input)."""
+    if kind == "resid_pre":
         return layer, True
-    if hook.endswith("hook_resid_post"):
-        return layer + 1, True
+    if kind == "resid_post":
+        return layer + 1, True  # == n_layers for the last block: only ln_final and unembed run
     return layer, False
+
+
+def _attention_mask(model: Any, tokens: Int[torch.Tensor, "batch pos"]) -> Int[torch.Tensor, "batch pos"] | None:
+    # The mask TransformerLens builds itself from tokens (left-padding tokenizers, e.g. Gemma 3);
+    # a pass started mid-model sees no tokens, so both passes get it explicitly.
+    from transformer_lens.utils import get_attention_mask
+
+    tokenizer = model.tokenizer
+    if tokenizer is None or tokenizer.padding_side != "left":
+        return None
+    return get_attention_mask(tokenizer, tokens, model.cfg.default_prepend_bos)
+
+
+def _next_token_nll(logp: Float[torch.Tensor, "batch pos vocab"], tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos-1"]:
+    return -logp[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
 
 
 @torch.no_grad()
 def spliced_metrics(
-    saes: dict[str, Any],
+    saes: dict[str, "SAE"],
     model: Any,
     tokens: Int[torch.Tensor, "seqs ctx"],
+    starts: dict[str, tuple[int, bool]],
     special_ids: list[int],
     batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """CE clean/spliced/zero-ablated, CE loss score, delta CE and KL for each site's SAE."""
+    """CE clean/spliced/zero-ablated, CE loss score, delta CE and KL for each site's SAE.
+
+    `starts[hook]` is `_start(layer, kind)` of the site; `special_ids` are never spliced or counted.
+    """
     prepare_hooks(model, list(saes))
-    starts = {h: _start_layer(h) for h in saes}
+    # start_at_layer drops the shortformer positional embedding (TL passes it to every block).
+    from_tokens = model.cfg.positional_embedding_type == "shortformer"
     cached = set(saes) | {f"blocks.{layer}.hook_resid_pre" for layer, is_input in starts.values() if not is_input}
-    sums = {h: torch.zeros(4, dtype=torch.float64) for h in saes}  # CE clean, spliced, zero-ablated; KL
-    n_ce = n_kl = 0
-    device = next(model.parameters()).device
-    for batch in tokens.split(batch_size):
+    sums = {h: torch.zeros(3, dtype=torch.float64) for h in saes}  # CE spliced, CE zero-ablated, KL
+    clean_sum, n_ce, n_kl = 0.0, 0, 0
+    device = model.cfg.device
+    for b, batch in enumerate(tokens.split(batch_size)):
         batch = batch.to(device)
+        n = batch.shape[0]
         keep = ~torch.isin(batch, torch.tensor(special_ids, dtype=batch.dtype, device=device))
         keep_ce = keep[:, :-1]  # a prediction counts when made from a non-special position
-        logits, cache = model.run_with_cache(batch, names_filter=lambda name: name in cached)
-        clean_ce = model.loss_fn(logits, batch, per_token=True)
+        mask = _attention_mask(model, batch)
+        mask2 = None if mask is None else torch.cat([mask, mask])
+        logits, cache = model.run_with_cache(batch, attention_mask=mask, names_filter=lambda name: name in cached)
         clean_logp = logits.log_softmax(-1)
+        del logits  # logits are [batch, pos, vocab]: keep one copy per variant at most
+        clean_sum += _next_token_nll(clean_logp, batch)[keep_ce].double().sum().item()
         n_ce += int(keep_ce.sum())
         n_kl += int(keep.sum())
         for hook, sae in saes.items():
             act = cache[hook]
-            recon = sae.decode(sae.encode(act.to(sae.device, sae.dtype))).to(act.dtype).to(act.device)
-            recon = torch.where(keep.unsqueeze(-1), recon, act)
-            both = torch.cat([recon, torch.zeros_like(act)])
+            recon = sae.decode(sae.encode(act.to(sae.device, sae.dtype))).to(act.device, act.dtype)
+            both = torch.cat([torch.where(keep.unsqueeze(-1), recon, act), torch.zeros_like(act)])
             start, is_input = starts[hook]
-            if is_input:
-                out = model(both, start_at_layer=start)
+            replace = [(hook, lambda a, hook, both=both: both)]
+            if from_tokens:
+                out = model.run_with_hooks(torch.cat([batch, batch]), attention_mask=mask2, fwd_hooks=replace)
+            elif is_input:
+                out = model(both, start_at_layer=start, attention_mask=mask2)
             else:
                 resid = cache[f"blocks.{start}.hook_resid_pre"]
-                out = model.run_with_hooks(torch.cat([resid, resid]), start_at_layer=start,
-                                           fwd_hooks=[(hook, lambda a, hook, both=both: both)])
-            spliced_logits, zero_logits = out.split(batch.shape[0])
-            doubled = torch.cat([batch, batch])
-            ce = model.loss_fn(torch.cat([spliced_logits, zero_logits]), doubled, per_token=True).split(batch.shape[0])
-            kl = F.kl_div(spliced_logits.log_softmax(-1), clean_logp, log_target=True, reduction="none").sum(-1)
-            sums[hook] += torch.stack([clean_ce[keep_ce].double().sum(), ce[0][keep_ce].double().sum(),
-                                       ce[1][keep_ce].double().sum(), kl[keep].double().sum()])
+                out = model.run_with_hooks(torch.cat([resid, resid]), start_at_layer=start, attention_mask=mask2,
+                                           fwd_hooks=replace)
+            logp = out.log_softmax(-1)
+            del out
+            nll = _next_token_nll(logp, torch.cat([batch, batch]))
+            kl = F.kl_div(logp[:n], clean_logp, log_target=True, reduction="none").sum(-1)
+            sums[hook] += torch.stack([nll[:n][keep_ce].double().sum(), nll[n:][keep_ce].double().sum(),
+                                       kl[keep].double().sum()]).cpu()
+        if on_batch:
+            on_batch(b + 1)
+    clean = clean_sum / max(n_ce, 1)
     results = {}
     for hook, s in sums.items():
-        clean, spliced, zero, kl = (s[:3] / max(n_ce, 1)).tolist() + [s[3].item() / max(n_kl, 1)]
+        spliced, zero, kl = s[0].item() / max(n_ce, 1), s[1].item() / max(n_ce, 1), s[2].item() / max(n_kl, 1)
         results[hook] = {"ce_clean": clean, "ce_spliced": spliced, "ce_zero_ablation": zero,
                          "ce_loss_score": (zero - spliced) / (zero - clean) if zero != clean else float("nan"),
                          "delta_ce": spliced - clean, "kl_div": kl}
     return results
 
 
-def write_eval_results(results: dict[str, SiteEval], folder: Path) -> tuple[Path, Path]:
+def write_eval_results(results: dict[str, SiteEval], folder: str | Path) -> tuple[Path, Path]:
     """evals.json and evals.csv in `folder`, each written to a temporary name and renamed."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -176,14 +239,17 @@ def write_eval_results(results: dict[str, SiteEval], folder: Path) -> tuple[Path
     writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["hook_name"])
     writer.writeheader()
     writer.writerows(rows)
-    paths = folder / EVAL_JSON, folder / EVAL_CSV
-    for path, content in zip(paths, (json.dumps({"schema_version": 1, "sites": rows}, indent=2), text.getvalue())):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(content)
-        os.replace(tmp, path)
-    return paths
+    json_path, csv_path = folder / EVAL_JSON, folder / EVAL_CSV
+    atomic_write_text(json_path, json.dumps({"schema_version": SCHEMA_VERSION, "sites": rows}, indent=2))
+    atomic_write_text(csv_path, text.getvalue())
+    return json_path, csv_path
 
 
-def read_eval_results(path: Path) -> dict[str, SiteEval]:
-    rows = json.loads(Path(path).read_text())["sites"]
+def read_eval_results(path: str | Path) -> dict[str, SiteEval]:
+    """Read back what `write_eval_results` wrote (evals.json, or the folder holding it)."""
+    path = Path(path)
+    path = path / EVAL_JSON if path.is_dir() else path
+    if not path.exists():
+        raise LayerflowError(f"No eval results at '{path}'. Run `layerflow eval` first.")
+    rows = json.loads(path.read_text())["sites"]
     return {r["hook_name"]: SiteEval.from_row(r) for r in rows}
