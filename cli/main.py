@@ -138,15 +138,21 @@ def _site_table(title: str, rows: list[dict]) -> Table:
     for name, _ in present:
         table.add_column(name, justify="left" if name == "site" else "right")
     for r in rows:
-        table.add_row(*[r[key] if key == "hook_name" else ("-" if r.get(key) is None else f"{r[key]:.4g}")
+        site = r["hook_name"].removeprefix("blocks.").replace(".hook_", ".").replace(".mlp.hook_in", ".mlp_in")
+        table.add_row(*[site if key == "hook_name" else ("-" if r.get(key) is None else f"{r[key]:.3g}")
                         for _, key in present])
     return table
 
 
 @app.command()
 def train(
-    store: Path = typer.Argument(..., help="A capture directory (from `layerflow capture`)."),
+    store: Optional[Path] = typer.Argument(None, help="A capture directory (from `layerflow capture`); omit with --online."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory.", show_default="<store>/../train"),
+    online: Optional[str] = typer.Option(None, help="Train from live forwards of this zoo model instead of a store."),
+    layers: str = typer.Option("all", help="With --online: layers, as for `capture`."),
+    tokens: int = typer.Option(20_000, min=1, help="With --online: tokens (train + held-out), as for `capture`."),
+    context_size: int = typer.Option(128, min=2, help="With --online: tokens per sequence."),
+    source: str = typer.Option("default", help="With --online: text source, as for `capture`."),
     preset: str = typer.Option("default", help="Schedule preset: 'default' (BatchTopK k=32, 8x) or 'notes' (L1 by depth)."),
     schedule_file: Optional[Path] = typer.Option(None, "--schedule", help="A LayerSchedule JSON file (overrides --preset)."),
     architecture: Optional[str] = typer.Option(None, help="Override the schedule's SAE architecture."),
@@ -174,20 +180,35 @@ def train(
     if architecture or settings:
         base = {**schedule.base, **dict(_parse_setting(s) for s in settings)}
         schedule = dataclasses.replace(schedule, architecture=architecture or schedule.architecture, base=base)
-    capture_manifest = ActivationStore(store).manifest
+    online_cfg = None
+    if online:
+        from layerflow.capture import CaptureConfig
+        from layerflow.sites import parse_layers
+        from layerflow.zoo import get_spec
+
+        out_dir = out_dir or Path("artifacts") / online / "train-online"
+        store = out_dir.parent / (out_dir.name + "-heldout")  # the held-out split only, for the evals
+        online_cfg = CaptureConfig(online, parse_layers(layers, get_spec(online).n_layers, online), n_tokens=tokens,
+                                   context_size=context_size, source=source, seed=seed)
+        model_name = online
+    elif store is None:
+        raise LayerflowError("Give a capture directory to train from, or --online MODEL.")
+    else:
+        model_name = ActivationStore(store).manifest.model["name"]
     out_dir = out_dir or store.parent / "train"
     cfg = TrainConfig(str(store), hooks.split(",") if hooks else None, schedule, steps, epochs, batch_tokens,
-                      exclude_special_tokens=not include_special_tokens, checkpoint_every=checkpoint_every, seed=seed)
+                      exclude_special_tokens=not include_special_tokens, checkpoint_every=checkpoint_every, seed=seed,
+                      online=online_cfg)
     loaded = None
-    if model_eval:
+    if model_eval or online:
         from layerflow.models import load_model
 
-        with err.status(f"loading {capture_manifest.model['name']} for the spliced evals"):
-            loaded = load_model(capture_manifest.model["name"])
+        with err.status(f"loading {model_name}"):
+            loaded = load_model(model_name)
     with Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
                   TimeRemainingColumn(), console=err, transient=True) as bar:
         task = bar.add_task("train", total=None)
-        manifest = run_train(cfg, out_dir, overwrite=overwrite, loaded=loaded,
+        manifest = run_train(cfg, out_dir, overwrite=overwrite, loaded=loaded, model_eval=model_eval,
                              progress=lambda done, total: bar.update(task, completed=done, total=total))
     rows = [s.evals | {"hook_name": s.hook_name} for s in manifest.sites if s.evals]
     out.print(_site_table(f"{len(manifest.sites)} SAEs ({schedule.architecture}) -> {out_dir}", rows))

@@ -60,6 +60,7 @@ class CaptureConfig:
     shard_seqs: int | None = None  # sequences per shard; None: about SHARD_BYTES per shard
     seed: int = 0
     device: str = "cpu"
+    splits: tuple[str, ...] = ("train", "heldout")  # online training stores only "heldout"
 
 
 @dataclass
@@ -125,6 +126,7 @@ def _plan_dict(cfg: CaptureConfig, loaded: LoadedModel, sites: list[Site], token
         "dtype": cfg.dtype,
         "shard_seqs": shard_seqs,
         "seed": cfg.seed,
+        **({"splits": list(cfg.splits)} if tuple(cfg.splits) != ("train", "heldout") else {}),
     }
 
 
@@ -146,6 +148,16 @@ def _check_output_dir(out_dir: Path, plan: dict, overwrite: bool) -> str:
     diffs = [f"{k}: {old.get(k)!r} -> {plan.get(k)!r}" for k in sorted(set(old) | set(plan)) if old.get(k) != plan.get(k)]
     raise LayerflowError(f"Output directory '{out_dir}' holds a different capture ({'; '.join(diffs)}). "
                          "Choose another --out, or pass --overwrite to replace it.")
+
+
+def split_sequences(cfg: CaptureConfig, token_plan: TokenPlan, loaded: LoadedModel) -> tuple[torch.Tensor, int, int]:
+    """(all sequences, train count, held-out count): training sequences first."""
+    n_seqs = math.ceil(cfg.n_tokens / cfg.context_size)
+    n_heldout = math.ceil(n_seqs * cfg.holdout_fraction) if cfg.holdout_fraction > 0 else 0
+    n_train = n_seqs - n_heldout
+    if n_train < 1:
+        raise LayerflowError(f"--tokens {cfg.n_tokens} leaves no training sequences after the held-out split.")
+    return make_sequences(n_seqs, token_plan, loaded.model.tokenizer, loaded.model.cfg.d_vocab), n_train, n_heldout
 
 
 def _shard_plan(n_train: int, n_heldout: int, shard_seqs: int) -> list[tuple[str, str, int, int]]:
@@ -212,18 +224,14 @@ def capture(
     if state == "complete":
         return CaptureManifest.from_json((out_dir / MANIFEST_FILE).read_text())
 
-    n_seqs = math.ceil(cfg.n_tokens / cfg.context_size)
-    n_heldout = math.ceil(n_seqs * cfg.holdout_fraction) if cfg.holdout_fraction > 0 else 0
-    n_train = n_seqs - n_heldout
-    if n_train < 1:
-        raise LayerflowError(f"--tokens {cfg.n_tokens} leaves no training sequences after the held-out split.")
-    tokens = make_sequences(n_seqs, token_plan, tokenizer, model.cfg.d_vocab)
+    tokens, n_train, n_heldout = split_sequences(cfg, token_plan, loaded)
+    n_seqs = n_train + n_heldout
     specials = torch.tensor(special_token_ids(tokenizer, token_plan), dtype=torch.long)
 
     (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / PLAN_FILE, json.dumps(plan, indent=2))
 
-    shard_plan = _shard_plan(n_train, n_heldout, shard_seqs)
+    shard_plan = [s for s in _shard_plan(n_train, n_heldout, shard_seqs) if s[1] in cfg.splits]
     records: dict[str, ShardRecord] = {}
     todo = []
     for name, split, first, count in shard_plan:
@@ -233,7 +241,7 @@ def capture(
         else:
             todo.append((name, split, first, count))
 
-    total = n_seqs * cfg.context_size
+    total = sum(count for *_, count in shard_plan) * cfg.context_size
     done_tokens = sum(r.n_tokens for r in records.values())
     if progress:
         progress(done_tokens, total)

@@ -15,6 +15,7 @@ folded into the saved weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,8 +28,9 @@ from typing import Any, Callable
 import torch
 
 from layerflow import __version__
-from layerflow.activation_batches import BUFFER_BYTES, mixed_batches, store_chunks
-from layerflow.capture import atomic_write_text
+from layerflow.activation_batches import BUFFER_BYTES, mixed_batches, model_chunks, store_chunks
+from layerflow.capture import CaptureConfig, atomic_write_text, capture, split_sequences
+from layerflow.data import TokenPlan
 from layerflow.errors import LayerflowError
 from layerflow.sae_io import sae_metadata, save_sae
 from layerflow.schedule import LayerSchedule, get_preset
@@ -43,7 +45,7 @@ EXPLODING_LOSS = 1e4  # a per-site loss above this multiple of its first loss me
 
 @dataclass
 class TrainConfig:
-    store: str  # a capture directory
+    store: str  # a capture directory; with `online`, where its held-out split is captured
     hooks: list[str] | None = None  # None: every captured site
     schedule: LayerSchedule = field(default_factory=lambda: get_preset("default"))
     steps: int | None = None  # None: `epochs` passes over the training tokens
@@ -55,10 +57,15 @@ class TrainConfig:
     checkpoint_every: int = 500
     seed: int = 0
     fast_path: bool = True  # stack TopK-family SAEs in sparse_topk; False: SAELens' step for all
+    # Online: train from model forwards on this capture's training sequences (nothing of them is
+    # stored); only its held-out split is captured, to `store`, for the evals.
+    online: CaptureConfig | None = None
 
     def plan(self) -> dict[str, Any]:
         d = asdict(self)
         d["schedule"] = self.schedule.to_dict()
+        if self.online is not None:
+            d["online"]["kinds"] = [k.value for k in self.online.kinds]
         d["store"] = str(Path(self.store).resolve())
         return d
 
@@ -181,7 +188,8 @@ def train(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
     evaluate: bool = True,
-    loaded=None,  # a LoadedModel: the end-of-training eval then includes spliced CE/KL
+    loaded=None,  # a LoadedModel: needed online; the end-of-training eval then includes spliced CE/KL
+    model_eval: bool = True,  # with `loaded`: splice the SAEs into the model at the end
     stop_after: int | None = None,  # for tests/benchmarks: stop (as if interrupted) after this step
 ) -> TrainManifest | None:
     """Train (or resume training) every site of `cfg.store`; returns the manifest when complete."""
@@ -189,6 +197,10 @@ def train(
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
+    if cfg.online is not None:
+        if loaded is None:
+            raise LayerflowError("Online training needs the loaded model (pass `loaded`).")
+        capture(dataclasses.replace(cfg.online, splits=("heldout",)), cfg.store, loaded=loaded)
     store = ActivationStore(cfg.store)
     manifest = store.manifest
     hooks = _check_hooks(cfg.hooks, store)
@@ -198,7 +210,7 @@ def train(
     steps = cfg.steps or _steps_for_epochs(cfg, store, specials)
     if steps < 1 or cfg.batch_tokens < 1:
         raise LayerflowError(f"Nothing to train: {steps} steps of {cfg.batch_tokens} tokens. Use --steps >= 1.")
-    plan = cfg.plan() | {"hooks": hooks, "steps": steps}
+    plan = json.loads(json.dumps(cfg.plan() | {"hooks": hooks, "steps": steps}))  # as it reads back from disk
 
     state = _prepare_out_dir(out_dir, plan, overwrite)
     if state == "complete":
@@ -211,9 +223,9 @@ def train(
         sae_cfg = cfg.schedule.sae_config(sites[h]["layer"], n_layers, sites[h]["d"])
         saes[h] = get_sae_training_class(sae_cfg.architecture())[0](sae_cfg)
 
-    batches = mixed_batches(store_chunks(store, hooks, cfg.seed), cfg.batch_tokens, specials, cfg.seed,
-                            _buffer_bytes(store, hooks))
-    scales = _scaling_factors(cfg, store, hooks, specials, saes)
+    chunks = lambda seed: _train_chunks(cfg, store, hooks, seed, loaded)
+    batches = mixed_batches(chunks(cfg.seed), cfg.batch_tokens, specials, cfg.seed, _buffer_bytes(store, hooks))
+    scales = _scaling_factors(cfg, chunks(cfg.seed + 1), store, hooks, specials, saes)
     groups = _make_groups(cfg, saes, values, scales, steps)
 
     step = 0
@@ -250,7 +262,7 @@ def train(
     results = _save_saes(out_dir, store, hooks, saes, groups, values, scales, losses, cfg)
     if evaluate:
         evals, _ = evaluate_run(out_dir, cfg.store, exclude_special_tokens=cfg.exclude_special_tokens,
-                                model_eval=loaded is not None, loaded=loaded)
+                                model_eval=model_eval and loaded is not None, loaded=loaded)
         for h, site_eval in evals.items():
             results[h].evals = site_eval.to_row()
     train_manifest = TrainManifest(
@@ -292,11 +304,21 @@ def _buffer_bytes(store: ActivationStore, hooks: list[str]) -> int:
     return min(BUFFER_BYTES, epoch)
 
 
-def _scaling_factors(cfg, store, hooks, specials, saes) -> list[float]:
+def _train_chunks(cfg: TrainConfig, store: ActivationStore, hooks: list[str], seed: int, loaded):
+    """Activation chunks of the training split: read from the store, or computed online."""
+    if cfg.online is None:
+        return store_chunks(store, hooks, seed)
+    plan = TokenPlan(cfg.online.source, cfg.online.context_size, cfg.online.prepend_bos, loaded.bos_token_id,
+                     cfg.online.seed)
+    tokens, n_train, _ = split_sequences(cfg.online, plan, loaded)
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
+    return model_chunks(loaded.model, tokens[:n_train][order], hooks, cfg.online.batch_size, cfg.online.device)
+
+
+def _scaling_factors(cfg, chunks, store, hooks, specials, saes) -> list[float]:
     """sqrt(d_in) / mean norm per site for `expected_average_only_in`, else 1 (SAELens' rule)."""
     norms = torch.zeros(len(hooks), dtype=torch.float64)
-    batches = mixed_batches(store_chunks(store, hooks, cfg.seed + 1), cfg.batch_tokens, specials, cfg.seed + 1,
-                            _buffer_bytes(store, hooks))
+    batches = mixed_batches(chunks, cfg.batch_tokens, specials, cfg.seed + 1, _buffer_bytes(store, hooks))
     for _ in range(NORM_ESTIMATE_BATCHES):
         norms += next(batches).norm(dim=-1).double().mean(1)
     norms /= NORM_ESTIMATE_BATCHES

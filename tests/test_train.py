@@ -161,3 +161,26 @@ def test_thirty_layers_of_the_default_model_end_to_end(tmp_path):
         assert fvu < 0.95  # better than the mean, at every depth (an untrained SAE is far worse)
     rows = (run / "evals.csv").read_text().splitlines()
     assert len(rows) == 31
+
+
+def test_online_training_from_model_forwards(tmp_path):
+    """Online: the training split is never stored; its activations come from live forwards."""
+    from layerflow.activation_batches import model_chunks
+
+    loaded = tiny_twin("gpt2-twin")
+    online = CaptureConfig(model="gpt2-twin", layers=[0, 1], n_tokens=6144, context_size=32, source="random")
+    cfg = TrainConfig(str(tmp_path / "heldout"), schedule=_schedule("topk"), steps=30, batch_tokens=512, online=online)
+    manifest = train(cfg, tmp_path / "run", loaded=loaded)
+    store = ActivationStore(tmp_path / "heldout")
+    assert store.shards("train") == [] and store.shards("heldout")
+    assert all(s.evals["fvu"] < 1 for s in manifest.sites)
+    # The live activations are the ones a full capture stores for the same sequences.
+    full = tmp_path / "full"
+    capture(online, full, loaded=loaded)
+    full_store = ActivationStore(full)
+    tokens = full_store.tokens("train")[:4]
+    acts, ids = next(model_chunks(loaded.model, tokens, HOOKS, batch_size=4))
+    assert torch.equal(ids, tokens.reshape(-1))
+    for i, h in enumerate(HOOKS):
+        torch.testing.assert_close(acts[i], full_store.activations(h, "train")[: tokens.numel()])
+    assert train(cfg, tmp_path / "run", loaded=loaded).sites == manifest.sites  # complete: returned as is
