@@ -241,7 +241,7 @@ def main() -> None:
         err.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err.print("interrupted: finished shards are kept; rerun the same command to resume.")
+        err.print("interrupted: finished shards and the last checkpoint are kept; rerun the same command to resume.")
         sys.exit(130)
 
 

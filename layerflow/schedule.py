@@ -21,7 +21,7 @@ from layerflow.errors import LayerflowError, did_you_mean
 
 ARCHITECTURES = ["standard", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"]
 DEFAULT_MATRYOSHKA_FRACTIONS = (1 / 16, 1 / 4, 1.0)  # nested prefixes, as fractions of d_sae
-TRAINER_KEYS = {"lr", "lr_warm_up_steps", "lr_decay_steps", "adam_beta1", "adam_beta2", "train_batch_size_tokens"}
+TRAINER_KEYS = {"lr"}  # the trainer setting that may vary with depth; the rest are in train.TrainConfig
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
+from torch.optim.adam import adam as torch_adam
 
 FAST_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
 
@@ -76,7 +77,7 @@ class _GatherEncode(torch.autograd.Function):
         grad_b_enc = torch.zeros(n_layers * d_sae, dtype=grad.dtype).index_add_(0, col, grad_pre)
         grad_W_enc_t = F.embedding_bag(row[by_col], sae_in, col_offsets, mode="sum",
                                        per_sample_weights=grad_pre[by_col])
-        grad_W_enc = grad_W_enc_t.view(n_layers, d_sae, d_in).transpose(1, 2)
+        grad_W_enc = grad_W_enc_t.view(n_layers, d_sae, d_in).transpose(1, 2).contiguous()
         grad_b_enc = grad_b_enc.view(n_layers, d_sae)
         grad_b_dec = -torch.bmm(W_enc, grad_b_enc.unsqueeze(-1)).squeeze(-1)
         grad_norm = torch.zeros(n_layers * d_sae, dtype=grad.dtype).index_add_(0, col, grad * values / norm_at)
@@ -121,6 +122,7 @@ class StackedTopKSAEs:
         self.aux_coefficients = torch.tensor([s.cfg.aux_loss_coefficient for s in saes], dtype=torch.float64)
         self.lrs = torch.tensor(lrs, dtype=torch.float64)
         self.betas, self.eps = adam_betas, 1e-8
+        self.fused_adam = True  # torch's fused Adam kernel: one pass over each tensor
         self.adam_step = 0
         self.exp_avg = {k: torch.zeros_like(p) for k, p in self.params.items()}
         self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in self.params.items()}
@@ -247,20 +249,22 @@ class StackedTopKSAEs:
     @torch.no_grad()
     def _clip_and_adam(self, lr_factors: Tensor | None) -> None:
         grads = {k: p.grad for k, p in self.params.items()}
-        sq = sum(g.pow(2).reshape(self.n_layers, -1).sum(1) for g in grads.values())
+        sq = sum(torch.linalg.vector_norm(g.reshape(self.n_layers, -1), dim=1).pow(2) for g in grads.values())
         clip = (1.0 / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_(max_norm=1), per SAE
+        for name, grad in grads.items():
+            grad.mul_(clip.view((self.n_layers,) + (1,) * (grad.dim() - 1)))
         self.adam_step += 1
-        beta1, beta2 = self.betas
-        bias1, bias2 = 1 - beta1**self.adam_step, 1 - beta2**self.adam_step
-        lrs = self.lrs * (lr_factors if lr_factors is not None else 1.0)
-        step_size = (lrs / bias1).to(self.params["W_enc"].dtype)
-        for name, param in self.params.items():
-            shape = (self.n_layers,) + (1,) * (param.dim() - 1)
-            grad = grads[name].mul_(clip.view(shape))
-            self.exp_avg[name].lerp_(grad, 1 - beta1)
-            self.exp_avg_sq[name].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (self.exp_avg_sq[name].sqrt() / math.sqrt(bias2)).add_(self.eps)
-            param.sub_(self.exp_avg[name] / denom * step_size.view(shape))
+        lrs = (self.lrs * (lr_factors if lr_factors is not None else 1.0)).tolist()
+        # torch's own Adam, one call per distinct learning rate, on per-layer views of the stacks.
+        for lr in sorted(set(lrs)):
+            layers = [i for i, value in enumerate(lrs) if value == lr]
+            views = lambda tensors: [t[i] for t in tensors.values() for i in layers]
+            torch_adam(
+                views(self.params), views(grads), views(self.exp_avg), views(self.exp_avg_sq), [],
+                [torch.tensor(float(self.adam_step - 1)) for _ in range(len(layers) * len(self.params))],
+                foreach=False, fused=self.fused_adam, amsgrad=False, lr=lr, beta1=self.betas[0], beta2=self.betas[1],
+                weight_decay=0.0, eps=self.eps, maximize=False)
+        for param in self.params.values():
             param.grad = None
 
     # ---- state -----------------------------------------------------------------------------

@@ -52,6 +52,8 @@ class TrainConfig:
     epochs: float = 1.0
     batch_tokens: int = 4096
     lr_scheduler: str = "constant"  # SAELens' names: constant, cosineannealing, ...
+    lr_warm_up_steps: int = 0  # linear warm-up, as in SAELens
+    lr_decay_steps: int = 0  # linear decay to 0 over the last steps, as in SAELens
     exclude_special_tokens: bool = True
     dead_feature_window: int = 1000  # steps without firing before a latent counts as dead
     checkpoint_every: int = 500
@@ -81,7 +83,8 @@ class _SAELensGroup:
         for sae, lr, scale in zip(saes, lrs, scales):
             trainer = SAETrainer(SAETrainerConfig(
                 total_training_samples=total_steps * cfg.batch_tokens, train_batch_size_samples=cfg.batch_tokens,
-                lr=lr, lr_end=lr / 10, lr_scheduler_name=cfg.lr_scheduler,
+                lr=lr, lr_end=lr / 10, lr_scheduler_name=cfg.lr_scheduler, lr_warm_up_steps=cfg.lr_warm_up_steps,
+                lr_decay_steps=cfg.lr_decay_steps,
                 dead_feature_window=cfg.dead_feature_window, feature_sampling_window=10**9), sae, iter(()))
             trainer.activation_scaler.scaling_factor = scale
             self.trainers.append(trainer)
@@ -126,8 +129,9 @@ class _StackedGroup:
         self.scales = torch.tensor(scales).view(-1, 1, 1)
         # The LR schedule as a factor: SAELens' scheduler driving a stand-in optimizer with lr 1.
         self._lr_holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        self.lr_scheduler = get_lr_scheduler(cfg.lr_scheduler, lr=1.0, optimizer=self._lr_holder, warm_up_steps=0,
-                                             decay_steps=0, training_steps=total_steps, lr_end=0.1, num_cycles=1)
+        self.lr_scheduler = get_lr_scheduler(cfg.lr_scheduler, lr=1.0, optimizer=self._lr_holder,
+                                             warm_up_steps=cfg.lr_warm_up_steps, decay_steps=cfg.lr_decay_steps,
+                                             training_steps=total_steps, lr_end=0.1, num_cycles=1)
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         factor = torch.tensor(self._lr_holder.param_groups[0]["lr"], dtype=torch.float64)

@@ -184,3 +184,20 @@ def test_online_training_from_model_forwards(tmp_path):
     for i, h in enumerate(HOOKS):
         torch.testing.assert_close(acts[i], full_store.activations(h, "train")[: tokens.numel()])
     assert train(cfg, tmp_path / "run", loaded=loaded).sites == manifest.sites  # complete: returned as is
+
+
+def test_stacked_path_equals_saelens_trainer_through_a_whole_run(tiny_store, tmp_path):
+    """Same run, TopK SAEs stepped by the stacked sparse path or by SAELens' SAETrainer: same SAEs.
+    Covers warm-up and decay of the LR schedule, and a learning rate that varies with depth."""
+    schedule = LayerSchedule("topk", {"expansion_factor": 4, "k": 8, "normalize_activations": "expected_average_only_in"},
+                             [(0.5, {"lr": 3e-3}), (1.0, {"lr": 1e-3})])
+    runs = {}
+    for fast in (True, False):
+        cfg = TrainConfig(str(tiny_store), schedule=schedule, steps=12, batch_tokens=256, lr_warm_up_steps=3,
+                          lr_decay_steps=4, dead_feature_window=2, fast_path=fast)
+        runs[fast] = train(cfg, tmp_path / str(fast), evaluate=False)
+    a, b = _weights(tmp_path / "True"), _weights(tmp_path / "False")
+    for h in HOOKS:
+        for key in a[h]:
+            torch.testing.assert_close(a[h][key], b[h][key], rtol=2e-4, atol=2e-5, msg=f"{h} {key}")
+    assert [s.hyperparameters["lr"] for s in runs[True].sites] == [3e-3, 1e-3]
