@@ -1,0 +1,242 @@
+"""Typed transfer results: one pair's metrics, and a sources x targets matrix of them, on disk.
+
+A metric is a field of `WithinModelPair` or `CrossModelPair`; its `doc` metadata states what it
+measures and which direction is better. `TransferMatrix` holds one [sources, targets] array per
+metric plus the identity of every site, and round-trips exactly through JSON (schema below) and
+to a long-format CSV (one row per pair).
+
+JSON schema (`schema_version` 1):
+
+    {"schema": "layerflow.transfer_matrix", "schema_version": 1,
+     "kind": "within_model" | "cross_model",
+     "sources": [SiteId...], "targets": [SiteId...],     # SiteId: model, hook_name, layer, n_layers, kind
+     "metrics": {name: [[value per target] per source]},  # NaN written as null
+     "metric_docs": {name: text},
+     "settings": {...}}                                    # how it was computed (tokens, options)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from layerflow.capture import atomic_write_text
+from layerflow.errors import LayerflowError, did_you_mean
+
+SCHEMA = "layerflow.transfer_matrix"
+SCHEMA_VERSION = 1
+MATRIX_JSON, MATRIX_CSV = "transfer_matrix.json", "transfer_matrix.csv"
+
+
+def _metric(doc: str) -> Any:
+    return field(default=None, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class SiteId:
+    model: str  # zoo name, or the SAE's metadata model_name
+    hook_name: str
+    layer: int
+    n_layers: int
+    kind: str = "resid_post"
+
+    @property
+    def relative_depth(self) -> float:
+        """Layer position in [0, 1]: 0 = first block, 1 = last; compares models of different depth."""
+        return self.layer / max(self.n_layers - 1, 1)
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}:{self.hook_name}"
+
+
+@dataclass(frozen=True)
+class WithinModelPair:
+    """SAE trained at `source`, applied to the held-out activations of `target` (same tokens)."""
+
+    source: SiteId
+    target: SiteId
+    # The notes' metrics, kept for continuity (raw units; confounded by norm growth).
+    transfer_recon_ratio: float = _metric(
+        "Notes file 001: source loss / target loss = MSE(SAE_i on i) / MSE(SAE_i on j). Higher is better; 1 on the diagonal. Raw MSEs: falls with residual norm growth even when features are shared.")
+    transfer_recon_ratio_inverse: float = _metric(
+        "Notes file 002: target loss / source loss = MSE(SAE_i on j) / MSE(SAE_i on i). Lower is better; the reciprocal of transfer_recon_ratio.")
+    feature_variance_ratio: float = _metric(
+        "Notes: mean variance (over tokens) of SAE_i's top-k latents on layer j / the same on layer i; top-k by variance on i. 1 = the features vary as much on j as on i.")
+    top_k_spearman: float = _metric(
+        "Notes: Spearman rank correlation between the top-k latents' variances on i and on j. Higher = the same features dominate.")
+    decoder_similarity: float = _metric(
+        "Mean, over SAE_i's top-k latents (by variance on i), of the best cosine between its decoder direction and any of SAE_j's. The notes left this undefined; this is layerflow's definition.")
+    # Scale-aware metrics: explained variance at the target, with the target's own mean.
+    explained_variance_raw: float = _metric(
+        "EV of SAE_i applied to layer j's raw activations: 1 - E||x_j - x_hat||^2 / E||x_j - mean_j||^2. Higher is better.")
+    explained_variance: float = _metric(
+        "EV of SAE_i on layer j, scale-matched: x_j is multiplied by E||x_i|| / E||x_j|| before encoding and the reconstruction divided by it. The primary transfer figure.")
+    relative_transfer_raw: float = _metric(
+        "explained_variance_raw / EV(SAE_j on j): the fraction of the target's own dictionary's performance. 1 on the diagonal.")
+    relative_transfer: float = _metric(
+        "explained_variance (scale-matched) / EV(SAE_j on j). 1 on the diagonal; may exceed 1.")
+    delta_fvu: float = _metric(
+        "FVU(SAE_i on j, scale-matched) - FVU(SAE_j on j). 0 on the diagonal; lower is better.")
+    # Persistence: how much of layer j is layer i carried forward, with no dictionary at all.
+    persistence_ev_identity: float = _metric(
+        "EV of x_i as a prediction of x_j (identity map): 1 - E||x_j - x_i||^2 / Var_j. Negative when norms differ.")
+    persistence_ev_scalar: float = _metric(
+        "EV of the best least-squares scalar map mean_j + a (x_i - mean_i), fit on the same held-out tokens (one parameter plus means).")
+    persistence_ev_through_target_sae: float = _metric(
+        "EV on x_j of SAE_j applied to the scalar persistence prediction: persistence passed through the same lossy dictionary that relative transfer is measured against.")
+    relative_persistence: float = _metric(
+        "persistence_ev_through_target_sae / EV(SAE_j on j). 1 on the diagonal.")
+    transfer_beyond_persistence: float = _metric(
+        "relative_transfer - relative_persistence: how much better SAE_i explains j than layer i's activations, carried forward through SAE_j, do. 0 on the diagonal; > 0 = feature reuse beyond persistence.")
+    # The source SAE's behaviour on the target (scale-matched).
+    l0: float = _metric("Mean active latents per token of SAE_i on layer j (scale-matched).")
+    dead_fraction: float = _metric("Fraction of SAE_i's latents that never fire on layer j (scale-matched).")
+    l2_ratio: float = _metric("Mean ||x_hat|| / ||x_j|| of SAE_i on layer j (scale-matched). 1 = no shrinkage.")
+    # Feature-level agreement between the two dictionaries.
+    decoder_top1_cosine_mean: float = _metric(
+        "Mean over all of SAE_i's latents of the best decoder cosine with any of SAE_j's latents.")
+    decoder_top1_cosine_median: float = _metric("Median of the same distribution.")
+    decoder_matched_fraction: float = _metric(
+        "Hungarian one-to-one matching of decoder directions: fraction of SAE_i's latents whose match beats the 99th percentile of matches to a randomly rotated SAE_j. Computed for pairs within the matching distance, else null.")
+    activation_matched_fraction: float = _metric(
+        "Hungarian matching on activation correlation over the shared held-out tokens: fraction of SAE_i's live latents whose partner's correlation beats the null (tokens permuted). Within the matching distance, else null.")
+    # Optional: the source SAE spliced into the model at the target site.
+    spliced_delta_ce: float = _metric("CE (nats) with SAE_i's scale-matched reconstruction spliced in at site j, minus clean CE. Optional.")
+    spliced_kl: float = _metric("Mean KL(clean || spliced) with SAE_i spliced in at site j. Optional.")
+
+
+@dataclass(frozen=True)
+class CrossModelPair:
+    """SAE of model A's `source` site applied to model B's `target` site through an affine stitch."""
+
+    source: SiteId
+    target: SiteId
+    stitched_explained_variance: float = _metric(
+        "EV on x_B (held-out words) of: map x_B into A's space (affine, fit on the train split), encode/decode with SAE_A, map back. Higher is better.")
+    stitch_only_explained_variance: float = _metric(
+        "EV on x_B of the round trip through the two affine maps alone, no SAE: the ceiling for stitched EV.")
+    target_sae_explained_variance: float = _metric("EV of SAE_B on x_B at the same held-out words.")
+    relative_transfer: float = _metric("stitched_explained_variance / target_sae_explained_variance.")
+    cka: float = _metric("Linear CKA between SAE_A's latents on x_A and SAE_B's latents on x_B at the same held-out words.")
+    cka_p_value: float = _metric("Permutation p-value of the CKA (held-out words shuffled on one side).")
+    matched_feature_correlation_mean: float = _metric(
+        "Features matched one-to-one by activation correlation on train words; mean of their held-out correlations.")
+    fraction_features_with_partner: float = _metric(
+        "Fraction of SAE_A's live features whose matched partner's held-out correlation is significant (permutation test, Benjamini-Hochberg at 0.05).")
+
+
+PAIR_TYPES = {"within_model": WithinModelPair, "cross_model": CrossModelPair}
+
+
+def metric_names(kind: str) -> list[str]:
+    return [f.name for f in fields(PAIR_TYPES[kind]) if f.name not in ("source", "target")]
+
+
+def metric_docs(kind: str) -> dict[str, str]:
+    return {f.name: f.metadata["doc"] for f in fields(PAIR_TYPES[kind]) if f.name not in ("source", "target")}
+
+
+@dataclass
+class TransferMatrix:
+    kind: str  # "within_model" or "cross_model"
+    sources: list[SiteId]
+    targets: list[SiteId]
+    metrics: dict[str, np.ndarray]  # name -> float64 [len(sources), len(targets)]; NaN = not computed
+    settings: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # e.g. matched feature pairs; not serialized here
+
+    def __post_init__(self) -> None:
+        if self.kind not in PAIR_TYPES:
+            raise LayerflowError(f"Unknown transfer kind '{self.kind}'. {did_you_mean(self.kind, list(PAIR_TYPES))}")
+        valid = metric_names(self.kind)
+        shape = (len(self.sources), len(self.targets))
+        for name, values in self.metrics.items():
+            if name not in valid:
+                raise LayerflowError(f"'{name}' is not a {self.kind} metric. {did_you_mean(name, valid)}")
+            if values.shape != shape:
+                raise ValueError(f"metric {name} has shape {values.shape}, expected {shape}")
+        self.metrics = {n: np.asarray(self.metrics[n], dtype=np.float64) for n in valid if n in self.metrics}
+
+    def __getitem__(self, metric: str) -> np.ndarray:
+        if metric not in self.metrics:
+            raise LayerflowError(f"No metric '{metric}' in this matrix. {did_you_mean(metric, list(self.metrics))}")
+        return self.metrics[metric]
+
+    def pair(self, i: int, j: int) -> WithinModelPair | CrossModelPair:
+        values = {n: _to_float(m[i, j]) for n, m in self.metrics.items()}
+        return PAIR_TYPES[self.kind](self.sources[i], self.targets[j], **values)
+
+    def index(self, hook_or_layer: str | int, side: str = "source") -> int:
+        sites = self.sources if side == "source" else self.targets
+        for i, s in enumerate(sites):
+            if hook_or_layer in (s.hook_name, s.layer):
+                return i
+        raise LayerflowError(f"No {side} site '{hook_or_layer}'. Valid: {', '.join(s.hook_name for s in sites)}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "kind": self.kind,
+            "sources": [asdict(s) for s in self.sources], "targets": [asdict(s) for s in self.targets],
+            "metrics": {n: [[_to_float(v) for v in row] for row in m] for n, m in self.metrics.items()},
+            "metric_docs": {n: d for n, d in metric_docs(self.kind).items() if n in self.metrics},
+            "settings": self.settings,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TransferMatrix":
+        if data.get("schema") != SCHEMA:
+            raise LayerflowError(f"Not a layerflow transfer matrix (schema {data.get('schema')!r}, expected {SCHEMA!r}).")
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise LayerflowError(f"Transfer matrix schema version {data.get('schema_version')} is not supported "
+                                 f"(this layerflow reads version {SCHEMA_VERSION}).")
+        metrics = {n: np.array([[np.nan if v is None else v for v in row] for row in m], dtype=np.float64)
+                   for n, m in data["metrics"].items()}
+        return cls(data["kind"], [SiteId(**s) for s in data["sources"]], [SiteId(**s) for s in data["targets"]],
+                   metrics, data.get("settings", {}))
+
+    def to_csv(self) -> str:
+        text = io.StringIO()
+        names = list(self.metrics)
+        writer = csv.writer(text)
+        writer.writerow(["source_model", "source_hook", "source_layer", "target_model", "target_hook",
+                         "target_layer", *names])
+        for i, s in enumerate(self.sources):
+            for j, t in enumerate(self.targets):
+                writer.writerow([s.model, s.hook_name, s.layer, t.model, t.hook_name, t.layer,
+                                 *("" if math.isnan(v) else repr(float(v)) for v in (self.metrics[n][i, j] for n in names))])
+        return text.getvalue()
+
+    def write(self, folder: str | Path, stem: str = "transfer_matrix") -> tuple[Path, Path]:
+        """`<stem>.json` and `<stem>.csv` in `folder`, each written to a temporary name and renamed."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        json_path, csv_path = folder / f"{stem}.json", folder / f"{stem}.csv"
+        atomic_write_text(csv_path, self.to_csv())
+        atomic_write_text(json_path, json.dumps(self.to_dict(), indent=1))
+        return json_path, csv_path
+
+    @classmethod
+    def read(cls, path: str | Path) -> "TransferMatrix":
+        path = Path(path)
+        path = path / MATRIX_JSON if path.is_dir() else path
+        if not path.exists():
+            raise LayerflowError(f"No transfer matrix at '{path}'. Run `layerflow transfer` first.")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def equals(self, other: "TransferMatrix") -> bool:
+        return (self.kind == other.kind and self.sources == other.sources and self.targets == other.targets
+                and self.metrics.keys() == other.metrics.keys() and self.settings == other.settings
+                and all(np.array_equal(self.metrics[n], other.metrics[n], equal_nan=True) for n in self.metrics))
+
+
+def _to_float(v: Any) -> float | None:
+    v = float(v)
+    return None if math.isnan(v) else v
