@@ -1,0 +1,152 @@
+"""Feature matching: brute force on small problems, planted correspondences, an independent correlation."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from layerflow.matching import (
+    ActivationCorrelation,
+    FeatureMatching,
+    decoder_top1_cosine,
+    match_activations,
+    match_decoders,
+)
+from layerflow.synthetic import planted_layers
+
+torch.set_num_threads(1)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def _recovery(m: FeatureMatching, truth: dict[int, int]) -> float:
+    got = dict(zip(m.source_index.tolist(), m.target_index.tolist()))
+    return float(np.mean([got.get(s) == t for s, t in truth.items()]))
+
+
+def _significant(m: FeatureMatching) -> dict[int, bool]:
+    return dict(zip(m.source_index.tolist(), m.significant.tolist()))
+
+
+@pytest.mark.parametrize("chunk", [3, 4096])
+def test_decoder_top1_cosine_is_brute_force_max(chunk):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(10, 5, generator=g) * torch.rand(10, 1, generator=g) * 5  # rows of any norm
+    b = torch.randn(7, 5, generator=g)
+    brute = (_unit(a) @ _unit(b).T).max(1).values
+    top1 = decoder_top1_cosine(torch.nn.Parameter(a), b, chunk=chunk)
+    assert top1.shape == (10,) and not top1.requires_grad
+    torch.testing.assert_close(top1, brute, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("fa,fb", [(6, 6), (4, 6), (7, 5), (7, 7)])
+def test_match_decoders_is_the_best_one_to_one_assignment(fa, fb):
+    g = torch.Generator().manual_seed(fa * 10 + fb)
+    a, b = torch.randn(fa, 4, generator=g), torch.randn(fb, 4, generator=g)
+    cos = (_unit(a.double()) @ _unit(b.double()).T).numpy()
+    if fa <= fb:  # every row of A gets a distinct row of B
+        best = max(cos[np.arange(fa), list(p)].sum() for p in itertools.permutations(range(fb), fa))
+    else:
+        best = max(cos[list(p), np.arange(fb)].sum() for p in itertools.permutations(range(fa), fb))
+    m = match_decoders(torch.nn.Parameter(a), torch.nn.Parameter(b))  # as an SAE's W_dec comes
+    assert len(m.source_index) == min(fa, fb)
+    assert np.all(np.diff(m.source_index) > 0) and len(set(m.target_index.tolist())) == len(m.target_index)
+    np.testing.assert_allclose(m.similarity, cos[m.source_index, m.target_index], atol=1e-6)
+    assert m.similarity.sum() == pytest.approx(best, abs=1e-5)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.3])
+def test_match_decoders_recovers_planted_features(noise):
+    """Clean and noisy (per-row Gaussian noise of norm ~0.3, renormalised) decoders: >= 95% recovered."""
+    p = planted_layers([1.0, 0.5], d=128, n_features=64, seed=0)
+    truth = p.correspondence(0, 1)
+    g = torch.Generator().manual_seed(1)
+    a, b = (_unit(d + noise * torch.randn(d.shape, generator=g) / d.shape[1] ** 0.5) for d in p.dictionaries)
+    m = match_decoders(a, b)
+    assert m.kind == "decoder"
+    assert _recovery(m, truth) >= 0.95
+    sig = _significant(m)
+    assert all(sig[s] for s in truth)
+    non_shared = [s for s in sig if s not in truth]
+    assert len(non_shared) == 32 and np.mean([not sig[s] for s in non_shared]) >= 0.9
+
+
+def test_match_decoders_null_is_seeded():
+    p = planted_layers([1.0, 0.5], d=128, n_features=64, seed=0)
+    assert match_decoders(*p.dictionaries, seed=3) == match_decoders(*p.dictionaries, seed=3)
+    assert match_decoders(*p.dictionaries, seed=3).null_threshold != match_decoders(*p.dictionaries, seed=4).null_threshold
+
+
+def test_match_activations_recovers_persistent_features():
+    p = planted_layers([1.0, 0.5], shared_codes=True, seed=1)
+    truth = p.correspondence(0, 1)
+    m = match_activations(p.codes[0].requires_grad_(), p.codes[1])
+    assert m.kind == "activation"
+    assert _recovery(m, truth) >= 0.95
+    sig = _significant(m)
+    assert all(sig[s] for s in truth)
+
+
+def _with_dead_columns(x: torch.Tensor, dead: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """x with all-zero columns inserted at positions `dead`, and where x's columns went."""
+    n = x.shape[1] + len(dead)
+    keep = [i for i in range(n) if i not in dead]
+    wide = torch.zeros(len(x), n)
+    wide[:, keep] = x
+    return wide, keep
+
+
+def test_match_activations_skips_dead_latents_and_keeps_original_indices():
+    p = planted_layers([1.0, 0.5], shared_codes=True, seed=1)
+    a, b = p.codes
+    dead_a, dead_b = [0, 5, 40], [3, 63]
+    (wide_a, keep_a), (wide_b, keep_b) = _with_dead_columns(a, dead_a), _with_dead_columns(b, dead_b)
+    truth = {keep_a[s]: keep_b[t] for s, t in p.correspondence(0, 1).items()}
+    m = match_activations(wide_a, wide_b)
+    assert not set(m.source_index.tolist()) & set(dead_a) and not set(m.target_index.tolist()) & set(dead_b)
+    assert len(m.source_index) == 64
+    assert _recovery(m, truth) >= 0.95
+
+
+def test_independent_codes_are_rarely_significant():
+    p = planted_layers([1.0, 0.5], shared_codes=False, seed=1)
+    assert match_activations(p.codes[0], p.codes[1]).fraction_significant < 0.1
+
+
+def test_streamed_correlation_equals_corrcoef():
+    g = torch.Generator().manual_seed(0)
+    t, fa, fb = 200, 6, 5
+    a = torch.randn(t, fa, generator=g).relu()
+    b = torch.randn(t, fb, generator=g) + a[:, :1] @ torch.randn(1, fb, generator=g)  # some real correlation
+    a[:, 2] = 0.0  # dead latent
+    a[:, 4] += 1e4  # large mean next to a small spread
+    b[:, 1] = 3.7  # alive but constant: zero variance too
+    corr = ActivationCorrelation()
+    for lo, hi in [(0, 90), (90, 127), (127, t)]:
+        corr.add(a[lo:hi], b[lo:hi])
+    a64, b64 = a.double().numpy(), b.double().numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        reference = np.nan_to_num(np.corrcoef(a64.T, b64.T)[:fa, fa:], nan=0.0)
+    result = corr.compute()
+    assert result.dtype == np.float64 and result.shape == (fa, fb)
+    np.testing.assert_allclose(result, reference, atol=1e-10, rtol=0)
+    assert np.all(result[2] == 0) and np.all(result[:, 1] == 0)
+    live_a, live_b = corr.live()
+    assert live_a.tolist() == [True, True, False, True, True, True]
+    assert live_b.tolist() == [True, False, True, True, True]
+
+
+def test_feature_matching_json_round_trip():
+    p = planted_layers([1.0, 0.5], d=128, n_features=64, seed=0)
+    m = match_decoders(*p.dictionaries)
+    back = FeatureMatching.from_dict(json.loads(json.dumps(m.to_dict())))
+    assert back == m
+    assert back.source_index.dtype == np.int64 and back.significant.dtype == np.bool_
+    assert back.fraction_significant == m.fraction_significant and back.mean_similarity == m.mean_similarity
+    empty = FeatureMatching("activation", [], [], [], float("nan"), [])
+    assert FeatureMatching.from_dict(json.loads(json.dumps(empty.to_dict()))) == empty
+    assert back != FeatureMatching.from_dict({**m.to_dict(), "significant": [not s for s in m.significant.tolist()]})
