@@ -20,6 +20,9 @@ from safetensors.torch import save_file
 from sae_lens.constants import SPARSITY_FILENAME
 
 from layerflow.capture import CaptureManifest
+from layerflow.errors import LayerflowError
+
+SAE_DIR = "saes"  # where a training run keeps its SAE folders
 
 
 def sae_metadata(manifest: CaptureManifest, hook_name: str, exclude_special_tokens: bool = True) -> dict[str, Any]:
@@ -64,3 +67,28 @@ def save_sae(
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     return folder
+
+
+def find_sae_folders(path: str | Path) -> list[Path]:
+    """SAELens SAE folders (holding cfg.json) of a training run (its saes/) or under any folder."""
+    path = Path(path)
+    root = path / SAE_DIR if (path / SAE_DIR).is_dir() else path
+    folders = sorted(p.parent for p in root.rglob("cfg.json")) if root.is_dir() else []
+    if not folders:
+        raise LayerflowError(f"No SAE folders (with cfg.json) under '{path}'. Pass a training run directory "
+                             "or a folder of SAELens SAEs.")
+    return folders
+
+
+def load_saes(path: str | Path) -> dict[str, Any]:
+    """{hook_name: SAE} for every SAE folder under `path`, loaded with `sae_lens.SAE.load_from_disk`."""
+    from sae_lens import SAE
+
+    saes = {}
+    for folder in find_sae_folders(path):
+        sae = SAE.load_from_disk(folder)
+        hook = sae.cfg.metadata.hook_name or folder.name
+        if hook in saes:
+            raise LayerflowError(f"Two SAE folders under '{path}' are for the same hook '{hook}': keep one.")
+        saes[hook] = sae
+    return saes

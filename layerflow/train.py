@@ -32,13 +32,13 @@ from layerflow.activation_batches import BUFFER_BYTES, mixed_batches, model_chun
 from layerflow.capture import CaptureConfig, atomic_write_text, capture, split_sequences
 from layerflow.data import TokenPlan
 from layerflow.errors import LayerflowError
-from layerflow.sae_io import sae_metadata, save_sae
+from layerflow.sae_io import SAE_DIR, load_saes, sae_metadata, save_sae
 from layerflow.schedule import LayerSchedule, get_preset
 from layerflow.sparse_topk import StackedTopKSAEs, group_key, supports_fast_path
 from layerflow.store import ActivationStore
 
 PLAN_FILE, MANIFEST_FILE = "plan.json", "train.json"
-CHECKPOINT_DIR, SAE_DIR = "checkpoints", "saes"
+CHECKPOINT_DIR = "checkpoints"
 NORM_ESTIMATE_BATCHES = 8
 EXPLODING_LOSS = 1e4  # a per-site loss above this multiple of its first loss means divergence
 
@@ -418,6 +418,13 @@ def _save_saes(out_dir, store, hooks, saes, groups, values, scales, losses, cfg)
     return results
 
 
+def run_store(run: Path) -> str:
+    """The capture store a training run read (its held-out split is what evals and transfer use)."""
+    if not (run / PLAN_FILE).exists():
+        raise LayerflowError(f"'{run}' is not a layerflow training run: pass --store with held-out activations.")
+    return json.loads((run / PLAN_FILE).read_text())["store"]
+
+
 def evaluate_run(
     run: str | Path,
     store: str | Path | None = None,
@@ -430,25 +437,11 @@ def evaluate_run(
 
     Writes evals.json/csv to `out_dir` (default `run`) and, for a finished run, updates its
     manifest. Returns ({hook_name: SiteEval}, written paths)."""
-    from sae_lens import SAE
-
     from layerflow.evals import evaluate_saes, write_eval_results
 
     run = Path(run)
-    root = run / SAE_DIR if (run / SAE_DIR).is_dir() else run
-    folders = sorted(p.parent for p in root.rglob("cfg.json")) if root.is_dir() else []
-    if not folders:
-        raise LayerflowError(f"No SAE folders (with cfg.json) under '{run}'. Pass a training run directory "
-                             "or a folder of SAELens SAEs.")
-    if store is None:
-        if not (run / PLAN_FILE).exists():
-            raise LayerflowError(f"'{run}' is not a layerflow training run: pass --store with held-out activations.")
-        store = json.loads((run / PLAN_FILE).read_text())["store"]
-    activation_store = ActivationStore(store)
-    saes = {}
-    for folder in folders:
-        sae = SAE.load_from_disk(folder)
-        saes[sae.cfg.metadata.hook_name or folder.name] = sae
+    saes = load_saes(run)
+    activation_store = ActivationStore(store or run_store(run))
     if model_eval and loaded is None:
         from layerflow.models import load_model
 
