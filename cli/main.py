@@ -130,6 +130,11 @@ def _parse_setting(text: str) -> tuple[str, object]:
         return key.strip(), value
 
 
+def _short_hook(hook: str) -> str:
+    """blocks.3.hook_resid_post -> 3.resid_post: site labels that fit a table column."""
+    return hook.removeprefix("blocks.").replace(".mlp.hook_in", ".mlp_in").replace(".hook_", ".")
+
+
 def _site_table(title: str, rows: list[dict]) -> Table:
     table = Table(title=title)
     columns = [("site", "hook_name"), ("FVU", "fvu"), ("L0", "l0"), ("dead", "dead_fraction"), ("dense", "dense_fraction"),
@@ -138,7 +143,7 @@ def _site_table(title: str, rows: list[dict]) -> Table:
     for name, _ in present:
         table.add_column(name, justify="left" if name == "site" else "right")
     for r in rows:
-        site = r["hook_name"].removeprefix("blocks.").replace(".hook_", ".").replace(".mlp.hook_in", ".mlp_in")
+        site = _short_hook(r["hook_name"])
         table.add_row(*[site if key == "hook_name" else ("-" if r.get(key) is None else f"{r[key]:.3g}")
                         for _, key in present])
     return table
@@ -232,6 +237,68 @@ def eval_command(
                                         model_eval=model_eval)
     out.print(_site_table(f"{len(results)} SAEs on held-out tokens", [r.to_row() for r in results.values()]))
     out.print(f"written: {', '.join(str(p) for p in written)}")
+
+
+@app.command()
+def transfer(
+    saes: Path = typer.Argument(..., help="A training run directory, or a folder of SAELens SAE folders (with --store)."),
+    store: Optional[Path] = typer.Option(None, help="Capture with held-out activations (default: the run's own)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder.", show_default="SAES/transfer"),
+    hooks: Optional[str] = typer.Option(None, help="Comma-separated hook names (default: every SAE)."),
+    max_tokens: int = typer.Option(8192, min=1, help="Held-out tokens per site."),
+    top_k: int = typer.Option(50, min=1, help="Latents used by the notes' variance ratio, Spearman and decoder similarity."),
+    match_distance: int = typer.Option(1, min=0, help="Hungarian feature matching for sites at most this far apart (0: none)."),
+    include_special_tokens: bool = typer.Option(False, help="Count BOS/special positions too."),
+) -> None:
+    """Apply every site's SAE to every other site's held-out activations: the full transfer matrix and its summaries."""
+    from layerflow.transfer import TransferOptions, transfer_run
+
+    options = TransferOptions(max_tokens=max_tokens, top_k=top_k, match_distance=match_distance,
+                              exclude_special_tokens=not include_special_tokens)
+    with Progress(TextColumn("transfer"), BarColumn(), MofNCompleteColumn(), TextColumn("pairs"),
+                  TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("transfer", total=None)
+        matrix, written = transfer_run(saes, store, out_dir, options, hooks.split(",") if hooks else None,
+                                       progress=lambda done, total: bar.update(task, completed=done, total=total))
+    out.print(_transfer_table(matrix))
+    layers = [s.layer for s in matrix.sources]
+    if len(set(layers)) == len(layers) > 1:
+        from layerflow.summary import summarize
+
+        for metric in ("relative_transfer", "transfer_recon_ratio"):
+            s = summarize(matrix[metric], layers, matrix.sources[0].n_layers, metric)
+            divergence = "none" if s.divergence_layer is None else f"layer {s.divergence_layer}"
+            out.print(f"[bold]{metric}[/bold]: off-diagonal mean {s.mean:.3f} (min {s.min:.3f}, max {s.max:.3f}); "
+                      f"hub layers {s.hub_layers or 'none'}; {len(s.bidirectional_pairs)} strong bidirectional pairs "
+                      f"(>= {s.strong_threshold}); decay {s.decay_rate:.4f} per layer; divergence {divergence}")
+    out.print(f"written: {', '.join(str(p) for p in written)}")
+
+
+def _transfer_table(matrix) -> Table:
+    """Per source site: its own EV, and the mean over the other sites of the main transfer figures."""
+    import numpy as np
+
+    n = len(matrix.sources)
+    off = ~np.eye(n, dtype=bool)
+    table = Table(title=f"{matrix.sources[0].model}: {n} x {n} sites, {matrix.settings['n_tokens']} held-out tokens each",
+                  caption="means over the other sites, with this site's SAE as the source")
+    columns = [("own EV", "explained_variance", True), ("relative transfer", "relative_transfer", False),
+               ("beyond persistence", "transfer_beyond_persistence", False),
+               ("notes' ratio", "transfer_recon_ratio", False), ("decoder top-1 cos", "decoder_top1_cosine_mean", False)]
+    table.add_column("site", no_wrap=True)
+    for name, _, _ in columns:
+        table.add_column(name, justify="right")
+    for i, site in enumerate(matrix.sources):
+        cells = []
+        for _, metric, diagonal in columns:
+            values = matrix.metrics.get(metric)
+            if values is None:
+                cells.append("-")
+                continue
+            row = values[i, i:i + 1] if diagonal else values[i][off[i]]
+            cells.append(f"{np.nanmean(row):.3f}" if row.size and np.isfinite(row).any() else "-")
+        table.add_row(_short_hook(site.hook_name), *cells)
+    return table
 
 
 def main() -> None:

@@ -41,6 +41,23 @@ class ActivationStore:
     def tokens(self, split: str = "train") -> Int[torch.Tensor, "seqs context"]:
         return torch.cat([_read(p, TOKENS_KEY).long() for p in self.shards(split)])
 
+    def heldout(self, hooks: list[str], max_tokens: int | None = None,
+                exclude_special_tokens: bool = True) -> dict[str, Float[torch.Tensor, "tokens d"]]:
+        """Held-out activations of `hooks` on the same tokens (special positions left out), float32."""
+        for hook in hooks:
+            if hook not in self.hook_names:
+                raise LayerflowError(f"Hook '{hook}' was not captured in '{self.root}'. "
+                                     f"Captured: {', '.join(self.hook_names)}.")
+        if not self.shards("heldout"):
+            raise LayerflowError(f"The capture at '{self.root}' has no held-out split: capture with --holdout > 0.")
+        keep = ~self.special_mask("heldout") if exclude_special_tokens else None
+        out = {}
+        for hook in hooks:
+            x = self.activations(hook, "heldout")
+            x = x[keep] if keep is not None else x
+            out[hook] = x[:max_tokens].float()
+        return out
+
     def special_mask(self, split: str = "train") -> torch.Tensor:
         """True at positions holding BOS or another special token, flattened like `activations`."""
         specials = torch.tensor(self.manifest.special_token_ids, dtype=torch.long)

@@ -1,0 +1,415 @@
+"""Within-model transfer: the SAE trained at site i applied to the held-out activations of site j.
+
+For every ordered pair (i, j) of sites, on the same held-out tokens (special tokens left out),
+this computes every field of `transfer_types.WithinModelPair`:
+- the notes' metrics (raw loss ratio both ways, feature-variance ratio, top-k Spearman, decoder
+  similarity), kept for continuity;
+- explained variance at the target with the target's own mean (`metrics.ReconstructionStats`),
+  "raw" and "scale-matched": x_j times rho = E||x_i|| / E||x_j|| before encoding, the
+  reconstruction divided by rho, so SAE_i sees inputs of the size it was trained on;
+- a persistence baseline: layer i's activations as a prediction of layer j (identity, and the
+  best scalar map mean_j + a (x_i - mean_i)), and that prediction passed through SAE_j, so
+  that transfer and persistence are compared like with like (docs/transfer.md);
+- L0, dead fraction and l2 ratio of SAE_i on j; decoder and activation matching (`matching.py`).
+
+Speed. Each source SAE's encoder matmul P = x_j W_enc is shared by three encodings: raw
+(P + c), scale-matched (rho P + c) and persistence through SAE_i of the pair (j -> i)
+(a P + c'), because each is an affine function of x_j. Decoding touches only active latents
+(`embedding_bag`). `LinearCoder` holds exactly SAELens' inference math for its standard, topk
+and jumprelu SAEs (BatchTopK saves as jumprelu); any other SAE goes through its own
+encode/decode (slower, same numbers: a test checks both paths agree).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+
+from layerflow.errors import LayerflowError
+from layerflow.metrics import ReconstructionStats
+from layerflow.transfer_types import SiteId, TransferMatrix
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+TRANSFER_DIR = "transfer"
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    max_tokens: int | None = 8192  # held-out tokens per site (None: all)
+    batch_tokens: int = 4096  # tokens per encoder matmul
+    top_k: int = 50  # latents used by the notes' variance ratio, Spearman and decoder similarity
+    match_distance: int = 1  # Hungarian matching for pairs at most this many sites apart (0 = none)
+    null_quantile: float = 0.99
+    exclude_special_tokens: bool = True
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- the SAE as affine maps
+
+
+@dataclass
+class LinearCoder:
+    """x -> act((x - b_in) W_enc + b_enc) -> a W_dec + b_dec: SAELens' inference math, spelled out.
+
+    Exact for StandardSAE (relu), JumpReLUSAE and TopKSAE (with or without
+    rescale_acts_by_decoder_norm) when activations are not normalised at run time.
+    """
+
+    W_enc: Float[torch.Tensor, "d f"]
+    b_enc: Float[torch.Tensor, " f"]
+    b_in: Float[torch.Tensor, " d"]  # b_dec when apply_b_dec_to_input, else 0
+    W_dec: Float[torch.Tensor, "f d"]  # already divided by the row norms when TopK rescales
+    b_dec: Float[torch.Tensor, " d"]
+    pre_scale: Float[torch.Tensor, " f"] | None  # TopK rescale: hidden_pre * ||W_dec row||
+    activation: str  # "relu", "jumprelu" or "topk"
+    threshold: Float[torch.Tensor, " f"] | None = None  # jumprelu, clamped at 0 (relu then mask == mask)
+    k: int = 0
+
+    @classmethod
+    def from_sae(cls, sae: "SAE") -> "LinearCoder | None":
+        from sae_lens import JumpReLUSAE, StandardSAE, TopKSAE
+
+        cfg = sae.cfg
+        kinds = {StandardSAE: "relu", JumpReLUSAE: "jumprelu", TopKSAE: "topk"}
+        if (type(sae) not in kinds or cfg.normalize_activations in ("constant_norm_rescale", "layer_norm")
+                or cfg.reshape_activations != "none" or sae.use_error_term):
+            return None
+        with torch.no_grad():
+            W_enc, W_dec = sae.W_enc.detach().float(), sae.W_dec.detach().float()
+            b_dec = sae.b_dec.detach().float()
+            b_in = b_dec if cfg.apply_b_dec_to_input else torch.zeros_like(b_dec)
+            activation = kinds[type(sae)]
+            pre_scale = None
+            if activation == "topk" and cfg.rescale_acts_by_decoder_norm:
+                norms = W_dec.norm(dim=-1)
+                pre_scale, W_dec = norms, W_dec / norms[:, None]
+            threshold = sae.threshold.detach().float().clamp(min=0) if activation == "jumprelu" else None
+            return cls(W_enc.contiguous(), sae.b_enc.detach().float(), b_in, W_dec.contiguous(), b_dec, pre_scale,
+                       activation, threshold, getattr(cfg, "k", 0))
+
+    def bias_for(self, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """The c with hidden_pre(alpha x + shift) = alpha (x W_enc) + c, for any alpha (before a TopK rescale)."""
+        u = -self.b_in if shift is None else shift - self.b_in
+        return u @ self.W_enc + self.b_enc
+
+    def activate(self, hidden_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dense latents, indices, values) where indices/values list each row's candidates for decoding."""
+        if self.pre_scale is not None:
+            hidden_pre = hidden_pre * self.pre_scale
+        if self.activation == "topk":
+            values, indices = hidden_pre.topk(self.k, dim=-1, sorted=False)
+            values = values.relu()
+            return torch.zeros_like(hidden_pre).scatter_(-1, indices, values), indices, values
+        cut = self.threshold if self.activation == "jumprelu" else 0.0
+        latents = torch.where(hidden_pre > cut, hidden_pre, 0.0)
+        return latents, None, None
+
+    def decode(self, latents: torch.Tensor, indices: torch.Tensor | None, values: torch.Tensor | None) -> torch.Tensor:
+        if indices is None:  # variable number of active latents per row
+            rows, cols = latents.nonzero(as_tuple=True)
+            offsets = torch.zeros(latents.shape[0], dtype=torch.long)
+            offsets[1:] = torch.bincount(rows, minlength=latents.shape[0]).cumsum(0)[:-1]
+            out = F.embedding_bag(cols, self.W_dec, offsets, mode="sum", per_sample_weights=latents[rows, cols])
+        else:
+            out = F.embedding_bag(indices, self.W_dec, mode="sum", per_sample_weights=values)
+        return out + self.b_dec
+
+
+class _GenericCoder:
+    """Any SAELens SAE, through its own encode/decode (no shared matmul)."""
+
+    def __init__(self, sae: "SAE"):
+        self.sae = sae
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        latents = self.sae.encode(x.to(self.sae.device, self.sae.dtype))
+        latents = latents.to_dense() if latents.is_sparse else latents
+        return latents.float().cpu(), self.sae.decode(latents).float().cpu()
+
+
+# ---------------------------------------------------------------- the matrix
+
+
+@dataclass
+class _PairAccumulators:
+    raw: ReconstructionStats
+    scaled: ReconstructionStats
+    persistence: ReconstructionStats  # of the pair (target -> source), through the source's SAE
+    latent_sum: torch.Tensor  # raw mode, per latent, for the notes' variance ratio
+    latent_sq_sum: torch.Tensor
+
+
+@torch.no_grad()
+def within_model_matrix(
+    saes: dict[str, "SAE"],
+    activations: dict[str, Float[torch.Tensor, "tokens d"]],
+    sites: list[SiteId],
+    options: TransferOptions = TransferOptions(),
+    progress: Callable[[int, int], None] | None = None,
+) -> TransferMatrix:
+    """Every ordered pair of `sites` (source SAE x target activations), all on the same tokens.
+
+    `saes[hook]` reads raw activations of `hook`; `activations[hook]` are that site's held-out
+    activations, row t of every site being the same token.
+    """
+    hooks = [s.hook_name for s in sites]
+    _check_inputs(saes, activations, hooks)
+    n = len(hooks)
+    xs = [activations[h].float() for h in hooks]
+    n_tokens = xs[0].shape[0]
+    means = [x.double().mean(0) for x in xs]
+    mean_norms = [x.norm(dim=-1).double().mean().item() for x in xs]
+    centered_gram, raw_gram = _grams(xs, means)
+    coders = [LinearCoder.from_sae(saes[h]) or _GenericCoder(saes[h]) for h in hooks]
+    acc: dict[tuple[int, int], _PairAccumulators] = {}
+    total = n * n + (n if options.match_distance else 0)
+    done = 0
+    report = progress or (lambda done, total: None)
+    for s, coder in enumerate(coders):
+        d_sae = saes[hooks[s]].cfg.d_sae
+        for t in range(n):
+            rho = mean_norms[s] / mean_norms[t]
+            # persistence of the pair (t -> s): mean_s + alpha (x_t - mean_t), through SAE_s
+            alpha = (centered_gram[t, s] / centered_gram[t, t]).item() if centered_gram[t, t] > 0 else 0.0
+            shift = (means[s] - alpha * means[t]).float()
+            a = _PairAccumulators(ReconstructionStats(), ReconstructionStats(), ReconstructionStats(),
+                                  torch.zeros(d_sae, dtype=torch.float64), torch.zeros(d_sae, dtype=torch.float64))
+            for start in range(0, n_tokens, options.batch_tokens):
+                x_t = xs[t][start:start + options.batch_tokens]
+                x_s = xs[s][start:start + options.batch_tokens]
+                _accumulate(coder, x_t, x_s, rho, alpha, shift, a)
+            acc[s, t] = a
+            done += 1
+            report(done, total)
+
+    metrics = _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, [saes[h] for h in hooks])
+    extras: dict[str, Any] = {}
+    if options.match_distance:
+        _feature_matching(metrics, extras, saes, xs, hooks, coders, options,
+                          lambda i: report(n * n + i, total))
+    settings = {"n_tokens": n_tokens, **asdict(options),
+                "scale_matching": "x_j * E||x_i|| / E||x_j|| before SAE_i, reconstruction / the same factor",
+                "mean_activation_norm": dict(zip(hooks, mean_norms))}
+    return TransferMatrix("within_model", sites, sites, metrics, settings, extras)
+
+
+def _check_inputs(saes: dict, activations: dict, hooks: list[str]) -> None:
+    if len(hooks) < 1:
+        raise LayerflowError("No sites to compare.")
+    for h in hooks:
+        if h not in saes:
+            raise LayerflowError(f"No SAE for site '{h}'. SAEs given for: {', '.join(saes) or 'none'}.")
+        if h not in activations:
+            raise LayerflowError(f"No held-out activations for site '{h}'. Available: {', '.join(activations) or 'none'}.")
+        if saes[h].cfg.d_in != activations[h].shape[-1]:
+            raise LayerflowError(f"The SAE for '{h}' has d_in {saes[h].cfg.d_in}, but the activations there have "
+                                 f"width {activations[h].shape[-1]}.")
+    lengths = {h: activations[h].shape[0] for h in hooks}
+    if len(set(lengths.values())) != 1:
+        raise LayerflowError(f"Sites must share the same tokens, but the token counts differ: {lengths}.")
+    if not next(iter(lengths.values())):
+        raise LayerflowError("No held-out tokens to compare on.")
+
+
+def _grams(xs: list[torch.Tensor], means: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, n] sums over tokens of <x_i - mean_i, x_j - mean_j> and of <x_i, x_j>, in float64."""
+    n, T = len(xs), xs[0].shape[0]
+    flat = torch.stack([x.double().reshape(-1) for x in xs])  # [n, T*d]
+    raw = flat @ flat.T
+    mean_flat = torch.stack(means)  # [n, d]
+    centered = raw - T * (mean_flat @ mean_flat.T)
+    return centered, raw
+
+
+def _accumulate(coder, x_t, x_s, rho, alpha, shift, a: _PairAccumulators) -> None:
+    if isinstance(coder, LinearCoder):
+        P = x_t @ coder.W_enc
+        lat, idx, val = coder.activate(P + coder.bias_for())
+        a.raw.add(x_t, coder.decode(lat, idx, val), lat)
+        lat_s, idx_s, val_s = coder.activate(rho * P + coder.bias_for())
+        a.scaled.add(x_t, coder.decode(lat_s, idx_s, val_s) / rho, lat_s)
+        lat_p, idx_p, val_p = coder.activate(alpha * P + coder.bias_for(shift))
+        a.persistence.add(x_s, coder.decode(lat_p, idx_p, val_p))
+    else:
+        lat, recon = coder.reconstruct(x_t)
+        a.raw.add(x_t, recon, lat)
+        lat_s, recon_s = coder.reconstruct(rho * x_t)
+        a.scaled.add(x_t, recon_s / rho, lat_s)
+        a.persistence.add(x_s, coder.reconstruct(alpha * x_t + shift)[1])
+    a.latent_sum += lat.sum(0, dtype=torch.float64)
+    a.latent_sq_sum += lat.square().sum(0, dtype=torch.float64)
+
+
+def _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, saes) -> dict[str, np.ndarray]:
+    from scipy.stats import spearmanr
+
+    names = ["transfer_recon_ratio", "transfer_recon_ratio_inverse", "feature_variance_ratio", "top_k_spearman",
+             "decoder_similarity", "explained_variance_raw", "explained_variance", "relative_transfer_raw",
+             "relative_transfer", "delta_fvu", "persistence_ev_identity", "persistence_ev_scalar",
+             "persistence_ev_through_target_sae", "relative_persistence", "transfer_beyond_persistence",
+             "l0", "dead_fraction", "l2_ratio"]
+    m = {name: np.full((n, n), np.nan) for name in names}
+    raw = {k: v.raw.compute() for k, v in acc.items()}
+    scaled = {k: v.scaled.compute() for k, v in acc.items()}
+    persist = {(t, s): v.persistence.compute() for (s, t), v in acc.items()}  # keyed (source, target) of persistence
+    variances = {k: (v.latent_sq_sum / n_tokens - (v.latent_sum / n_tokens) ** 2).clamp(min=0) for k, v in acc.items()}
+    top = {s: variances[s, s].topk(min(options.top_k, len(variances[s, s]))).indices for s in range(n)}
+    decoders = [F.normalize(sae.W_dec.detach().float(), dim=-1) for sae in saes]
+    for (s, t) in acc:
+        own = scaled[t, t].explained_variance
+        m["transfer_recon_ratio"][s, t] = raw[s, s].mse / raw[s, t].mse
+        m["transfer_recon_ratio_inverse"][s, t] = raw[s, t].mse / raw[s, s].mse
+        var_s, var_t = variances[s, s][top[s]], variances[s, t][top[s]]
+        m["feature_variance_ratio"][s, t] = (var_t.mean() / var_s.mean()).item()
+        m["top_k_spearman"][s, t] = spearmanr(var_s.numpy(), var_t.numpy()).statistic if var_t.std() > 0 else np.nan
+        m["decoder_similarity"][s, t] = (decoders[s][top[s]] @ decoders[t].T).max(-1).values.mean().item()
+        m["explained_variance_raw"][s, t] = raw[s, t].explained_variance
+        m["explained_variance"][s, t] = scaled[s, t].explained_variance
+        m["relative_transfer_raw"][s, t] = raw[s, t].explained_variance / own
+        m["relative_transfer"][s, t] = scaled[s, t].explained_variance / own
+        m["delta_fvu"][s, t] = scaled[s, t].fvu - scaled[t, t].fvu
+        var_t_total = centered_gram[t, t].item()
+        m["persistence_ev_identity"][s, t] = 1 - (raw_gram[t, t] + raw_gram[s, s] - 2 * raw_gram[s, t]).item() / var_t_total
+        m["persistence_ev_scalar"][s, t] = (centered_gram[s, t] ** 2 / (centered_gram[s, s] * centered_gram[t, t])).item()
+        m["persistence_ev_through_target_sae"][s, t] = persist[s, t].explained_variance
+        m["relative_persistence"][s, t] = persist[s, t].explained_variance / own
+        m["transfer_beyond_persistence"][s, t] = m["relative_transfer"][s, t] - m["relative_persistence"][s, t]
+        m["l0"][s, t] = scaled[s, t].l0
+        m["dead_fraction"][s, t] = scaled[s, t].dead_fraction
+        m["l2_ratio"][s, t] = scaled[s, t].l2_ratio
+    return m
+
+
+def _feature_matching(metrics, extras, saes, xs, hooks, coders, options, report) -> None:
+    """Decoder top-1 cosines for every pair; Hungarian matchings for pairs within `match_distance`."""
+    from layerflow.matching import decoder_top1_cosine, match_activations, match_decoders
+
+    n = len(hooks)
+    decoders = [saes[h].W_dec.detach().float() for h in hooks]
+    for name in ("decoder_top1_cosine_mean", "decoder_top1_cosine_median", "decoder_matched_fraction",
+                 "activation_matched_fraction"):
+        metrics[name] = np.full((n, n), np.nan)
+    for s in range(n):
+        for t in range(n):
+            top1 = decoder_top1_cosine(decoders[s], decoders[t])
+            metrics["decoder_top1_cosine_mean"][s, t] = top1.mean().item()
+            metrics["decoder_top1_cosine_median"][s, t] = top1.median().item()
+    # One-to-one matchings are symmetric, so each unordered pair is matched once and mirrored.
+    latents = {}
+    matched = {}
+    for s in range(n):
+        for t in range(s + 1, min(n, s + options.match_distance + 1)):
+            for i in (s, t):
+                if i not in latents:
+                    latents[i] = _latents(coders[i], xs[i], options.batch_tokens)
+            dec = match_decoders(decoders[s], decoders[t], options.null_quantile, options.seed)
+            act = match_activations(latents[s], latents[t], options.null_quantile, options.seed)
+            for i, j in ((s, t), (t, s)):
+                metrics["decoder_matched_fraction"][i, j] = dec.fraction_significant
+                metrics["activation_matched_fraction"][i, j] = act.fraction_significant
+            matched[hooks[s], hooks[t]] = {"decoder": dec, "activation": act}
+        latents.pop(s, None)
+        report(s + 1)
+    extras["matched_features"] = matched
+
+
+def _latents(coder, x: torch.Tensor, batch_tokens: int) -> torch.Tensor:
+    chunks = []
+    for chunk in x.split(batch_tokens):
+        if isinstance(coder, LinearCoder):
+            chunks.append(coder.activate(chunk @ coder.W_enc + coder.bias_for())[0])
+        else:
+            chunks.append(coder.reconstruct(chunk)[0])
+    return torch.cat(chunks)
+
+
+# ---------------------------------------------------------------- runs and files
+
+
+def sites_of_store(store: "ActivationStore", hooks: list[str]) -> list[SiteId]:
+    """SiteIds for `hooks` in the store's site order (by layer, then site kind)."""
+    model = store.manifest.model
+    by_hook = {s["hook_name"]: s for s in store.manifest.sites}
+    ids = [SiteId(model["name"], h, by_hook[h]["layer"], model["n_layers"], by_hook[h]["kind"]) for h in hooks]
+    order = {s["hook_name"]: i for i, s in enumerate(store.manifest.sites)}
+    return sorted(ids, key=lambda s: (s.layer, order[s.hook_name]))
+
+
+def transfer_run(
+    run: str | Path,
+    store: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    options: TransferOptions = TransferOptions(),
+    hooks: list[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[TransferMatrix, list[Path]]:
+    """The within-model matrix of every SAE under `run` (a training run, or any folder of SAELens
+    SAE folders with `store`), on the store's held-out tokens; written to `out_dir`
+    (default `<run>/transfer`). Returns the matrix and the files written (manifest last)."""
+    from layerflow.sae_io import load_saes
+    from layerflow.store import ActivationStore
+    from layerflow.train import run_store
+
+    run = Path(run)
+    saes = load_saes(run)
+    activation_store = ActivationStore(store or run_store(run))
+    unknown = [h for h in saes if h not in activation_store.hook_names]
+    if unknown:
+        raise LayerflowError(f"SAEs for {', '.join(unknown)} have no activations in the capture at "
+                             f"'{activation_store.root}' (captured: {', '.join(activation_store.hook_names)}).")
+    if hooks is not None:
+        missing = [h for h in hooks if h not in saes]
+        if missing:
+            raise LayerflowError(f"No SAE for {', '.join(missing)} under '{run}'. SAEs: {', '.join(saes)}.")
+        saes = {h: saes[h] for h in hooks}
+    sites = sites_of_store(activation_store, list(saes))
+    activations = activation_store.heldout([s.hook_name for s in sites], options.max_tokens,
+                                           options.exclude_special_tokens)
+    matrix = within_model_matrix(saes, activations, sites, options, progress)
+    matrix.settings["store"] = str(activation_store.root.resolve())
+    matrix.settings["saes"] = str(run.resolve())
+    return matrix, write_transfer(matrix, Path(out_dir) if out_dir else run / TRANSFER_DIR)
+
+
+def write_transfer(matrix: TransferMatrix, folder: Path) -> list[Path]:
+    """transfer_matrix.json/csv, matched_features.json (when matched), summary.json."""
+    import json
+
+    from layerflow.capture import atomic_write_text
+    from layerflow.summary import summarize
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    matched = matrix.extras.get("matched_features")
+    if matched:
+        path = folder / "matched_features.json"
+        atomic_write_text(path, json.dumps([
+            {"source": s, "target": t, **{kind: m.to_dict() for kind, m in result.items()}}
+            for (s, t), result in matched.items()]))
+        written.append(path)
+    summaries = {}
+    layers = [s.layer for s in matrix.sources]
+    if len(set(layers)) == len(layers) and len(layers) >= 2:  # one site per layer: layer-indexed summaries
+        for metric in SUMMARY_METRICS:
+            if metric in matrix.metrics:
+                summaries[metric] = summarize(matrix[metric], layers, matrix.sources[0].n_layers, metric).to_dict()
+    if summaries:
+        path = folder / "summary.json"
+        atomic_write_text(path, json.dumps({"schema_version": 1, "summaries": summaries}, indent=1))
+        written.append(path)
+    written.extend(matrix.write(folder)[::-1])  # the matrix JSON is the manifest: written last
+    return written
+
+
+# The metrics summarised by default: the notes' ratio (for continuity) and the scale-aware ones.
+SUMMARY_METRICS = ("transfer_recon_ratio", "relative_transfer", "explained_variance", "transfer_beyond_persistence")

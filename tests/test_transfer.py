@@ -1,0 +1,239 @@
+"""Within-model transfer: planted ground truth, independent recomputation, files, runs and the CLI."""
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+
+import layerflow.transfer as transfer
+from conftest import run_cli, tiny_twin
+from layerflow.capture import CaptureConfig, capture
+from layerflow.errors import LayerflowError
+from layerflow.evals import read_eval_results
+from layerflow.schedule import LayerSchedule
+from layerflow.synthetic import planted_layers, true_sae
+from layerflow.train import TrainConfig, train
+from layerflow.transfer import LinearCoder, TransferOptions, transfer_run, within_model_matrix
+from layerflow.transfer_types import SiteId, TransferMatrix
+
+torch.set_num_threads(1)
+
+OVERLAPS, GAINS = [1.0, 1.0, 0.5, 0.0], [1.0, 4.0, 1.0, 1.0]  # layer 1: every feature of layer 0, 4x the norm
+NO_MATCH = TransferOptions(match_distance=0, batch_tokens=1000)
+
+
+def _hook(i: int) -> str:
+    return f"blocks.{i}.hook_resid_post"
+
+
+def _planted_matrix(planted, arch="jumprelu", options=NO_MATCH, saes=None):
+    n = len(planted.activations)
+    saes = saes or {_hook(i): true_sae(planted, i, arch) for i in range(n)}
+    acts = {_hook(i): planted.activations[i] for i in range(n)}
+    sites = [SiteId("planted", _hook(i), i, n) for i in range(n)]
+    return within_model_matrix(saes, acts, sites, options), saes
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return planted_layers(OVERLAPS, GAINS, seed=0)
+
+
+def test_scale_aware_metric_ranks_planted_overlap_while_the_raw_ratio_is_fooled_by_norm_growth(planted):
+    m, _ = _planted_matrix(planted)
+    ev, raw_ratio = m["explained_variance"], m["transfer_recon_ratio"]
+    # Layer 1 holds all of layer 0's features at 4x the norm; layer 2 half of them; layer 3 none.
+    assert ev[0, 1] > ev[0, 2] > ev[0, 3]
+    assert raw_ratio[0, 2] > raw_ratio[0, 1]  # the notes' ratio ranks the full-overlap layer below the half one
+    assert m["explained_variance_raw"][0, 1] < ev[0, 2]  # so does EV without scale matching
+    # Over every off-diagonal pair, the scale-aware figure follows the planted overlap; the raw ratio does not.
+    pairs = [(i, j) for i in range(4) for j in range(4) if i != j]
+    truth = [planted.overlap(i, j) for i, j in pairs]
+    assert spearmanr(truth, [ev[p] for p in pairs]).statistic > 0.9
+    assert spearmanr(truth, [raw_ratio[p] for p in pairs]).statistic < 0.5
+
+
+def test_carried_forward_residual_is_persistence_not_feature_reuse():
+    # Shared codes: layer 1 is layer 0 carried forward (times 3); layer 2 reuses layer 0's features
+    # on tokens of its own, so only layer 2 shows transfer beyond persistence.
+    carried = planted_layers([1.0, 1.0], [1.0, 3.0], shared_codes=True, seed=2)
+    reused = planted_layers([1.0, 1.0], [1.0, 3.0], shared_codes=False, seed=2)
+    m_carried, _ = _planted_matrix(carried)
+    m_reused, _ = _planted_matrix(reused)
+    assert m_carried["relative_transfer"][0, 1] > 0.95 and m_reused["relative_transfer"][0, 1] > 0.95
+    assert m_carried["persistence_ev_scalar"][0, 1] > 0.95 and m_reused["persistence_ev_scalar"][0, 1] < 0.05
+    assert abs(m_carried["transfer_beyond_persistence"][0, 1]) < 0.05
+    assert m_reused["transfer_beyond_persistence"][0, 1] > 0.9
+
+
+def test_metrics_equal_an_independent_computation(planted):
+    m, saes = _planted_matrix(planted)
+    x = [a.double() for a in planted.activations]
+
+    def recon(sae, a):
+        return sae.decode(sae.encode(a.float())).double()
+
+    def ev(a, a_hat):  # ratio of totals, variance around the mean
+        return 1 - (a - a_hat).pow(2).sum() / (a - a.mean(0)).pow(2).sum()
+
+    for s, t in [(0, 1), (2, 0), (3, 3), (1, 2)]:
+        sae = saes[_hook(s)]
+        rho = x[s].norm(dim=-1).mean() / x[t].norm(dim=-1).mean()
+        own = ev(x[t], recon(saes[_hook(t)], x[t]))
+        mse = lambda a, b: (a - b).pow(2).sum(-1).mean()  # noqa: E731
+        expected = {
+            "transfer_recon_ratio": mse(x[s], recon(sae, x[s])) / mse(x[t], recon(sae, x[t])),
+            "explained_variance_raw": ev(x[t], recon(sae, x[t])),
+            "explained_variance": ev(x[t], recon(sae, rho * x[t]) / rho),
+            "relative_transfer": ev(x[t], recon(sae, rho * x[t]) / rho) / own,
+            "persistence_ev_identity": ev(x[t], x[s]),
+        }
+        xs_c, xt_c = x[s] - x[s].mean(0), x[t] - x[t].mean(0)
+        a = (xs_c * xt_c).sum() / xs_c.pow(2).sum()
+        scalar_prediction = x[t].mean(0) + a * xs_c
+        expected["persistence_ev_scalar"] = ev(x[t], scalar_prediction)
+        expected["persistence_ev_through_target_sae"] = ev(x[t], recon(saes[_hook(t)], scalar_prediction))
+        expected["l0"] = (saes[_hook(s)].encode((rho * x[t]).float()) != 0).double().sum(-1).mean()
+        for name, value in expected.items():
+            assert m[name][s, t] == pytest.approx(value.item(), rel=1e-4, abs=1e-5), (name, s, t)
+
+
+def test_diagonal_is_each_sae_on_its_own_layer(planted):
+    m, saes = _planted_matrix(planted)
+    from layerflow.metrics import reconstruction_metrics
+
+    for i in range(4):
+        x = planted.activations[i]
+        own = reconstruction_metrics(x, saes[_hook(i)](x))
+        assert m["explained_variance"][i, i] == pytest.approx(own.explained_variance, abs=1e-6)
+        assert m["explained_variance_raw"][i, i] == pytest.approx(own.explained_variance, abs=1e-6)
+    for name, value in [("relative_transfer", 1.0), ("transfer_recon_ratio", 1.0), ("delta_fvu", 0.0),
+                        ("relative_persistence", 1.0), ("transfer_beyond_persistence", 0.0),
+                        ("persistence_ev_scalar", 1.0), ("persistence_ev_identity", 1.0)]:
+        np.testing.assert_allclose(np.diag(m[name]), value, atol=1e-6, err_msg=name)
+
+
+def _topk_rescaled(planted, i):
+    sae = true_sae(planted, i, "topk")
+    rescaled = TopKSAE(TopKSAEConfig(d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, k=3, rescale_acts_by_decoder_norm=True,
+                                     apply_b_dec_to_input=False))
+    rescaled.load_state_dict(sae.state_dict())
+    with torch.no_grad():
+        rescaled.W_dec.mul_(torch.linspace(0.5, 2.0, sae.cfg.d_sae)[:, None])  # unequal decoder norms
+    return rescaled
+
+
+def _standard(planted, i):
+    sae = true_sae(planted, i, "topk")
+    standard = StandardSAE(StandardSAEConfig(d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae))
+    standard.load_state_dict(sae.state_dict())
+    with torch.no_grad():
+        standard.b_enc.fill_(-0.3)
+    return standard
+
+
+@pytest.mark.parametrize("make", ["topk", "jumprelu", "standard", "topk_rescaled"])
+def test_shared_matmul_path_equals_each_saes_own_encode_decode(planted, make, monkeypatch):
+    builders = {"standard": _standard, "topk_rescaled": _topk_rescaled}
+    saes = {_hook(i): builders[make](planted, i) if make in builders else true_sae(planted, i, make) for i in range(4)}
+    assert all(LinearCoder.from_sae(s) is not None for s in saes.values())
+    fast, _ = _planted_matrix(planted, saes=saes)
+    monkeypatch.setattr(LinearCoder, "from_sae", classmethod(lambda cls, sae: None))
+    slow, _ = _planted_matrix(planted, saes=saes)
+    for name in fast.metrics:
+        # float rounding differs (alpha (x W) + c vs (alpha x - b) W): a latent at its threshold may flip
+        atol = 2e-3 if name in ("l0", "dead_fraction") else 1e-5
+        np.testing.assert_allclose(fast[name], slow[name], rtol=1e-5, atol=atol, err_msg=name)
+
+
+def test_matching_finds_planted_shared_features(planted):
+    m, _ = _planted_matrix(planted, options=TransferOptions(match_distance=1))
+    # layers 0-1 share every feature, 1-2 half, 2-3 none
+    assert m["decoder_matched_fraction"][0, 1] > 0.95
+    assert 0.4 < m["decoder_matched_fraction"][1, 2] < 0.6
+    assert m["decoder_matched_fraction"][2, 3] < 0.1
+    assert np.isnan(m["decoder_matched_fraction"][0, 2])  # beyond the matching distance
+    pairs = m.extras["matched_features"][_hook(0), _hook(1)]["decoder"]
+    truth = planted.correspondence(0, 1)
+    hits = sum(truth[int(s)] == int(t) for s, t in zip(pairs.source_index, pairs.target_index))
+    assert hits / len(truth) > 0.95
+
+
+def test_matrix_round_trips_through_json_and_csv(planted, tmp_path):
+    m, _ = _planted_matrix(planted, options=TransferOptions(match_distance=1))
+    json_path, csv_path = m.write(tmp_path)
+    back = TransferMatrix.read(json_path)
+    assert back.equals(m)
+    json.loads(json_path.read_text())  # strict JSON: NaN written as null
+    rows = list(csv.DictReader(io.StringIO(csv_path.read_text())))
+    assert len(rows) == 16
+    for row in rows:
+        s, t = int(row["source_layer"]), int(row["target_layer"])
+        for name in m.metrics:
+            value = float(row[name]) if row[name] else float("nan")
+            assert np.array_equal(value, m[name][s, t], equal_nan=True), name
+
+
+def test_bad_inputs_are_named(planted):
+    saes = {_hook(0): true_sae(planted, 0)}
+    acts = {_hook(0): planted.activations[0], _hook(1): planted.activations[1][:10]}
+    sites = [SiteId("planted", _hook(i), i, 2) for i in range(2)]
+    with pytest.raises(LayerflowError, match="No SAE for site 'blocks.1.hook_resid_post'"):
+        within_model_matrix(saes, acts, sites)
+    saes[_hook(1)] = true_sae(planted, 1)
+    with pytest.raises(LayerflowError, match="same tokens"):
+        within_model_matrix(saes, acts, sites)
+    with pytest.raises(LayerflowError, match="'nope' is not a within_model metric"):
+        TransferMatrix("within_model", sites, sites, {"nope": np.zeros((2, 2))})
+
+
+# ---------------------------------------------------------------- a real (tiny) training run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("transfer")
+    capture(CaptureConfig(model="gpt2-twin", layers=[0, 1], n_tokens=4096, context_size=32, source="random"),
+            root / "store", loaded=tiny_twin("gpt2-twin"))
+    schedule = LayerSchedule("topk", {"expansion_factor": 4, "k": 8, "lr": 1e-3})
+    train(TrainConfig(str(root / "store"), schedule=schedule, steps=20, batch_tokens=256), root / "run")
+    return root
+
+
+def test_run_diagonal_equals_the_training_evals(tiny_run):
+    matrix, written = transfer_run(tiny_run / "run", options=TransferOptions(max_tokens=None))
+    evals = read_eval_results(tiny_run / "run")
+    for i, site in enumerate(matrix.sources):
+        own = evals[site.hook_name].reconstruction
+        assert matrix["explained_variance"][i, i] == pytest.approx(own.explained_variance, abs=1e-5)
+        assert matrix["l0"][i, i] == pytest.approx(own.l0, rel=1e-6)
+    assert [s.layer for s in matrix.sources] == [0, 1] and matrix.sources[0].model == "gpt2-twin"
+    assert [p.name for p in written][-1] == "transfer_matrix.json"  # the manifest is written last
+    assert TransferMatrix.read(tiny_run / "run" / "transfer").equals(matrix)
+    summary = json.loads((tiny_run / "run" / "transfer" / "summary.json").read_text())
+    assert set(summary["summaries"]) >= {"transfer_recon_ratio", "relative_transfer"}
+
+
+def test_any_saelens_folders_with_a_store(tiny_run, tmp_path):
+    matrix, _ = transfer_run(tiny_run / "run" / "saes", store=tiny_run / "store", out_dir=tmp_path,
+                             options=TransferOptions(max_tokens=200, match_distance=0))
+    assert matrix.settings["n_tokens"] == 200
+    with pytest.raises(LayerflowError, match="pass --store"):
+        transfer_run(tiny_run / "run" / "saes", out_dir=tmp_path)
+
+
+def test_cli_transfer_and_bad_input(tiny_run, tmp_path):
+    out = tmp_path / "t"
+    result = run_cli("transfer", str(tiny_run / "run"), "--out", str(out), "--max-tokens", "512")
+    assert result.returncode == 0, result.stderr
+    assert (out / "transfer_matrix.json").exists() and (out / "transfer_matrix.csv").exists()
+    assert "0.resid_post" in result.stdout and "relative_transfer: off-diagonal mean" in result.stdout
+    bad = run_cli("transfer", str(tmp_path / "missing"))
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "No SAE folders" in bad.stderr
+    bad = run_cli("transfer", str(tiny_run / "run"), "--hooks", "blocks.7.hook_resid_post", "--out", str(out))
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "blocks.7.hook_resid_post" in bad.stderr
