@@ -1,0 +1,595 @@
+"""Cross-model transfer: does an SAE of model A explain model B's activations, through a linear stitch?
+
+Definitions:
+
+- Word: a maximal run of non-space characters (regex `\\S+`) of a text. Its end is the character
+  offset just past its last character.
+- Word position in a model: the index, in the token sequence the model reads (BOS, when
+  prepended, at index 0 with no character span, then the text's tokens without special tokens),
+  of the last token whose character span ends exactly at the word's end. Spans that include a
+  leading space (GPT-style "Ġword", SentencePiece "▁word") do not matter: only the end offset
+  is compared. A word is aligned when it has a position in both models; the others are dropped
+  (a token runs past the word's end in at least one tokenizer, e.g. Gemma-3's single token
+  "> </" in "x> </y" swallows the end of "x>"). SmolLM2 and Gemma-3 drop no word of the shipped
+  corpus: both tokenizers end tokens at every whitespace boundary.
+- Chunks: a document is cut into chunks of whole words (the text from one word's start to a later
+  word's end, taken verbatim) so that BOS + chunk tokens fit in `context_size` for both models.
+  Each chunk is tokenized on its own, exactly as the models read it. A single word longer than a
+  chunk is dropped.
+- Split: documents are numbered in the order given; document i is held out when
+  i % heldout_every == heldout_every - 1 (with the default 5: documents 4, 9, 14, ...), else it is
+  train. Every word carries its document's split.
+- Affine stitch A -> B: x_B ~ (x_A - mean_A) W + mean_B, with W the ridge least-squares solution
+  on centered train words, W = (Xc^T Xc + lam I)^-1 Xc^T Yc, lam = ridge * trace(Xc^T Xc) / d_A
+  (ridge relative to the mean eigenvalue of the scatter matrix), solved in float64.
+- EV: `layerflow.metrics.reconstruction_metrics(x, x_hat).explained_variance`, on held-out words.
+  stitched EV: x_hat_B = map_AB(SAE_A.decode(SAE_A.encode(map_BA(x_B)))); stitch-only EV:
+  x_hat_B = map_AB(map_BA(x_B)); target EV: x_hat_B = SAE_B.decode(SAE_B.encode(x_B)).
+  relative_transfer = stitched / target EV (NaN when the target EV is not positive). The round
+  trip alone explains some variance even between unrelated sites (it shrinks x_B along spurious
+  train-set canonical directions, of order d / n_train); the SAE in the middle removes it.
+- CKA: linear CKA between the latent matrices Z_A = SAE_A.encode(x_A), Z_B = SAE_B.encode(x_B)
+  on the same held-out words (at most `cka_max_words` of them, a seeded subset shared by every
+  pair): HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) with K = Z_A Z_A^T, L = Z_B Z_B^T, both
+  double-centered, HSIC(K, L) = sum(Kc * Lc). p-value: (1 + #{perm: CKA >= observed}) /
+  (1 + n_perm), B's words permuted (seeded permutations shared by every pair).
+- Feature matching: Pearson correlation between every live latent of SAE_A (x_A) and every live
+  latent of SAE_B (x_B) on train words (live: non-zero variance on train words;
+  `layerflow.matching.ActivationCorrelation`), then the one-to-one assignment maximising total
+  correlation (Hungarian). Each matched pair's held-out correlation is tested one-sided against
+  `n_perm_features` permutations of B's held-out words (shared by all pairs): p =
+  (1 + #{perm: r >= observed}) / (1 + n_perm_features). A latent constant on the held-out words
+  has held-out correlation 0 and p = 1. Benjamini-Hochberg at `fdr` over the matched pairs.
+  fraction_features_with_partner = significant pairs / SAE_A's live latents;
+  matched_feature_correlation_mean = mean held-out correlation over matched pairs.
+  With P permutations no p-value is below 1/(P + 1), so BH at fdr q rejects nothing unless at
+  least m / (q (P + 1)) of the m matched pairs are significant (about 20 m / P at 0.05): raise
+  n_perm_features for large SAEs that share few features.
+- Cost: per target site a [cka words]^2 float64 Gram matrix is kept (32 MB at 2048 words); train
+  latents are streamed ENCODE_BATCH words at a time into ActivationCorrelation's float64
+  [d_sae_A, d_sae_B] sums; the Hungarian step is cubic in the number of live latents.
+- Same depth: each source is paired with the target of nearest relative depth
+  (`SiteId.relative_depth`, ties to the shallower target).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float, Int
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+from layerflow.errors import LayerflowError
+from layerflow.matching import ActivationCorrelation
+from layerflow.metrics import reconstruction_metrics
+from layerflow.models import LoadedModel
+from layerflow.sites import Site, SiteKind, prepare_hooks
+from layerflow.transfer_types import SiteId, TransferMatrix, metric_names
+
+WORD = re.compile(r"\S+")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+ENCODE_BATCH = 4096
+
+
+# --- word alignment ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenizedText:
+    ids: Int[np.ndarray, " tokens"]
+    ends: Int[np.ndarray, " tokens"]  # end character of each token's span; -1 for BOS
+
+
+def tokenize_text(tokenizer: Any, text: str, prepend_bos: bool = True) -> TokenizedText:
+    """The tokens a model reads for `text` (BOS first when `prepend_bos`), with each token's end offset."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, ends = list(enc["input_ids"]), [end for _, end in enc["offset_mapping"]]
+    if prepend_bos:
+        if tokenizer.bos_token_id is None:
+            raise LayerflowError(f"Tokenizer '{tokenizer.name_or_path}' has no BOS token: use prepend_bos=False.")
+        ids, ends = [tokenizer.bos_token_id, *ids], [-1, *ends]
+    return TokenizedText(np.array(ids, dtype=np.int64), np.array(ends, dtype=np.int64))
+
+
+def word_ends(text: str) -> Int[np.ndarray, " words"]:
+    return np.array([m.end() for m in WORD.finditer(text)], dtype=np.int64)
+
+
+def word_positions(tokens: TokenizedText, ends: Int[np.ndarray, " words"]) -> Int[np.ndarray, " words"]:
+    """For each word end, the last token whose span ends there; -1 where no token does."""
+    last = {int(end): i for i, end in enumerate(tokens.ends)}
+    return np.array([last.get(int(e), -1) for e in ends], dtype=np.int64)
+
+
+def _align(a: TokenizedText, b: TokenizedText, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pos_a, pos_b = word_positions(a, ends), word_positions(b, ends)
+    keep = (pos_a >= 0) & (pos_b >= 0)
+    return pos_a[keep], pos_b[keep]
+
+
+def align_words(
+    tok_a: Any, tok_b: Any, text: str, prepend_bos: tuple[bool, bool] = (True, True)
+) -> tuple[Int[np.ndarray, " aligned"], Int[np.ndarray, " aligned"]]:
+    """Positions of the words of `text` that end on a token boundary in both tokenizations.
+
+    Indices into BOS + tokens (BOS only when prepended); the dropped words are the others:
+    `len(word_ends(text)) - len(pos_a)`.
+    """
+    ends = word_ends(text)
+    return _align(tokenize_text(tok_a, text, prepend_bos[0]), tokenize_text(tok_b, text, prepend_bos[1]), ends)
+
+
+def split_document(text: str, tokenizers: Sequence[Any], max_tokens: Sequence[int]) -> list[str]:
+    """Cut `text` into chunks of whole words that each tokenizer reads in at most its `max_tokens`.
+
+    Chunk sizes are estimated from the whole text's tokenization, then each chunk is re-tokenized
+    on its own and shortened until it fits. Words too long for a chunk on their own are skipped.
+    """
+    words = list(WORD.finditer(text))
+    if not words:
+        return []
+    ends = np.array([w.end() for w in words])
+    # counts[m][k]: tokenizer m's tokens ending at or before word k's end, in the whole-text tokenization.
+    counts = [np.searchsorted(np.sort(tokenize_text(t, text, False).ends), ends, side="right") for t in tokenizers]
+    chunks, start = [], 0
+    while start < len(words):
+        before = [c[start - 1] if start else 0 for c in counts]
+        fits = np.ones(len(words) - start, dtype=bool)
+        for c, b, limit in zip(counts, before, max_tokens):
+            fits &= c[start:] - b + 2 <= limit  # +2: tokens can merge differently at the chunk's edges
+        stop = start + int(np.argmin(fits)) if not fits.all() else len(words)  # exclusive
+        stop = max(stop, start + 1)
+        while stop > start:
+            chunk = text[words[start].start():words[stop - 1].end()]
+            if all(len(tokenize_text(t, chunk, False).ids) <= limit for t, limit in zip(tokenizers, max_tokens)):
+                chunks.append(chunk)
+                break
+            stop = start + (stop - start) * 3 // 4 if stop - start > 4 else stop - 1
+        start = max(stop, start + 1)  # a word that fits nowhere is skipped
+    return chunks
+
+
+# --- paired capture ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class AlignedActivations:
+    """Both models' activations at the same words. Rows are words, in document order."""
+
+    model_a: str  # zoo names
+    model_b: str
+    n_layers_a: int
+    n_layers_b: int
+    acts_a: dict[str, Float[Tensor, "words d_a"]]  # hook -> float32 CPU
+    acts_b: dict[str, Float[Tensor, "words d_b"]]
+    heldout: Bool[Tensor, " words"]  # the per-word split label: True = held-out, False = train
+    document: Int[Tensor, " words"]  # index of each word's document
+    n_dropped: int  # words of the documents read that did not align (or fit in no chunk)
+    context_size: int
+    heldout_every: int
+
+    @property
+    def n_words(self) -> int:
+        return len(self.heldout)
+
+    @property
+    def n_heldout(self) -> int:
+        return int(self.heldout.sum())
+
+    @property
+    def n_train(self) -> int:
+        return self.n_words - self.n_heldout
+
+    @property
+    def split(self) -> list[str]:
+        return ["heldout" if h else "train" for h in self.heldout.tolist()]
+
+    def site(self, side: str, hook_name: str) -> SiteId:
+        model, n_layers, acts = ((self.model_a, self.n_layers_a, self.acts_a) if side == "a"
+                                 else (self.model_b, self.n_layers_b, self.acts_b))
+        if hook_name not in acts:
+            raise LayerflowError(f"No activations of {model} at '{hook_name}'. Captured: {', '.join(acts)}.")
+        return site_id(model, hook_name, n_layers)
+
+
+def site_id(model: str, hook_name: str, n_layers: int) -> SiteId:
+    """SiteId with the layer and kind read from a TransformerLens hook name ('blocks.L.…')."""
+    match = _BLOCK.match(hook_name)
+    if match is None:
+        raise LayerflowError(f"Hook '{hook_name}' is not inside a block (expected 'blocks.<layer>.<hook>').")
+    layer = int(match.group(1))
+    kinds = [k.value for k in SiteKind if Site(layer, k).hook_name == hook_name]
+    return SiteId(model, hook_name, layer, n_layers, kinds[0] if kinds else hook_name.split(".", 2)[2])
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    document: int
+    tokens_a: np.ndarray
+    tokens_b: np.ndarray
+    pos_a: np.ndarray
+    pos_b: np.ndarray
+
+
+def _chunks(loaded_a: LoadedModel, loaded_b: LoadedModel, documents: Iterable[str], context_size: int,
+            max_words: int | None, max_words_per_document: int | None) -> tuple[list[_Chunk], int]:
+    tok_a, tok_b = loaded_a.tokenizer, loaded_b.tokenizer
+    bos_a, bos_b = loaded_a.model.cfg.default_prepend_bos, loaded_b.model.cfg.default_prepend_bos
+    limits = (context_size - int(bos_a), context_size - int(bos_b))
+    chunks, n_words, n_dropped = [], 0, 0
+    for doc_index, text in enumerate(documents):
+        doc_words = 0
+        pieces = split_document(text, [tok_a, tok_b], limits)
+        n_dropped += len(word_ends(text)) - sum(len(word_ends(p)) for p in pieces)
+        for piece in pieces:
+            ta, tb = tokenize_text(tok_a, piece, bos_a), tokenize_text(tok_b, piece, bos_b)
+            ends = word_ends(piece)
+            pos_a, pos_b = _align(ta, tb, ends)
+            n_dropped += len(ends) - len(pos_a)
+            budget = len(pos_a)
+            if max_words is not None:
+                budget = min(budget, max_words - n_words)
+            if max_words_per_document is not None:
+                budget = min(budget, max_words_per_document - doc_words)
+            if budget > 0:
+                chunks.append(_Chunk(doc_index, ta.ids, tb.ids, pos_a[:budget], pos_b[:budget]))
+                n_words, doc_words = n_words + budget, doc_words + budget
+            if budget < len(pos_a):
+                break
+        if max_words is not None and n_words >= max_words:
+            break
+    return chunks, n_dropped
+
+
+def _stop_layer(hooks: list[str]) -> int | None:
+    layers = [_BLOCK.match(h) for h in hooks]
+    return None if not all(layers) else max(int(m.group(1)) for m in layers) + 1
+
+
+@torch.no_grad()
+def _gather(loaded: LoadedModel, hooks: list[str], tokens: list[np.ndarray], positions: list[np.ndarray],
+            batch_size: int) -> dict[str, Tensor]:
+    """Activations at `positions[i]` of sequence `tokens[i]`, for each hook, concatenated over sequences."""
+    model = loaded.model
+    prepare_hooks(model, hooks)
+    device, stop = model.cfg.device, _stop_layer(hooks)
+    out: dict[str, list[Tensor]] = {h: [] for h in hooks}
+    for i in range(0, len(tokens), batch_size):
+        seqs, pos = tokens[i:i + batch_size], positions[i:i + batch_size]
+        width = max(len(s) for s in seqs)
+        batch = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for row, seq in enumerate(seqs):  # right padding: causal attention keeps real positions exact
+            batch[row, :len(seq)] = torch.from_numpy(seq)
+            mask[row, :len(seq)] = 1
+        _, cache = model.run_with_cache(batch.to(device), attention_mask=mask.to(device), stop_at_layer=stop,
+                                        names_filter=lambda name: name in out)
+        rows = torch.cat([torch.full((len(p),), r) for r, p in enumerate(pos)])
+        cols = torch.from_numpy(np.concatenate(pos))
+        for hook in hooks:
+            out[hook].append(cache[hook][rows, cols].float().cpu())
+    return {h: torch.cat(v) for h, v in out.items()}
+
+
+def capture_aligned(
+    loaded_a: LoadedModel,
+    hooks_a: list[str],
+    loaded_b: LoadedModel,
+    hooks_b: list[str],
+    documents: Iterable[str],
+    context_size: int = 128,
+    max_words: int | None = 20_000,
+    max_words_per_document: int | None = 1000,
+    heldout_every: int = 5,
+    batch_size: int = 8,
+) -> AlignedActivations:
+    """Run both models on the same chunks of `documents` and keep their activations at aligned words.
+
+    Reading stops after `max_words` aligned words, and after `max_words_per_document` within each
+    document, so that a small budget still spans many documents and both splits (the shipped
+    corpus's documents hold about 11,700 words each: the defaults read 20 of them, 4 held out).
+    """
+    for loaded in (loaded_a, loaded_b):
+        if loaded.tokenizer is None:
+            raise LayerflowError(f"Model '{loaded.name}' has no tokenizer (a random-init twin): it cannot read text.")
+    if context_size < 2:
+        raise LayerflowError(f"context_size {context_size} is too short: use at least 2 tokens (BOS + one).")
+    if heldout_every < 2:
+        raise LayerflowError(f"heldout_every {heldout_every} must be at least 2 (1 would hold out every document).")
+    chunks, n_dropped = _chunks(loaded_a, loaded_b, documents, context_size, max_words, max_words_per_document)
+    if not chunks:
+        raise LayerflowError("The documents contain no word that aligns between the two tokenizers.")
+    document = torch.from_numpy(np.concatenate([np.full(len(c.pos_a), c.document) for c in chunks]))
+    return AlignedActivations(
+        model_a=loaded_a.name, model_b=loaded_b.name,
+        n_layers_a=loaded_a.model.cfg.n_layers, n_layers_b=loaded_b.model.cfg.n_layers,
+        acts_a=_gather(loaded_a, list(hooks_a), [c.tokens_a for c in chunks], [c.pos_a for c in chunks], batch_size),
+        acts_b=_gather(loaded_b, list(hooks_b), [c.tokens_b for c in chunks], [c.pos_b for c in chunks], batch_size),
+        heldout=document % heldout_every == heldout_every - 1,
+        document=document, n_dropped=n_dropped, context_size=context_size, heldout_every=heldout_every,
+    )
+
+
+# --- affine stitching ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AffineMap:
+    """x_tgt ~ x_src @ weight + bias (float64)."""
+
+    weight: Float[Tensor, "d_src d_tgt"]
+    bias: Float[Tensor, " d_tgt"]
+
+    def apply(self, x: Float[Tensor, "n d_src"]) -> Float[Tensor, "n d_tgt"]:
+        """In float64, returned in x's dtype."""
+        return (x.double() @ self.weight + self.bias).to(x.dtype)
+
+
+def fit_affine(x_src: Float[Tensor, "n d_src"], x_tgt: Float[Tensor, "n d_tgt"], ridge: float = 1e-4) -> AffineMap:
+    """Ridge least squares on centered data; the ridge is relative to the scatter matrix's mean eigenvalue."""
+    if ridge < 0:
+        raise LayerflowError(f"ridge must be >= 0, not {ridge}.")
+    if len(x_src) != len(x_tgt):
+        raise LayerflowError(f"x_src has {len(x_src)} rows but x_tgt has {len(x_tgt)}: they must be the same words.")
+    x, y = x_src.double(), x_tgt.double()
+    mean_x, mean_y = x.mean(0), y.mean(0)
+    xc, yc = x - mean_x, y - mean_y
+    scatter = xc.T @ xc
+    lam = ridge * torch.trace(scatter) / scatter.shape[0]
+    try:
+        weight = torch.linalg.solve(scatter + lam * torch.eye(len(scatter), dtype=torch.float64), xc.T @ yc)
+    except torch.linalg.LinAlgError:
+        raise LayerflowError(f"The source activations are rank-deficient ({len(x)} words, width {x.shape[1]}): "
+                             f"use ridge > 0 (got {ridge}).") from None
+    return AffineMap(weight, mean_y - mean_x @ weight)
+
+
+def fit_stitch(aligned: AlignedActivations, hook_a: str, hook_b: str, ridge: float = 1e-4) -> tuple[AffineMap, AffineMap]:
+    """(map A -> B, map B -> A) between two sites, fit on train words only."""
+    train = ~aligned.heldout
+    x_a, x_b = aligned.acts_a[hook_a][train], aligned.acts_b[hook_b][train]
+    return fit_affine(x_a, x_b, ridge), fit_affine(x_b, x_a, ridge)
+
+
+# --- per-pair metrics ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MatchedFeatures:
+    """SAE_A latents matched one-to-one to SAE_B latents on train words, tested on held-out words."""
+
+    source_index: Int[np.ndarray, " matched"]
+    target_index: Int[np.ndarray, " matched"]
+    train_correlation: Float[np.ndarray, " matched"]
+    heldout_correlation: Float[np.ndarray, " matched"]
+    p_value: Float[np.ndarray, " matched"]
+    significant: Bool[np.ndarray, " matched"]  # Benjamini-Hochberg at the matrix's fdr
+    n_live_source: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
+
+
+@torch.no_grad()
+def _encode(sae: Any, x: Tensor) -> Tensor:
+    p = next(sae.parameters())
+    return torch.cat([sae.encode(x[i:i + ENCODE_BATCH].to(p.device, p.dtype)).float().cpu()
+                      for i in range(0, len(x), ENCODE_BATCH)])
+
+
+@torch.no_grad()
+def _reconstruct(sae: Any, x: Tensor) -> Tensor:
+    p = next(sae.parameters())
+    return torch.cat([sae.decode(sae.encode(x[i:i + ENCODE_BATCH].to(p.device, p.dtype))).float().cpu()
+                      for i in range(0, len(x), ENCODE_BATCH)])
+
+
+def _ev(x: Tensor, x_hat: Tensor) -> float:
+    return reconstruction_metrics(x, x_hat).explained_variance
+
+
+def centered_gram(z: Float[Tensor, "n f"]) -> Float[Tensor, "n n"]:
+    """Double-centered linear kernel H Z Z^T H (float64)."""
+    zc = z.double() - z.double().mean(0)
+    return zc @ zc.T
+
+
+def linear_cka(z_a: Float[Tensor, "n fa"], z_b: Float[Tensor, "n fb"]) -> float:
+    """Linear CKA between two representations of the same n items (NaN if either is constant)."""
+    return _cka_with_p(centered_gram(z_a), centered_gram(z_b), [])[0]
+
+
+def _cka_with_p(kc: Tensor, lc: Tensor, perms: list[Tensor]) -> tuple[float, float]:
+    norm = torch.sqrt((kc * kc).sum() * (lc * lc).sum())
+    if norm == 0:
+        return math.nan, math.nan
+    observed = float((kc * lc).sum() / norm)
+    exceed = sum(float((kc * lc[p][:, p]).sum() / norm) >= observed - 1e-12 for p in perms)
+    return observed, (1 + exceed) / (1 + len(perms))
+
+
+def _standardize(z: Tensor) -> Tensor:
+    """Columns with mean 0 and unit norm (float64); constant columns become 0."""
+    zc = z.double() - z.double().mean(0)
+    norm = zc.norm(dim=0)
+    return zc / torch.where(norm > 0, norm, torch.inf)
+
+
+def benjamini_hochberg(p: Float[np.ndarray, " m"], fdr: float = 0.05) -> Bool[np.ndarray, " m"]:
+    """Step-up BH: reject the k smallest p-values, k the largest rank with p_(k) <= fdr k / m."""
+    p = np.asarray(p, dtype=np.float64)
+    if len(p) == 0:
+        return np.zeros(0, dtype=bool)
+    order = np.argsort(p, kind="stable")
+    below = p[order] <= fdr * np.arange(1, len(p) + 1) / len(p)
+    k = int(np.flatnonzero(below).max()) + 1 if below.any() else 0
+    reject = np.zeros(len(p), dtype=bool)
+    reject[order[:k]] = True
+    return reject
+
+
+def match_features(
+    train_a: Float[Tensor, "n_train fa"], train_b: Float[Tensor, "n_train fb"],
+    heldout_a: Float[Tensor, "n_heldout fa"], heldout_b: Float[Tensor, "n_heldout fb"],
+    n_perm: int = 1000, fdr: float = 0.05, seed: int = 0,
+) -> MatchedFeatures:
+    """Hungarian matching on train-word correlation, then held-out correlation, permutation p and BH."""
+    corr = ActivationCorrelation()
+    corr.add(train_a, train_b)
+    return _test_matches(corr, heldout_a, heldout_b, n_perm, fdr, seed)
+
+
+def _test_matches(corr: ActivationCorrelation, heldout_a: Tensor, heldout_b: Tensor, n_perm: int, fdr: float,
+                  seed: int) -> MatchedFeatures:
+    live_a, live_b = (np.flatnonzero(m) for m in corr.live())
+    sim = corr.compute()[np.ix_(live_a, live_b)]
+    rows, cols = linear_sum_assignment(sim, maximize=True)
+    src, tgt = live_a[rows], live_b[cols]
+    a, b = _standardize(heldout_a[:, src]), _standardize(heldout_b[:, tgt])
+    observed = (a * b).sum(0)
+    g = torch.Generator().manual_seed(seed)
+    exceed = torch.zeros(len(src), dtype=torch.long)
+    for _ in range(n_perm):
+        exceed += (a * b[torch.randperm(len(b), generator=g)]).sum(0) >= observed - 1e-12
+    live_heldout = (a.abs().sum(0) > 0) & (b.abs().sum(0) > 0)
+    p = torch.where(live_heldout, (1 + exceed) / (1 + n_perm), torch.ones(())).double().numpy()
+    return MatchedFeatures(src.astype(np.int64), tgt.astype(np.int64), sim[rows, cols].astype(np.float64),
+                           observed.numpy(), p, benjamini_hochberg(p, fdr), len(live_a))
+
+
+def _train_correlation(sae_a: Any, sae_b: Any, x_a: Tensor, x_b: Tensor) -> ActivationCorrelation:
+    """Streaming correlation of the two SAEs' latents over train words, ENCODE_BATCH words at a time."""
+    corr = ActivationCorrelation()
+    for i in range(0, len(x_a), ENCODE_BATCH):
+        corr.add(_encode(sae_a, x_a[i:i + ENCODE_BATCH]), _encode(sae_b, x_b[i:i + ENCODE_BATCH]))
+    return corr
+
+
+@dataclass(frozen=True)
+class _Site:
+    """One site's SAE, train/held-out activations, held-out latents, and centered Gram matrix (for CKA)."""
+
+    sae: Any
+    x_train: Tensor
+    x_heldout: Tensor
+    latents_heldout: Tensor | None  # kept for the current source only: targets re-encode per pair
+    gram: Tensor
+
+
+def _site(sae: Any, acts: Tensor, heldout: Tensor, cka_words: Tensor, keep_latents: bool) -> _Site:
+    latents = _encode(sae, acts[heldout])
+    return _Site(sae, acts[~heldout], acts[heldout], latents if keep_latents else None, centered_gram(latents[cka_words]))
+
+
+def _pair_metrics(a: _Site, b: _Site, maps: tuple[AffineMap, AffineMap], target_ev: float, cka_perms: list[Tensor],
+                  n_perm_features: int, fdr: float, seed: int) -> tuple[dict[str, float], MatchedFeatures]:
+    map_ab, map_ba = maps
+    x_b = b.x_heldout
+    in_a = map_ba.apply(x_b)
+    stitched = _ev(x_b, map_ab.apply(_reconstruct(a.sae, in_a)))
+    stitch_only = _ev(x_b, map_ab.apply(in_a))
+    cka, cka_p = _cka_with_p(a.gram, b.gram, cka_perms)
+    corr = _train_correlation(a.sae, b.sae, a.x_train, b.x_train)
+    matched = _test_matches(corr, a.latents_heldout, _encode(b.sae, x_b), n_perm_features, fdr, seed)
+    metrics = {
+        "stitched_explained_variance": stitched,
+        "stitch_only_explained_variance": stitch_only,
+        "target_sae_explained_variance": target_ev,
+        "relative_transfer": stitched / target_ev if target_ev > 0 else math.nan,
+        "cka": cka,
+        "cka_p_value": cka_p,
+        "matched_feature_correlation_mean": float(matched.heldout_correlation.mean()) if len(matched.source_index) else math.nan,
+        "fraction_features_with_partner": matched.significant.sum() / matched.n_live_source if matched.n_live_source else math.nan,
+    }
+    return metrics, matched
+
+
+def cross_model_matrix(
+    saes_a: dict[str, Any],
+    saes_b: dict[str, Any],
+    aligned: AlignedActivations,
+    ridge: float = 1e-4,
+    n_perm: int = 200,
+    n_perm_features: int = 1000,
+    cka_max_words: int = 2048,
+    fdr: float = 0.05,
+    seed: int = 0,
+) -> TransferMatrix:
+    """Every CrossModelPair metric for each (A site, B site): sources are `saes_a`' hooks, targets `saes_b`'."""
+    _check_inputs(saes_a, saes_b, aligned)
+    g = torch.Generator().manual_seed(seed)
+    n_cka = min(aligned.n_heldout, cka_max_words)
+    cka_words = torch.randperm(aligned.n_heldout, generator=g)[:n_cka].sort().values
+    cka_perms = [torch.randperm(n_cka, generator=g) for _ in range(n_perm)]
+    heldout = aligned.heldout
+    targets = {h: _site(sae, aligned.acts_b[h], heldout, cka_words, keep_latents=False) for h, sae in saes_b.items()}
+    target_ev = {h: _ev(site.x_heldout, _reconstruct(site.sae, site.x_heldout)) for h, site in targets.items()}
+    shape = (len(saes_a), len(saes_b))
+    metrics = {name: np.full(shape, np.nan) for name in metric_names("cross_model")}
+    matched: dict[tuple[str, str], MatchedFeatures] = {}
+    for i, (hook_a, sae_a) in enumerate(saes_a.items()):
+        source = _site(sae_a, aligned.acts_a[hook_a], heldout, cka_words, keep_latents=True)
+        for j, hook_b in enumerate(saes_b):
+            maps = fit_stitch(aligned, hook_a, hook_b, ridge)
+            values, matched[hook_a, hook_b] = _pair_metrics(
+                source, targets[hook_b], maps, target_ev[hook_b], cka_perms, n_perm_features, fdr, seed)
+            for name, value in values.items():
+                metrics[name][i, j] = value
+    settings = {
+        "model_a": aligned.model_a, "model_b": aligned.model_b,
+        "n_train_words": aligned.n_train, "n_heldout_words": aligned.n_heldout,
+        "n_dropped_words": aligned.n_dropped, "context_size": aligned.context_size,
+        "heldout_every": aligned.heldout_every, "ridge": ridge, "n_perm": n_perm,
+        "n_perm_features": n_perm_features, "cka_words": n_cka, "fdr": fdr, "seed": seed,
+    }
+    return TransferMatrix("cross_model", [aligned.site("a", h) for h in saes_a], [aligned.site("b", h) for h in saes_b],
+                          metrics, settings, extras={"matched_features": matched})
+
+
+def _check_inputs(saes_a: dict[str, Any], saes_b: dict[str, Any], aligned: AlignedActivations) -> None:
+    for side, saes, acts in (("a", saes_a, aligned.acts_a), ("b", saes_b, aligned.acts_b)):
+        if not saes:
+            raise LayerflowError(f"No SAEs given for model {side.upper()}.")
+        for hook in saes:
+            aligned.site(side, hook)  # names the missing hook
+            d_in = saes[hook].cfg.d_in
+            if d_in != acts[hook].shape[1]:
+                raise LayerflowError(f"The SAE for '{hook}' reads width {d_in}, but the activations there have width "
+                                     f"{acts[hook].shape[1]}.")
+    if aligned.n_heldout < 2 or aligned.n_train < 2:
+        raise LayerflowError(f"Need at least 2 train and 2 held-out words, have {aligned.n_train} train and "
+                             f"{aligned.n_heldout} held-out: read more documents (document i is held out when "
+                             f"i % {aligned.heldout_every} == {aligned.heldout_every - 1}).")
+
+
+# --- same depth vs all depths --------------------------------------------------------------------
+
+
+def same_depth_pairs(matrix: TransferMatrix) -> list[tuple[int, int]]:
+    """(source i, target j) with j the target of nearest relative depth (ties: the shallower)."""
+    depths = np.array([t.relative_depth for t in matrix.targets])
+    return [(i, int(np.argmin(np.abs(depths - s.relative_depth)))) for i, s in enumerate(matrix.sources)]
+
+
+@dataclass(frozen=True)
+class DepthComparison:
+    metric: str
+    same_depth_mean: float
+    same_depth_n: int
+    all_mean: float
+    all_n: int
+
+
+def compare_same_depth(matrix: TransferMatrix, metric: str = "relative_transfer") -> DepthComparison:
+    """Mean of `metric` over same-depth pairs and over all pairs (NaN entries left out)."""
+    values = matrix[metric]
+    same = np.array([values[i, j] for i, j in same_depth_pairs(matrix)])
+    same, every = same[~np.isnan(same)], values[~np.isnan(values)]
+    mean = lambda v: float(v.mean()) if len(v) else math.nan  # noqa: E731
+    return DepthComparison(metric, mean(same), len(same), mean(every), len(every))

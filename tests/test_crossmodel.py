@@ -1,0 +1,351 @@
+"""Cross-model transfer: word alignment, affine stitching, planted transfer, and the real-model plumbing."""
+
+import functools
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+
+from conftest import HAS_GEMMA3, needs_gemma3, tiny_twin
+from layerflow.crossmodel import (
+    AlignedActivations,
+    align_words,
+    benjamini_hochberg,
+    capture_aligned,
+    compare_same_depth,
+    cross_model_matrix,
+    fit_affine,
+    fit_stitch,
+    linear_cka,
+    same_depth_pairs,
+    split_document,
+    tokenize_text,
+    word_ends,
+)
+from layerflow.data import iter_documents
+from layerflow.errors import LayerflowError
+from layerflow.models import cache_dir, load_model
+from layerflow.synthetic import planted_layers, true_sae
+from layerflow.transfer_types import SiteId, TransferMatrix
+
+R0, R1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@functools.cache
+def tokenizer(name: str):
+    """The model's tokenizer from its dequantized cache folder (seconds), else from the loaded model."""
+    from transformers import AutoTokenizer
+
+    if name == "gemma3-270m" and not HAS_GEMMA3:
+        pytest.skip("opt-in Gemma-3-270m packages not installed")
+    folders = sorted(p.parent for p in (cache_dir() / "models").glob(f"{name}-*/layerflow_source.json"))
+    return AutoTokenizer.from_pretrained(folders[-1]) if folders else load_model(name).tokenizer
+
+
+# --- word alignment ------------------------------------------------------------------------------
+
+
+class SplitTokenizer:
+    """A fake fast tokenizer: tokens are given as (start, end) spans; BOS id 7."""
+
+    bos_token_id, name_or_path = 7, "fake"
+
+    def __init__(self, spans_for):
+        self.spans_for = spans_for
+
+    def __call__(self, text, add_special_tokens, return_offsets_mapping):
+        spans = self.spans_for(text)
+        return {"input_ids": list(range(100, 100 + len(spans))), "offset_mapping": spans}
+
+
+def _spans(text, pattern):
+    return [m.span() for m in re.finditer(pattern, text)]
+
+
+def test_align_words_uses_end_offsets_and_bos():
+    text = "the cat's mat."
+    gpt_style = SplitTokenizer(lambda t: _spans(t, r"\s?[a-z]+|\s?'[a-z]+|[.]"))  # " cat" span includes the space
+    sentencepiece_style = SplitTokenizer(lambda t: _spans(t, r"\s?[a-z']+\.?"))  # "▁mat." one token
+    pos_a, pos_b = align_words(gpt_style, sentencepiece_style, text)
+    # Words end at 3, 9, 14; A's tokens: the|cat|'s|mat|. B's: the|cat's|mat.
+    assert pos_a.tolist() == [1, 3, 5] and pos_b.tolist() == [1, 2, 3]
+    no_bos = align_words(gpt_style, sentencepiece_style, text, prepend_bos=(False, True))
+    assert no_bos[0].tolist() == (pos_a - 1).tolist() and no_bos[1].tolist() == pos_b.tolist()
+    assert tokenize_text(gpt_style, text).ids[0] == 7 and tokenize_text(gpt_style, text).ends[0] == -1
+
+
+def test_words_ending_inside_a_token_are_dropped():
+    text = "ab cd ef"
+    a = SplitTokenizer(lambda t: [(0, 2), (2, 5), (5, 8)])
+    b = SplitTokenizer(lambda t: [(0, 4), (4, 5), (5, 8)])  # "ab c" is one token: "ab" ends inside it
+    pos_a, pos_b = align_words(a, b, text)
+    assert len(word_ends(text)) - len(pos_a) == 1 and pos_a.tolist() == [2, 3] and pos_b.tolist() == [2, 3]
+
+
+@needs_gemma3
+def test_real_tokenizers_align_at_the_same_character():
+    tok_a, tok_b = tokenizer("smollm2-135m"), tokenizer("gemma3-270m")
+    text = ('Hello, world! It\'s 3.14 -- "quoted" (paren) don\'t e.g. naïve café 😀 end.\n\n'
+            "  Two  spaces\tand a tab; x> </y <b>bold</b> 1,000,000 U.S.A. well-known")
+    ids_a, ids_b = tokenize_text(tok_a, text).ids, tokenize_text(tok_b, text).ids
+    pos_a, pos_b = align_words(tok_a, tok_b, text)
+    ends = set(word_ends(text).tolist())
+    assert len(pos_a) >= 0.9 * len(ends)
+    for pa, pb in zip(pos_a, pos_b):
+        prefix_a, prefix_b = tok_a.decode(ids_a[1:pa + 1]), tok_b.decode(ids_b[1:pb + 1])
+        assert prefix_a == prefix_b and text.startswith(prefix_a) and len(prefix_a) in ends
+    assert np.all(np.diff(pos_a) > 0) and np.all(np.diff(pos_b) > 0)
+
+
+@needs_gemma3
+def test_plain_words_all_align():
+    rng = random.Random(0)
+    vocabulary = "the cat sat on a mat and then it ran to house over under quickly jumped brown fox".split()
+    text = " ".join(rng.choice(vocabulary) for _ in range(300))
+    pos_a, _ = align_words(tokenizer("smollm2-135m"), tokenizer("gemma3-270m"), text)
+    assert len(pos_a) >= 0.99 * 300
+
+
+@needs_gemma3
+def test_a_token_across_a_space_drops_the_word():
+    # Gemma-3 has a single token "> </" that spans the end of the word "x>": only "</y" aligns.
+    tok_a, tok_b = tokenizer("smollm2-135m"), tokenizer("gemma3-270m")
+    pos_a, pos_b = align_words(tok_a, tok_b, "x> </y")
+    assert len(pos_a) == 1
+    assert tok_a.decode(tokenize_text(tok_a, "x> </y").ids[1:pos_a[0] + 1]) == "x> </y"
+
+
+@needs_gemma3
+def test_split_document_chunks_fit_and_keep_every_word():
+    toks = [tokenizer("smollm2-135m"), tokenizer("gemma3-270m")]
+    text = next(iter_documents("default"))[:6000]
+    chunks = split_document(text, toks, [31, 40])
+    assert len(chunks) > 5
+    for chunk in chunks:
+        assert chunk in text and chunk == chunk.strip()
+        assert len(tokenize_text(toks[0], chunk, False).ids) <= 31 and len(tokenize_text(toks[1], chunk, False).ids) <= 40
+    assert [w for c in chunks for w in c.split()] == text.split()
+
+
+# --- affine stitching ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("d_src,d_tgt", [(24, 40), (40, 24)])
+def test_fit_affine_recovers_a_planted_map(d_src, d_tgt):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(600, d_src, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2, d_src, dtype=torch.float64) + 3
+    weight, bias = torch.randn(d_src, d_tgt, generator=g, dtype=torch.float64), torch.randn(d_tgt, generator=g, dtype=torch.float64)
+    y = x @ weight + bias
+    exact = fit_affine(x, y, ridge=0)
+    assert torch.allclose(exact.weight, weight, atol=1e-9) and torch.allclose(exact.bias, bias, atol=1e-8)
+    assert torch.allclose(exact.apply(x), y, atol=1e-8) and exact.apply(x.float()).dtype == torch.float32
+    ridged = fit_affine(x, y)  # default ridge: a relative shrinkage of about 1e-4
+    assert torch.allclose(ridged.weight, weight, rtol=0, atol=1e-3 * weight.abs().max())
+
+
+def test_fit_affine_rejects_bad_input():
+    x = torch.randn(10, 3)
+    with pytest.raises(LayerflowError, match="ridge must be >= 0, not -1"):
+        fit_affine(x, x, ridge=-1)
+    with pytest.raises(LayerflowError, match="10 rows but x_tgt has 9"):
+        fit_affine(x, x[:9])
+
+
+def _aligned(acts_a, acts_b, words_per_document=64, n_layers=(2, 2)) -> AlignedActivations:
+    n = len(next(iter(acts_a.values())))
+    document = torch.arange(n) // words_per_document
+    return AlignedActivations("model-a", "model-b", *n_layers, acts_a, acts_b, document % 5 == 4, document,
+                              n_dropped=0, context_size=128, heldout_every=5)
+
+
+def test_stitch_is_fit_on_train_words_only():
+    g = torch.Generator().manual_seed(2)
+    x_a, x_b = torch.randn(640, 12, generator=g), torch.randn(640, 20, generator=g)
+    clean = _aligned({R0: x_a}, {R0: x_b})
+    corrupted_b = torch.where(clean.heldout[:, None], 1e6 * torch.randn(640, 20, generator=g), x_b)
+    corrupted = _aligned({R0: x_a}, {R0: corrupted_b})
+    assert corrupted.n_heldout == 128 and not torch.equal(corrupted_b, x_b)
+    for clean_map, corrupted_map in zip(fit_stitch(clean, R0, R0), fit_stitch(corrupted, R0, R0)):
+        assert torch.equal(clean_map.weight, corrupted_map.weight) and torch.equal(clean_map.bias, corrupted_map.bias)
+
+
+# --- statistics ----------------------------------------------------------------------------------
+
+
+def test_benjamini_hochberg_is_step_up():
+    assert benjamini_hochberg(np.array([0.01, 0.5, 0.02, 0.03])).tolist() == [True, False, True, True]
+    # Step-up: 0.04 > 0.05 / 3 for the smallest, yet all three pass at rank 3 (0.04 <= 0.05).
+    assert benjamini_hochberg(np.array([0.04, 0.04, 0.04])).all()
+    assert benjamini_hochberg(np.array([0.02, 0.9])).tolist() == [True, False]  # 0.02 <= 0.05 * 1 / 2
+    assert not benjamini_hochberg(np.array([0.03, 0.9])).any()
+
+
+def test_linear_cka_definition_and_invariances():
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(200, 10, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=torch.float64))
+    assert linear_cka(z, 3 * z @ q + 5) == pytest.approx(1.0)
+    w = torch.randn(200, 7, generator=g, dtype=torch.float64) + z[:, :7]
+    zc, wc = z - z.mean(0), w - w.mean(0)
+    feature_form = (zc.T @ wc).norm() ** 2 / ((zc.T @ zc).norm() * (wc.T @ wc).norm())
+    assert linear_cka(z, w) == pytest.approx(float(feature_form))
+
+
+# --- planted cross-"model" transfer --------------------------------------------------------------
+
+
+def _mapped_sae(sae_a, to_b, shift):
+    """SAE_A moved into B's space through x_B = x_A @ to_b + shift (to_b has full row rank)."""
+    d_in, d_sae = to_b.shape[1], sae_a.cfg.d_sae
+    sae_b = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=sae_a.cfg.k, apply_b_dec_to_input=True))
+    with torch.no_grad():
+        sae_b.W_dec.copy_(sae_a.W_dec @ to_b)
+        sae_b.b_dec.copy_(sae_a.b_dec @ to_b + shift)
+        sae_b.W_enc.copy_(torch.linalg.pinv(to_b) @ sae_a.W_enc)  # to_b @ pinv(to_b) = I: same codes
+        sae_b.b_enc.zero_()
+    return sae_b
+
+
+@pytest.fixture(scope="module")
+def planted_matrix():
+    planted = planted_layers([1.0, 0.0], gains=[1.0, 3.0], d=128, n_features=64, n_tokens=3200, seed=0)
+    g = torch.Generator().manual_seed(4)
+    to_b, shift = torch.randn(128, 160, generator=g) / 128**0.5, torch.randn(160, generator=g)
+    x_a = dict(zip((R0, R1), planted.activations))
+    x_b = {hook: x @ to_b + shift for hook, x in x_a.items()}
+    saes_a = {R0: true_sae(planted, 0), R1: true_sae(planted, 1)}
+    saes_b = {hook: _mapped_sae(sae, to_b, shift) for hook, sae in saes_a.items()}
+    aligned = _aligned(x_a, x_b)
+    return cross_model_matrix(saes_a, saes_b, aligned, n_perm=100, n_perm_features=200), planted, aligned
+
+
+def test_planted_shared_layer_transfers(planted_matrix):
+    matrix, planted, aligned = planted_matrix
+    for i in (0, 1):  # A's layer i vs B = A's layer i through an affine map into width 160
+        pair = matrix.pair(i, i)
+        assert pair.stitch_only_explained_variance > 0.99
+        assert pair.target_sae_explained_variance > 0.9
+        assert pair.relative_transfer == pytest.approx(1.0, abs=0.03)
+        assert pair.cka > 0.9 and pair.cka_p_value == pytest.approx(1 / 101)
+        assert pair.fraction_features_with_partner > 0.95 and pair.matched_feature_correlation_mean > 0.9
+        matched = matrix.extras["matched_features"][matrix.sources[i].hook_name, matrix.targets[i].hook_name]
+        assert np.mean(matched.source_index == matched.target_index) > 0.95  # the planted correspondence
+    assert matrix.settings["n_heldout_words"] == aligned.n_heldout == 640 and matrix.settings["n_train_words"] == 2560
+
+
+def test_planted_unrelated_layer_does_not_transfer(planted_matrix):
+    matrix, planted, _ = planted_matrix
+    assert planted.overlap(0, 1) == 0
+    shared, unrelated = matrix.pair(0, 0), matrix.pair(1, 0)  # A's layer 1 has no feature of layer 0
+    # The round trip alone keeps some variance even here: it shrinks x_B along spurious train-set
+    # canonical directions (about d / n_train); the SAE removes it.
+    assert unrelated.relative_transfer < 0.1 and unrelated.stitch_only_explained_variance < 0.25
+    assert unrelated.cka < 0.3 * shared.cka and unrelated.cka_p_value > 0.05
+    assert unrelated.fraction_features_with_partner < 0.05
+    assert unrelated.matched_feature_correlation_mean < 0.3 * shared.matched_feature_correlation_mean
+
+
+def test_same_depth_pairs_and_summary(planted_matrix):
+    matrix = planted_matrix[0]
+    assert same_depth_pairs(matrix) == [(0, 0), (1, 1)]
+    summary = compare_same_depth(matrix, "relative_transfer")
+    assert summary.same_depth_n == 2 and summary.all_n == 4
+    assert summary.same_depth_mean > summary.all_mean + 0.3
+    assert summary.all_mean == pytest.approx(np.nanmean(matrix["relative_transfer"]))
+
+
+def test_same_depth_pairs_compare_relative_depth():
+    site = lambda model, layer, n: SiteId(model, f"blocks.{layer}.hook_resid_post", layer, n)  # noqa: E731
+    sources, targets = [site("a", layer, 30) for layer in (0, 10, 29)], [site("b", layer, 18) for layer in range(0, 18, 3)]
+    metrics = {"cka": np.zeros((3, 6))}
+    pairs = same_depth_pairs(TransferMatrix("cross_model", sources, targets, metrics))
+    for i, j in pairs:
+        gaps = [abs(t.relative_depth - sources[i].relative_depth) for t in targets]
+        assert gaps[j] == min(gaps)
+    assert pairs[0] == (0, 0) and pairs[2] == (2, 5)
+
+
+def test_matrix_errors_name_the_bad_value(planted_matrix):
+    _, planted, aligned = planted_matrix
+    sae = true_sae(planted, 0)
+    with pytest.raises(LayerflowError, match="model-a at 'blocks.7.hook_resid_post'"):
+        cross_model_matrix({"blocks.7.hook_resid_post": sae}, {R0: sae}, aligned)
+    with pytest.raises(LayerflowError, match=f"'{R0}' reads width 128, but the activations there have width 160"):
+        cross_model_matrix({R0: sae}, {R0: sae}, aligned)
+
+
+def test_capture_needs_tokenizers():
+    twin = tiny_twin("gpt2-twin")
+    with pytest.raises(LayerflowError, match="'gpt2-twin' has no tokenizer"):
+        capture_aligned(twin, [R0], twin, [R0], ["some text"])
+
+
+# --- the two real models -------------------------------------------------------------------------
+
+
+def _short_documents(n: int, chars: int = 700) -> list[str]:
+    """The first paragraphs (about `chars` characters) of the first n documents of the shipped corpus."""
+    docs = []
+    for doc in iter_documents("default"):
+        cut = doc.find("\n\n", chars)
+        docs.append(doc[: cut if cut > 0 else chars])
+        if len(docs) == n:
+            return docs
+
+
+def _reference(loaded, hooks, side, docs, tokenizers, max_tokens, words_per_document):
+    """Activations at aligned words, one chunk per forward pass through the whole model."""
+    rows = {h: [] for h in hooks}
+    for doc in docs:
+        n = 0
+        for chunk in split_document(doc, tokenizers, [max_tokens, max_tokens]):
+            pos = align_words(*tokenizers, chunk)[side][:words_per_document - n]
+            tokens = torch.from_numpy(tokenize_text(loaded.tokenizer, chunk).ids)[None]
+            _, cache = loaded.model.run_with_cache(tokens, names_filter=lambda name: name in rows)
+            for hook in hooks:
+                rows[hook].append(cache[hook][0, pos])
+            n += len(pos)
+            if n == words_per_document:
+                break
+    return {h: torch.cat(v) for h, v in rows.items()}
+
+
+@pytest.mark.slow
+@needs_gemma3
+def test_capture_and_matrix_on_real_models(smollm2, gemma3, tmp_path):
+    hooks_a, hooks_b = ["blocks.3.hook_resid_post", "blocks.5.mlp.hook_in"], ["blocks.2.hook_resid_post", "blocks.4.hook_mlp_out"]
+    docs = _short_documents(3)
+    aligned = capture_aligned(smollm2, hooks_a, gemma3, hooks_b, docs, context_size=48, max_words_per_document=80,
+                              heldout_every=3)
+    assert aligned.document.bincount().tolist() == [80, 80, 80]
+    assert aligned.split == ["train"] * 160 + ["heldout"] * 80
+    for acts, widths in ((aligned.acts_a, 576), (aligned.acts_b, 640)):
+        for x in acts.values():
+            assert x.shape == (240, widths) and x.dtype == torch.float32 and torch.isfinite(x).all()
+    # Each chunk run on its own, unpadded and to the end, gives the same activations at its aligned words.
+    for side, (loaded, hooks, acts) in enumerate(((smollm2, hooks_a, aligned.acts_a), (gemma3, hooks_b, aligned.acts_b))):
+        expected = _reference(loaded, hooks, side, docs, [smollm2.tokenizer, gemma3.tokenizer], 47, 80)
+        for hook in hooks:
+            assert torch.allclose(expected[hook], acts[hook], atol=1e-4, rtol=1e-4)
+    saes_a = {h: StandardSAE(StandardSAEConfig(d_in=576, d_sae=32)) for h in hooks_a}
+    saes_b = {h: StandardSAE(StandardSAEConfig(d_in=640, d_sae=32)) for h in hooks_b}
+    matrix = cross_model_matrix(saes_a, saes_b, aligned, n_perm=10, n_perm_features=10)
+    assert np.isfinite(matrix["stitch_only_explained_variance"]).all()
+    assert matrix.sources == [SiteId("smollm2-135m", hooks_a[0], 3, 30, "resid_post"),
+                              SiteId("smollm2-135m", hooks_a[1], 5, 30, "mlp_in")]
+    assert matrix.targets == [SiteId("gemma3-270m", hooks_b[0], 2, 18, "resid_post"),
+                              SiteId("gemma3-270m", hooks_b[1], 4, 18, "mlp_out")]
+    assert set(matrix.extras["matched_features"]) == {(a, b) for a in hooks_a for b in hooks_b}
+    json_path, _ = matrix.write(tmp_path)
+    assert TransferMatrix.read(json_path).equals(matrix)
