@@ -249,9 +249,24 @@ def transfer(
     top_k: int = typer.Option(50, min=1, help="Latents used by the notes' variance ratio, Spearman and decoder similarity."),
     match_distance: int = typer.Option(1, min=0, help="Hungarian feature matching for sites at most this far apart (0: none)."),
     include_special_tokens: bool = typer.Option(False, help="Count BOS/special positions too."),
+    cross_model: Optional[Path] = typer.Option(None, help="A second model's run: cross-model transfer, SAES' model -> this one's."),
+    words: int = typer.Option(20_000, min=10, help="With --cross-model: aligned words of the text source (1 in 5 documents held out)."),
+    source: str = typer.Option("default", help="With --cross-model: the text both models read."),
 ) -> None:
-    """Apply every site's SAE to every other site's held-out activations: the full transfer matrix and its summaries."""
+    """Apply every site's SAE to every other site's held-out activations: the full transfer matrix and its summaries.
+
+    With --cross-model, apply each SAE of one model to the other model's sites through an affine stitch."""
     from layerflow.transfer import TransferOptions, transfer_run
+
+    if cross_model is not None:
+        from layerflow.crossmodel import cross_model_runs
+
+        with err.status("cross-model transfer: loading both models, reading aligned words, stitching"):
+            matrix, written = cross_model_runs(saes, cross_model, out_dir, source=source, max_words=words,
+                                               hooks_a=hooks.split(",") if hooks else None)
+        out.print(_cross_model_table(matrix))
+        out.print(f"written: {', '.join(str(p) for p in written)}")
+        return
 
     options = TransferOptions(max_tokens=max_tokens, top_k=top_k, match_distance=match_distance,
                               exclude_special_tokens=not include_special_tokens)
@@ -272,6 +287,26 @@ def transfer(
                       f"hub layers {s.hub_layers or 'none'}; {len(s.bidirectional_pairs)} strong bidirectional pairs "
                       f"(>= {s.strong_threshold}); decay {s.decay_rate:.4f} per layer; divergence {divergence}")
     out.print(f"written: {', '.join(str(p) for p in written)}")
+
+
+def _cross_model_table(matrix) -> Table:
+    """Per source site: the target site it explains best (relative transfer), and same-depth figures."""
+    import numpy as np
+
+    from layerflow.crossmodel import same_depth_pairs
+
+    same = dict(same_depth_pairs(matrix))
+    rel, cka = matrix["relative_transfer"], matrix["cka"]
+    table = Table(title=f"{matrix.settings['model_a']} SAEs -> {matrix.settings['model_b']} sites "
+                        f"({matrix.settings['n_heldout_words']} held-out words)")
+    for col in ("source", "depth", "same-depth target", "rel. transfer", "CKA", "best target", "rel. transfer "):
+        label = col in ("source", "same-depth target", "best target")
+        table.add_column(col, justify="left" if label else "right", no_wrap=label)
+    for i, site in enumerate(matrix.sources):
+        j, best = same[i], int(np.nanargmax(rel[i])) if np.isfinite(rel[i]).any() else same[i]
+        table.add_row(_short_hook(site.hook_name), f"{site.relative_depth:.2f}", _short_hook(matrix.targets[j].hook_name),
+                      f"{rel[i, j]:.3f}", f"{cka[i, j]:.3f}", _short_hook(matrix.targets[best].hook_name), f"{rel[i, best]:.3f}")
+    return table
 
 
 def _transfer_table(matrix) -> Table:

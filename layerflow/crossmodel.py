@@ -56,7 +56,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -593,3 +594,61 @@ def compare_same_depth(matrix: TransferMatrix, metric: str = "relative_transfer"
     same, every = same[~np.isnan(same)], values[~np.isnan(values)]
     mean = lambda v: float(v.mean()) if len(v) else math.nan  # noqa: E731
     return DepthComparison(metric, mean(same), len(same), mean(every), len(every))
+
+
+# --- runs and files ------------------------------------------------------------------------------
+
+
+def cross_model_runs(
+    run_a: str | Path,
+    run_b: str | Path,
+    out_dir: str | Path | None = None,
+    source: str = "default",
+    max_words: int = 20_000,
+    context_size: int = 128,
+    hooks_a: list[str] | None = None,
+    hooks_b: list[str] | None = None,
+    loaded: tuple[LoadedModel, LoadedModel] | None = None,
+    **options: Any,
+) -> tuple[TransferMatrix, list[Path]]:
+    """Cross-model matrix between the SAEs of two runs (or SAELens folders with a layerflow store
+    for each), on words of `source` read by both models; written to `out_dir` (default
+    `<run_a>/transfer/cross-<model b>`), the matrix JSON last."""
+    import json
+
+    from layerflow.capture import atomic_write_text
+    from layerflow.data import iter_documents
+    from layerflow.models import load_model
+    from layerflow.sae_io import load_saes
+    from layerflow.store import ActivationStore
+    from layerflow.train import run_store
+
+    run_a, run_b = Path(run_a), Path(run_b)
+    sides = []
+    for run, hooks in ((run_a, hooks_a), (run_b, hooks_b)):
+        saes = load_saes(run)
+        if hooks:
+            missing = [h for h in hooks if h not in saes]
+            if missing:
+                raise LayerflowError(f"No SAE for {', '.join(missing)} under '{run}'. SAEs: {', '.join(saes)}.")
+            saes = {h: saes[h] for h in hooks}
+        model = ActivationStore(run_store(run)).manifest.model["name"]
+        sides.append((dict(sorted(saes.items(), key=lambda kv: site_id(model, kv[0], 1).layer)), model))
+    (saes_a, model_a), (saes_b, model_b) = sides
+    loaded_a, loaded_b = loaded or (load_model(model_a), load_model(model_b))
+    aligned = capture_aligned(loaded_a, list(saes_a), loaded_b, list(saes_b), iter_documents(source),
+                              context_size=context_size, max_words=max_words,
+                              max_words_per_document=max(10, max_words // 20))  # spread over ~20 documents, 4 held out
+    matrix = cross_model_matrix(saes_a, saes_b, aligned, **options)
+    matrix.settings["source"] = source
+    folder = Path(out_dir) if out_dir else run_a / "transfer" / f"cross-{model_b}"
+    folder.mkdir(parents=True, exist_ok=True)
+    matched = folder / "matched_features.json"
+    atomic_write_text(matched, json.dumps([{"source": s, "target": t, **m.to_dict()}
+                                           for (s, t), m in matrix.extras["matched_features"].items()]))
+    depth = folder / "depth_comparison.json"
+    comparisons = {m: {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                       for k, v in asdict(compare_same_depth(matrix, m)).items()}
+                   for m in ("relative_transfer", "stitched_explained_variance", "cka")}
+    atomic_write_text(depth, json.dumps(comparisons, indent=1))
+    return matrix, [matched, depth, *matrix.write(folder)[::-1]]

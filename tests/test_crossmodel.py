@@ -1,5 +1,6 @@
 """Cross-model transfer: word alignment, affine stitching, planted transfer, and the real-model plumbing."""
 
+import json
 import functools
 import random
 import re
@@ -349,3 +350,30 @@ def test_capture_and_matrix_on_real_models(smollm2, gemma3, tmp_path):
     assert set(matrix.extras["matched_features"]) == {(a, b) for a in hooks_a for b in hooks_b}
     json_path, _ = matrix.write(tmp_path)
     assert TransferMatrix.read(json_path).equals(matrix)
+
+
+@pytest.mark.slow
+@needs_gemma3
+def test_cli_cross_model_between_two_trained_runs(smollm2, gemma3, tmp_path):
+    from conftest import run_cli
+    from layerflow.capture import CaptureConfig, capture
+    from layerflow.schedule import LayerSchedule
+    from layerflow.train import TrainConfig, train
+
+    schedule = LayerSchedule("topk", {"expansion_factor": 1, "k": 8, "lr": 1e-3})
+    for loaded, layers in ((smollm2, [3, 20]), (gemma3, [2, 12])):
+        store = tmp_path / loaded.name / "capture"
+        capture(CaptureConfig(model=loaded.name, layers=layers, n_tokens=1024, context_size=64), store, loaded=loaded)
+        train(TrainConfig(str(store), schedule=schedule, steps=3, batch_tokens=256), tmp_path / loaded.name / "train",
+              evaluate=False)
+    run_a, run_b, out = tmp_path / "smollm2-135m" / "train", tmp_path / "gemma3-270m" / "train", tmp_path / "cross"
+    result = run_cli("transfer", str(run_a), "--cross-model", str(run_b), "--words", "600", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    matrix = TransferMatrix.read(out)
+    assert matrix.kind == "cross_model" and [s.layer for s in matrix.sources] == [3, 20]
+    assert [t.layer for t in matrix.targets] == [2, 12] and matrix.settings["n_heldout_words"] > 0
+    depth = json.loads((out / "depth_comparison.json").read_text())
+    assert depth["stitched_explained_variance"]["same_depth_n"] == 2 and depth["stitched_explained_variance"]["all_n"] == 4
+    assert "3.resid_post" in result.stdout
+    bad = run_cli("transfer", str(run_a), "--cross-model", str(tmp_path / "nowhere"))
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "nowhere" in bad.stderr
