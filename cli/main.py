@@ -249,6 +249,7 @@ def transfer(
     top_k: int = typer.Option(50, min=1, help="Latents used by the notes' variance ratio, Spearman and decoder similarity."),
     match_distance: int = typer.Option(1, min=0, help="Hungarian feature matching for sites at most this far apart (0: none)."),
     include_special_tokens: bool = typer.Option(False, help="Count BOS/special positions too."),
+    spliced: bool = typer.Option(False, help="Also splice each SAE into the model at every other site: delta CE and KL (one model pass per source per batch; slow)."),
     cross_model: Optional[Path] = typer.Option(None, help="A second model's run: cross-model transfer, SAES' model -> this one's."),
     words: int = typer.Option(20_000, min=10, help="With --cross-model: aligned words of the text source (1 in 5 documents held out)."),
     source: str = typer.Option("default", help="With --cross-model: the text both models read."),
@@ -269,7 +270,7 @@ def transfer(
         return
 
     options = TransferOptions(max_tokens=max_tokens, top_k=top_k, match_distance=match_distance,
-                              exclude_special_tokens=not include_special_tokens)
+                              exclude_special_tokens=not include_special_tokens, spliced=spliced)
     with Progress(TextColumn("transfer"), BarColumn(), MofNCompleteColumn(), TextColumn("pairs"),
                   TimeRemainingColumn(), console=err, transient=True) as bar:
         task = bar.add_task("transfer", total=None)

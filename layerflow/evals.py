@@ -113,7 +113,7 @@ def evaluate_saes(
         report(i + 1, total)
     spliced: dict[str, dict[str, float]] = {}
     if loaded is not None and saes:
-        starts = {h: _start(sites[h]["layer"], sites[h]["kind"]) for h in saes}
+        starts = {h: splice_start(sites[h]["layer"], sites[h]["kind"]) for h in saes}
         spliced = spliced_metrics(saes, loaded.model, tokens, starts, specials, batch_size,
                                   on_batch=lambda b: report(len(saes) + b, total))
     return {h: SiteEval(h, recon[h], **spliced.get(h, {})) for h in saes}
@@ -140,7 +140,7 @@ def _reconstruction(sae: "SAE", chunks: Iterator[Float[torch.Tensor, "tokens d"]
     return stats.compute()
 
 
-def _start(layer: int, kind: str) -> tuple[int, bool]:
+def splice_start(layer: int, kind: str) -> tuple[int, bool]:
     """(layer the spliced pass starts at, whether the site *is* that layer's residual input)."""
     if kind == "resid_pre":
         return layer, True
@@ -176,7 +176,7 @@ def spliced_metrics(
 ) -> dict[str, dict[str, float]]:
     """CE clean/spliced/zero-ablated, CE loss score, delta CE and KL for each site's SAE.
 
-    `starts[hook]` is `_start(layer, kind)` of the site; `special_ids` are never spliced or counted.
+    `starts[hook]` is `splice_start(layer, kind)` of the site; `special_ids` are never spliced or counted.
     """
     prepare_hooks(model, list(saes))
     # start_at_layer drops the shortformer positional embedding (TL passes it to every block).

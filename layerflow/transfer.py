@@ -39,6 +39,8 @@ from layerflow.transfer_types import SiteId, TransferMatrix
 if TYPE_CHECKING:
     from sae_lens import SAE
 
+    from layerflow.store import ActivationStore
+
 TRANSFER_DIR = "transfer"
 
 
@@ -50,6 +52,7 @@ class TransferOptions:
     match_distance: int = 1  # Hungarian matching for pairs at most this many sites apart (0 = none)
     null_quantile: float = 0.99
     exclude_special_tokens: bool = True
+    spliced: bool = False  # also splice SAE_i (scale-matched) into the model at site j: delta CE and KL
     seed: int = 0
 
 
@@ -352,6 +355,7 @@ def transfer_run(
     options: TransferOptions = TransferOptions(),
     hooks: list[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    loaded: Any = None,  # a LoadedModel, for options.spliced (else loaded from the store's manifest)
 ) -> tuple[TransferMatrix, list[Path]]:
     """The within-model matrix of every SAE under `run` (a training run, or any folder of SAELens
     SAE folders with `store`), on the store's held-out tokens; written to `out_dir`
@@ -376,9 +380,49 @@ def transfer_run(
     activations = activation_store.heldout([s.hook_name for s in sites], options.max_tokens,
                                            options.exclude_special_tokens)
     matrix = within_model_matrix(saes, activations, sites, options, progress)
+    if options.spliced:
+        from layerflow.models import load_model
+
+        loaded = loaded or load_model(activation_store.manifest.model["name"])
+        _add_spliced(matrix, saes, activation_store, loaded, options)
     matrix.settings["store"] = str(activation_store.root.resolve())
     matrix.settings["saes"] = str(run.resolve())
     return matrix, write_transfer(matrix, Path(out_dir) if out_dir else run / TRANSFER_DIR)
+
+
+class _ScaleMatched:
+    """SAE_i read at site j in scale-matched units: encode(x rho), decode(.) / rho."""
+
+    def __init__(self, sae: "SAE", rho: float):
+        self.sae, self.rho, self.device, self.dtype = sae, rho, sae.device, sae.dtype
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sae.encode(x * self.rho)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.sae.decode(latents) / self.rho
+
+
+def _add_spliced(matrix: TransferMatrix, saes: dict, store: "ActivationStore", loaded: Any, options: TransferOptions) -> None:
+    """spliced_delta_ce / spliced_kl: one spliced pass per source SAE, covering every target site."""
+    from layerflow.evals import splice_start, spliced_metrics
+
+    if loaded.name != store.manifest.model["name"]:
+        raise LayerflowError(f"The capture at '{store.root}' is of model '{store.manifest.model['name']}', "
+                             f"but the loaded model is '{loaded.name}'.")
+    tokens = store.tokens("heldout")
+    specials = store.manifest.special_token_ids if options.exclude_special_tokens else []
+    norms = matrix.settings["mean_activation_norm"]
+    starts = {t.hook_name: splice_start(t.layer, t.kind) for t in matrix.targets}
+    delta_ce = np.full((len(matrix.sources), len(matrix.targets)), np.nan)
+    kl = delta_ce.copy()
+    for i, source in enumerate(matrix.sources):
+        placed = {t.hook_name: _ScaleMatched(saes[source.hook_name], norms[source.hook_name] / norms[t.hook_name])
+                  for t in matrix.targets}
+        results = spliced_metrics(placed, loaded.model, tokens, starts, specials)
+        for j, target in enumerate(matrix.targets):
+            delta_ce[i, j], kl[i, j] = results[target.hook_name]["delta_ce"], results[target.hook_name]["kl_div"]
+    matrix.metrics["spliced_delta_ce"], matrix.metrics["spliced_kl"] = delta_ce, kl
 
 
 def write_transfer(matrix: TransferMatrix, folder: Path) -> list[Path]:

@@ -237,3 +237,18 @@ def test_cli_transfer_and_bad_input(tiny_run, tmp_path):
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "No SAE folders" in bad.stderr
     bad = run_cli("transfer", str(tiny_run / "run"), "--hooks", "blocks.7.hook_resid_post", "--out", str(out))
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "blocks.7.hook_resid_post" in bad.stderr
+
+
+def test_spliced_diagonal_equals_the_spliced_evals(tiny_run, tmp_path):
+    from layerflow.evals import evaluate_saes
+    from layerflow.sae_io import load_saes
+    from layerflow.store import ActivationStore
+
+    loaded = tiny_twin("gpt2-twin")
+    matrix, _ = transfer_run(tiny_run / "run", out_dir=tmp_path, loaded=loaded,
+                             options=TransferOptions(max_tokens=None, match_distance=0, spliced=True))
+    evals = evaluate_saes(load_saes(tiny_run / "run"), ActivationStore(tiny_run / "store"), loaded=loaded)
+    for i, site in enumerate(matrix.sources):
+        assert matrix["spliced_delta_ce"][i, i] == pytest.approx(evals[site.hook_name].delta_ce, rel=1e-4, abs=1e-6)
+        assert matrix["spliced_kl"][i, i] == pytest.approx(evals[site.hook_name].kl_div, rel=1e-4, abs=1e-6)
+    assert np.isfinite(matrix["spliced_delta_ce"]).all()
