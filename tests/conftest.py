@@ -42,6 +42,17 @@ def run_cli(*args: str, env_extra: dict | None = None, cwd=None) -> subprocess.C
                           env=env, cwd=cwd, timeout=600)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors: a second OpenMP thread only adds barrier waits, which on a
+    busy 2-core machine make each op many times slower. Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -35,12 +35,7 @@ from layerflow.transfer_types import SiteId, TransferMatrix
 R0, R1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache

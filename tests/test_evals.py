@@ -29,14 +29,7 @@ CASES = {
 _stores: dict = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tensors here are tiny: a second OpenMP thread only adds barrier waits, which on a busy
-    # 2-core machine make each op ~50x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _store(name, tmp_path_factory, loaded=None, **kw):

@@ -16,7 +16,7 @@ from layerflow.matching import (
 )
 from layerflow.synthetic import planted_layers
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from layerflow.train import TrainConfig, train
 from layerflow.transfer import LinearCoder, TransferOptions, transfer_run, within_model_matrix
 from layerflow.transfer_types import SiteId, TransferMatrix
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 OVERLAPS, GAINS = [1.0, 1.0, 0.5, 0.0], [1.0, 4.0, 1.0, 1.0]  # layer 1: every feature of layer 0, 4x the norm
 NO_MATCH = TransferOptions(match_distance=0, batch_tokens=1000)
