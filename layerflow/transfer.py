@@ -53,6 +53,7 @@ class TransferOptions:
     null_quantile: float = 0.99
     exclude_special_tokens: bool = True
     spliced: bool = False  # also splice SAE_i (scale-matched) into the model at site j: delta CE and KL
+    device: str = "cpu"  # where the pair kernel runs ("cuda" for large matrices); sums stay float64 on the CPU
     seed: int = 0
 
 
@@ -76,6 +77,10 @@ class LinearCoder:
     activation: str  # "relu", "jumprelu" or "topk"
     threshold: Float[torch.Tensor, " f"] | None = None  # jumprelu, clamped at 0 (relu then mask == mask)
     k: int = 0
+
+    def to(self, device: str) -> "LinearCoder":
+        moved = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        return LinearCoder(**{f: v.to(device) if isinstance(v, torch.Tensor) else v for f, v in moved.items()})
 
     @classmethod
     def from_sae(cls, sae: "SAE") -> "LinearCoder | None":
@@ -119,7 +124,7 @@ class LinearCoder:
     def decode(self, latents: torch.Tensor, indices: torch.Tensor | None, values: torch.Tensor | None) -> torch.Tensor:
         if indices is None:  # variable number of active latents per row
             rows, cols = latents.nonzero(as_tuple=True)
-            offsets = torch.zeros(latents.shape[0], dtype=torch.long)
+            offsets = torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device)
             offsets[1:] = torch.bincount(rows, minlength=latents.shape[0]).cumsum(0)[:-1]
             out = F.embedding_bag(cols, self.W_dec, offsets, mode="sum", per_sample_weights=latents[rows, cols])
         else:
@@ -137,7 +142,7 @@ class _GenericCoder:
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         latents = self.sae.encode(x.to(self.sae.device, self.sae.dtype))
         latents = latents.to_dense() if latents.is_sparse else latents
-        return latents.float().cpu(), self.sae.decode(latents).float().cpu()
+        return latents.float(), self.sae.decode(latents).float()
 
 
 # ---------------------------------------------------------------- the matrix
@@ -168,12 +173,12 @@ def within_model_matrix(
     hooks = [s.hook_name for s in sites]
     _check_inputs(saes, activations, hooks)
     n = len(hooks)
-    xs = [activations[h].float() for h in hooks]
+    xs = [activations[h].to(options.device, torch.float32) for h in hooks]
     n_tokens = xs[0].shape[0]
     means = [x.double().mean(0) for x in xs]
     mean_norms = [x.norm(dim=-1).double().mean().item() for x in xs]
     centered_gram, raw_gram = _grams(xs, means)
-    coders = [LinearCoder.from_sae(saes[h]) or _GenericCoder(saes[h]) for h in hooks]
+    coders = [_coder(saes[h], options.device) for h in hooks]
     acc: dict[tuple[int, int], _PairAccumulators] = {}
     total = n * n + (n if options.match_distance else 0)
     done = 0
@@ -204,6 +209,14 @@ def within_model_matrix(
                 "scale_matching": "x_j * E||x_i|| / E||x_j|| before SAE_i, reconstruction / the same factor",
                 "mean_activation_norm": dict(zip(hooks, mean_norms))}
     return TransferMatrix("within_model", sites, sites, metrics, settings, extras)
+
+
+def _coder(sae: "SAE", device: str) -> "LinearCoder | _GenericCoder":
+    coder = LinearCoder.from_sae(sae)
+    if coder is not None:
+        return coder.to(device)
+    sae.to(device)
+    return _GenericCoder(sae)
 
 
 def _check_inputs(saes: dict, activations: dict, hooks: list[str]) -> None:
@@ -249,8 +262,8 @@ def _accumulate(coder, x_t, x_s, rho, alpha, shift, a: _PairAccumulators) -> Non
         lat_s, recon_s = coder.reconstruct(rho * x_t)
         a.scaled.add(x_t, recon_s / rho, lat_s)
         a.persistence.add(x_s, coder.reconstruct(alpha * x_t + shift)[1])
-    a.latent_sum += lat.sum(0, dtype=torch.float64)
-    a.latent_sq_sum += lat.square().sum(0, dtype=torch.float64)
+    a.latent_sum += lat.sum(0, dtype=torch.float64).cpu()
+    a.latent_sq_sum += lat.square().sum(0, dtype=torch.float64).cpu()
 
 
 def _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, saes) -> dict[str, np.ndarray]:
