@@ -38,6 +38,19 @@ class ReconstructionMetrics:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class InputSums:
+    """The parts of `ReconstructionStats.add` that depend on x alone."""
+
+    sum_x: torch.Tensor  # [d] float64, on the CPU
+    sum_sq_norm: float
+    norm: torch.Tensor  # [tokens] ||x|| per token
+
+    @classmethod
+    def of(cls, x: Float[torch.Tensor, "tokens d"]) -> "InputSums":
+        return cls(x.sum(0, dtype=torch.float64).cpu(), x.double().square().sum().item(), x.norm(dim=-1))
+
+
 class ReconstructionStats:
     """Streaming accumulator: add batches of (x, x_hat[, latents]); `compute()` at the end."""
 
@@ -58,26 +71,36 @@ class ReconstructionStats:
         x: Float[torch.Tensor, "tokens d"],
         x_hat: Float[torch.Tensor, "tokens d"],
         latents: Float[torch.Tensor, "tokens d_sae"] | None = None,
+        x_sums: "InputSums | None" = None,
     ) -> None:
+        """Add a batch. `x_sums` (= `InputSums.of(x)`) saves recomputing the sums of x alone
+        when the same x is compared with many reconstructions."""
         if x.shape != x_hat.shape:
             raise ValueError(f"x has shape {tuple(x.shape)} but x_hat has {tuple(x_hat.shape)}")
-        x, x_hat = x.double(), x_hat.double()
-        batch_sum = x.sum(0).cpu()
-        self.sum_x = batch_sum if self.sum_x is None else self.sum_x + batch_sum
-        self.sum_sq_norm += x.pow(2).sum().item()
-        self.sum_sq_residual += (x - x_hat).pow(2).sum().item()
-        self.sum_sq_norm_hat += x_hat.pow(2).sum().item()
-        self.sum_dot += (x * x_hat).sum().item()
-        norm_in, norm_out = x.norm(dim=-1), x_hat.norm(dim=-1)
-        ok = norm_in >= SMALL_NORM
-        self.sum_l2_ratio += (norm_out[ok] / norm_in[ok]).sum().item()
+        # Every sum accumulates in float64. E||x||^2 is squared in float64 too: the variance is
+        # E||x||^2 - ||E x||^2, a difference of two large numbers when the mean is large. The
+        # other terms are elementwise in the inputs' dtype (a float64 copy of each costs more).
+        f64 = torch.float64
+        x_sums = x_sums or InputSums.of(x)
+        self.sum_x = x_sums.sum_x if self.sum_x is None else self.sum_x + x_sums.sum_x
+        self.sum_sq_norm += x_sums.sum_sq_norm
+        self.sum_sq_residual += (x - x_hat).square().sum(dtype=f64).item()
+        self.sum_sq_norm_hat += x_hat.square().sum(dtype=f64).item()
+        self.sum_dot += (x * x_hat).sum(dtype=f64).item()
+        ok = x_sums.norm >= SMALL_NORM
+        self.sum_l2_ratio += (x_hat.norm(dim=-1)[ok] / x_sums.norm[ok]).sum(dtype=f64).item()
         self.n_l2_ratio += int(ok.sum())
         self.n += x.shape[0]
         if latents is not None:
             active = latents != 0
-            self.sum_l0 += active.sum().item()
-            counts = active.sum(0).cpu()
-            self.fire_counts = counts if self.fire_counts is None else self.fire_counts + counts
+            self.add_firing(active.sum(0), int(active.sum()))
+
+    def add_firing(self, counts: Float[torch.Tensor, " d_sae"], n_active: int) -> None:
+        """Latent firing for the batch last added, when the caller has it sparse: how many tokens
+        each latent fired on, and the number of (token, latent) activations in all."""
+        self.sum_l0 += n_active
+        counts = counts.cpu()
+        self.fire_counts = counts if self.fire_counts is None else self.fire_counts + counts
 
     def compute(self) -> ReconstructionMetrics:
         if self.n == 0:

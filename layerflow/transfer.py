@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 
 from layerflow.errors import LayerflowError
-from layerflow.metrics import ReconstructionStats
+from layerflow.metrics import InputSums, ReconstructionStats
 from layerflow.transfer_types import SiteId, TransferMatrix
 
 if TYPE_CHECKING:
@@ -109,27 +109,59 @@ class LinearCoder:
         u = -self.b_in if shift is None else shift - self.b_in
         return u @ self.W_enc + self.b_enc
 
-    def activate(self, hidden_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(dense latents, indices, values) where indices/values list each row's candidates for decoding."""
-        if self.pre_scale is not None:
-            hidden_pre = hidden_pre * self.pre_scale
-        if self.activation == "topk":
-            values, indices = hidden_pre.topk(self.k, dim=-1, sorted=False)
-            values = values.relu()
-            return torch.zeros_like(hidden_pre).scatter_(-1, indices, values), indices, values
-        cut = self.threshold if self.activation == "jumprelu" else 0.0
-        latents = torch.where(hidden_pre > cut, hidden_pre, 0.0)
-        return latents, None, None
+    def encode(self, P: torch.Tensor, alpha: float, bias: torch.Tensor, buffer: torch.Tensor) -> "SparseLatents":
+        """Latents of the input alpha x + shift, given P = x W_enc and bias = bias_for(shift).
 
-    def decode(self, latents: torch.Tensor, indices: torch.Tensor | None, values: torch.Tensor | None) -> torch.Tensor:
-        if indices is None:  # variable number of active latents per row
-            rows, cols = latents.nonzero(as_tuple=True)
-            offsets = torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device)
-            offsets[1:] = torch.bincount(rows, minlength=latents.shape[0]).cumsum(0)[:-1]
-            out = F.embedding_bag(cols, self.W_dec, offsets, mode="sum", per_sample_weights=latents[rows, cols])
+        `buffer` ([tokens, d_sae], reused across calls: allocating it each time costs more than
+        filling it) receives the pre-activations; only the active latents are returned.
+        """
+        torch.add(bias, P, alpha=alpha, out=buffer)
+        if self.pre_scale is not None:
+            buffer.mul_(self.pre_scale)
+        if self.activation == "topk":
+            values, indices = buffer.topk(self.k, dim=-1, sorted=False)
+            return SparseLatents(None, indices, values.relu_(), P.shape[0])
+        cut = self.threshold if self.activation == "jumprelu" else 0.0
+        rows, cols = (buffer > cut).nonzero(as_tuple=True)
+        return SparseLatents(rows, cols, buffer[rows, cols], P.shape[0])
+
+    def decode(self, latents: "SparseLatents") -> torch.Tensor:
+        if latents.rows is None:
+            out = F.embedding_bag(latents.indices, self.W_dec, mode="sum", per_sample_weights=latents.values)
         else:
-            out = F.embedding_bag(indices, self.W_dec, mode="sum", per_sample_weights=values)
+            offsets = torch.zeros(latents.n_tokens, dtype=torch.long, device=latents.values.device)
+            offsets[1:] = torch.bincount(latents.rows, minlength=latents.n_tokens).cumsum(0)[:-1]
+            out = F.embedding_bag(latents.indices, self.W_dec, offsets, mode="sum",
+                                  per_sample_weights=latents.values)
         return out + self.b_dec
+
+
+@dataclass
+class SparseLatents:
+    """Active latents of a batch: TopK gives k (index, value) per token (`rows` None, values may be
+    0 after the ReLU); other activations give (row, index, value) triples, rows ascending."""
+
+    rows: torch.Tensor | None
+    indices: torch.Tensor
+    values: torch.Tensor
+    n_tokens: int
+
+    def firing(self, d_sae: int) -> tuple[torch.Tensor, int]:
+        """(tokens each latent fired on [d_sae], total active (token, latent) pairs)."""
+        fired = self.indices[self.values != 0]
+        return torch.bincount(fired, minlength=d_sae), fired.numel()
+
+    def sums(self, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per latent, float64 sums over tokens of the activation and of its square."""
+        idx, v = self.indices.reshape(-1), self.values.reshape(-1).double()
+        return torch.bincount(idx, v, minlength=d_sae), torch.bincount(idx, v * v, minlength=d_sae)
+
+    def dense(self, d_sae: int) -> torch.Tensor:
+        out = torch.zeros(self.n_tokens, d_sae, dtype=self.values.dtype, device=self.values.device)
+        if self.rows is None:
+            return out.scatter_(-1, self.indices, self.values)
+        out[self.rows, self.indices] = self.values
+        return out
 
 
 class _GenericCoder:
@@ -179,12 +211,14 @@ def within_model_matrix(
     mean_norms = [x.norm(dim=-1).double().mean().item() for x in xs]
     centered_gram, raw_gram = _grams(xs, means)
     coders = [_coder(saes[h], options.device) for h in hooks]
+    input_sums = [[InputSums.of(chunk) for chunk in x.split(options.batch_tokens)] for x in xs]
     acc: dict[tuple[int, int], _PairAccumulators] = {}
     total = n * n + (n if options.match_distance else 0)
     done = 0
     report = progress or (lambda done, total: None)
     for s, coder in enumerate(coders):
         d_sae = saes[hooks[s]].cfg.d_sae
+        P, buffer = torch.empty(2, min(options.batch_tokens, n_tokens), d_sae, device=options.device)
         for t in range(n):
             rho = mean_norms[s] / mean_norms[t]
             # persistence of the pair (t -> s): mean_s + alpha (x_t - mean_t), through SAE_s
@@ -192,10 +226,11 @@ def within_model_matrix(
             shift = (means[s] - alpha * means[t]).float()
             a = _PairAccumulators(ReconstructionStats(), ReconstructionStats(), ReconstructionStats(),
                                   torch.zeros(d_sae, dtype=torch.float64), torch.zeros(d_sae, dtype=torch.float64))
-            for start in range(0, n_tokens, options.batch_tokens):
+            for c, start in enumerate(range(0, n_tokens, options.batch_tokens)):
                 x_t = xs[t][start:start + options.batch_tokens]
                 x_s = xs[s][start:start + options.batch_tokens]
-                _accumulate(coder, x_t, x_s, rho, alpha, shift, a)
+                _accumulate(coder, x_t, x_s, rho, alpha, shift, a, (P[:len(x_t)], buffer[:len(x_t)]),
+                            input_sums[t][c], input_sums[s][c])
             acc[s, t] = a
             done += 1
             report(done, total)
@@ -247,23 +282,30 @@ def _grams(xs: list[torch.Tensor], means: list[torch.Tensor]) -> tuple[torch.Ten
     return centered, raw
 
 
-def _accumulate(coder, x_t, x_s, rho, alpha, shift, a: _PairAccumulators) -> None:
+def _accumulate(coder, x_t, x_s, rho, alpha, shift, a: _PairAccumulators, buffers, sums_t, sums_s) -> None:
+    d_sae = len(a.latent_sum)
     if isinstance(coder, LinearCoder):
-        P = x_t @ coder.W_enc
-        lat, idx, val = coder.activate(P + coder.bias_for())
-        a.raw.add(x_t, coder.decode(lat, idx, val), lat)
-        lat_s, idx_s, val_s = coder.activate(rho * P + coder.bias_for())
-        a.scaled.add(x_t, coder.decode(lat_s, idx_s, val_s) / rho, lat_s)
-        lat_p, idx_p, val_p = coder.activate(alpha * P + coder.bias_for(shift))
-        a.persistence.add(x_s, coder.decode(lat_p, idx_p, val_p))
+        P, buffer = buffers
+        torch.mm(x_t, coder.W_enc, out=P)
+        bias = coder.bias_for()
+        latents = coder.encode(P, 1.0, bias, buffer)
+        a.raw.add(x_t, coder.decode(latents), x_sums=sums_t)
+        a.raw.add_firing(*latents.firing(d_sae))
+        total, squares = latents.sums(d_sae)
+        scaled = coder.encode(P, rho, bias, buffer)
+        a.scaled.add(x_t, coder.decode(scaled) / rho, x_sums=sums_t)
+        a.scaled.add_firing(*scaled.firing(d_sae))
+        persisted = coder.decode(coder.encode(P, alpha, coder.bias_for(shift), buffer))
+        a.persistence.add(x_s, persisted, x_sums=sums_s)
     else:
         lat, recon = coder.reconstruct(x_t)
         a.raw.add(x_t, recon, lat)
         lat_s, recon_s = coder.reconstruct(rho * x_t)
         a.scaled.add(x_t, recon_s / rho, lat_s)
         a.persistence.add(x_s, coder.reconstruct(alpha * x_t + shift)[1])
-    a.latent_sum += lat.sum(0, dtype=torch.float64).cpu()
-    a.latent_sq_sum += lat.square().sum(0, dtype=torch.float64).cpu()
+        total, squares = lat.sum(0, dtype=torch.float64), lat.square().sum(0, dtype=torch.float64)
+    a.latent_sum += total.cpu()
+    a.latent_sq_sum += squares.cpu()
 
 
 def _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, saes) -> dict[str, np.ndarray]:
@@ -327,7 +369,7 @@ def _feature_matching(metrics, extras, saes, xs, hooks, coders, options, report)
         for t in range(s + 1, min(n, s + options.match_distance + 1)):
             for i in (s, t):
                 if i not in latents:
-                    latents[i] = _latents(coders[i], xs[i], options.batch_tokens)
+                    latents[i] = dense_latents(coders[i], xs[i], options.batch_tokens)
             dec = match_decoders(decoders[s], decoders[t], options.null_quantile, options.seed)
             act = match_activations(latents[s], latents[t], options.null_quantile, options.seed)
             for i, j in ((s, t), (t, s)):
@@ -339,11 +381,12 @@ def _feature_matching(metrics, extras, saes, xs, hooks, coders, options, report)
     extras["matched_features"] = matched
 
 
-def _latents(coder, x: torch.Tensor, batch_tokens: int) -> torch.Tensor:
+def dense_latents(coder, x: torch.Tensor, batch_tokens: int) -> torch.Tensor:
     chunks = []
     for chunk in x.split(batch_tokens):
         if isinstance(coder, LinearCoder):
-            chunks.append(coder.activate(chunk @ coder.W_enc + coder.bias_for())[0])
+            buffer = torch.empty(len(chunk), coder.W_enc.shape[1], device=chunk.device)
+            chunks.append(coder.encode(chunk @ coder.W_enc, 1.0, coder.bias_for(), buffer).dense(coder.W_enc.shape[1]))
         else:
             chunks.append(coder.reconstruct(chunk)[0])
     return torch.cat(chunks)
