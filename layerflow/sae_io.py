@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,9 @@ def load_saes(path: str | Path) -> dict[str, Any]:
 
     saes = {}
     for folder in find_sae_folders(path):
-        sae = SAE.load_from_disk(folder)
+        with warnings.catch_warnings():  # advice to load the model with these kwargs: layerflow already does
+            warnings.filterwarnings("ignore", message=r"\s*This SAE has non-empty model_from_pretrained_kwargs")
+            sae = SAE.load_from_disk(folder)
         hook = sae.cfg.metadata.hook_name or folder.name
         if hook in saes:
             raise LayerflowError(f"Two SAE folders under '{path}' are for the same hook '{hook}': keep one.")
