@@ -626,12 +626,7 @@ def cross_model_runs(
     run_a, run_b = Path(run_a), Path(run_b)
     sides = []
     for run, hooks in ((run_a, hooks_a), (run_b, hooks_b)):
-        saes = load_saes(run)
-        if hooks:
-            missing = [h for h in hooks if h not in saes]
-            if missing:
-                raise LayerflowError(f"No SAE for {', '.join(missing)} under '{run}'. SAEs: {', '.join(saes)}.")
-            saes = {h: saes[h] for h in hooks}
+        saes = load_saes(run, hooks)
         model = ActivationStore(run_store(run)).manifest.model["name"]
         sides.append((dict(sorted(saes.items(), key=lambda kv: site_id(model, kv[0], 1).layer)), model))
     (saes_a, model_a), (saes_b, model_b) = sides

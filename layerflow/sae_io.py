@@ -81,8 +81,9 @@ def find_sae_folders(path: str | Path) -> list[Path]:
     return folders
 
 
-def load_saes(path: str | Path) -> dict[str, Any]:
-    """{hook_name: SAE} for every SAE folder under `path`, loaded with `sae_lens.SAE.load_from_disk`."""
+def load_saes(path: str | Path, hooks: list[str] | None = None) -> dict[str, Any]:
+    """{hook_name: SAE} for every SAE folder under `path` (or just `hooks`, in that order), loaded
+    with `sae_lens.SAE.load_from_disk`."""
     from sae_lens import SAE
 
     saes = {}
@@ -94,4 +95,9 @@ def load_saes(path: str | Path) -> dict[str, Any]:
         if hook in saes:
             raise LayerflowError(f"Two SAE folders under '{path}' are for the same hook '{hook}': keep one.")
         saes[hook] = sae
-    return saes
+    if hooks is None:
+        return saes
+    missing = [h for h in hooks if h not in saes]
+    if missing:
+        raise LayerflowError(f"No SAE for {', '.join(missing)} under '{path}'. SAEs: {', '.join(saes)}.")
+    return {h: saes[h] for h in hooks}

@@ -421,17 +421,12 @@ def transfer_run(
     from layerflow.train import run_store
 
     run = Path(run)
-    saes = load_saes(run)
+    saes = load_saes(run, hooks)
     activation_store = ActivationStore(store or run_store(run))
     unknown = [h for h in saes if h not in activation_store.hook_names]
     if unknown:
         raise LayerflowError(f"SAEs for {', '.join(unknown)} have no activations in the capture at "
                              f"'{activation_store.root}' (captured: {', '.join(activation_store.hook_names)}).")
-    if hooks is not None:
-        missing = [h for h in hooks if h not in saes]
-        if missing:
-            raise LayerflowError(f"No SAE for {', '.join(missing)} under '{run}'. SAEs: {', '.join(saes)}.")
-        saes = {h: saes[h] for h in hooks}
     sites = sites_of_store(activation_store, list(saes))
     activations = activation_store.heldout([s.hook_name for s in sites], options.max_tokens,
                                            options.exclude_special_tokens)
