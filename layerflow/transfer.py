@@ -47,7 +47,7 @@ TRANSFER_DIR = "transfer"
 @dataclass(frozen=True)
 class TransferOptions:
     max_tokens: int | None = 8192  # held-out tokens per site (None: all)
-    batch_tokens: int = 4096  # tokens per encoder matmul
+    batch_tokens: int = 2048  # tokens per encoder matmul ([2048, d_sae] buffers stay cache-friendlier than 4096)
     top_k: int = 50  # latents used by the notes' variance ratio, Spearman and decoder similarity
     match_distance: int = 1  # Hungarian matching for pairs at most this many sites apart (0 = none)
     null_quantile: float = 0.99
