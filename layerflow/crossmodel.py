@@ -70,11 +70,10 @@ from layerflow.errors import LayerflowError
 from layerflow.matching import ActivationCorrelation
 from layerflow.metrics import reconstruction_metrics
 from layerflow.models import LoadedModel
-from layerflow.sites import Site, SiteKind, prepare_hooks
+from layerflow.sites import parse_hook_name, prepare_hooks
 from layerflow.transfer_types import SiteId, TransferMatrix, metric_names
 
 WORD = re.compile(r"\S+")
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 ENCODE_BATCH = 4096
 
 
@@ -201,12 +200,8 @@ class AlignedActivations:
 
 def site_id(model: str, hook_name: str, n_layers: int) -> SiteId:
     """SiteId with the layer and kind read from a TransformerLens hook name ('blocks.L.…')."""
-    match = _BLOCK.match(hook_name)
-    if match is None:
-        raise LayerflowError(f"Hook '{hook_name}' is not inside a block (expected 'blocks.<layer>.<hook>').")
-    layer = int(match.group(1))
-    kinds = [k.value for k in SiteKind if Site(layer, k).hook_name == hook_name]
-    return SiteId(model, hook_name, layer, n_layers, kinds[0] if kinds else hook_name.split(".", 2)[2])
+    layer, kind = parse_hook_name(hook_name)
+    return SiteId(model, hook_name, layer, n_layers, kind.value if kind else hook_name.split(".", 2)[2])
 
 
 @dataclass(frozen=True)
@@ -249,8 +244,10 @@ def _chunks(loaded_a: LoadedModel, loaded_b: LoadedModel, documents: Iterable[st
 
 
 def _stop_layer(hooks: list[str]) -> int | None:
-    layers = [_BLOCK.match(h) for h in hooks]
-    return None if not all(layers) else max(int(m.group(1)) for m in layers) + 1
+    try:
+        return max(parse_hook_name(h)[0] for h in hooks) + 1
+    except LayerflowError:  # a hook outside the blocks (e.g. hook_embed... or ln_final): run the whole model
+        return None
 
 
 @torch.no_grad()

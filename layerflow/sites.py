@@ -13,6 +13,8 @@ SAELens exactly like a native hook (it is also TransformerLens 4's canonical nam
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -71,6 +73,16 @@ class Site:
         if not layer.startswith("L") or not layer[1:].isdigit():
             raise LayerflowError(f"Bad site '{text}': expected L<layer>.<kind>, e.g. L12.resid_post.")
         return cls(int(layer[1:]), parse_kind(kind))
+
+
+def parse_hook_name(hook_name: str) -> tuple[int, SiteKind | None]:
+    """'blocks.7.hook_resid_post' -> (7, SiteKind.resid_post); the kind is None for a block hook
+    that is not one of layerflow's site kinds."""
+    match = re.match(r"^blocks\.(\d+)\.", hook_name)
+    if match is None:
+        raise LayerflowError(f"Hook '{hook_name}' is not inside a block (expected 'blocks.<layer>.<hook>').")
+    layer = int(match.group(1))
+    return layer, next((k for k in SiteKind if Site(layer, k).hook_name == hook_name), None)
 
 
 def parse_kind(text: str) -> SiteKind:

@@ -311,6 +311,8 @@ def _accumulate(coder, x_t, x_s, rho, alpha, shift, a: _PairAccumulators, buffer
 def _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, saes) -> dict[str, np.ndarray]:
     from scipy.stats import spearmanr
 
+    from layerflow.matching import decoder_top1_cosine
+
     names = ["transfer_recon_ratio", "transfer_recon_ratio_inverse", "feature_variance_ratio", "top_k_spearman",
              "decoder_similarity", "explained_variance_raw", "explained_variance", "relative_transfer_raw",
              "relative_transfer", "delta_fvu", "persistence_ev_identity", "persistence_ev_scalar",
@@ -322,7 +324,7 @@ def _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, saes) -> dict[
     persist = {(t, s): v.persistence.compute() for (s, t), v in acc.items()}  # keyed (source, target) of persistence
     variances = {k: (v.latent_sq_sum / n_tokens - (v.latent_sum / n_tokens) ** 2).clamp(min=0) for k, v in acc.items()}
     top = {s: variances[s, s].topk(min(options.top_k, len(variances[s, s]))).indices for s in range(n)}
-    decoders = [F.normalize(sae.W_dec.detach().float(), dim=-1) for sae in saes]
+    decoders = [sae.W_dec.detach().float() for sae in saes]
     for (s, t) in acc:
         own = scaled[t, t].explained_variance
         m["transfer_recon_ratio"][s, t] = raw[s, s].mse / raw[s, t].mse
@@ -330,7 +332,7 @@ def _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, saes) -> dict[
         var_s, var_t = variances[s, s][top[s]], variances[s, t][top[s]]
         m["feature_variance_ratio"][s, t] = (var_t.mean() / var_s.mean()).item()
         m["top_k_spearman"][s, t] = spearmanr(var_s.numpy(), var_t.numpy()).statistic if var_t.std() > 0 else np.nan
-        m["decoder_similarity"][s, t] = (decoders[s][top[s]] @ decoders[t].T).max(-1).values.mean().item()
+        m["decoder_similarity"][s, t] = decoder_top1_cosine(decoders[s][top[s]], decoders[t]).mean().item()
         m["explained_variance_raw"][s, t] = raw[s, t].explained_variance
         m["explained_variance"][s, t] = scaled[s, t].explained_variance
         m["relative_transfer_raw"][s, t] = raw[s, t].explained_variance / own
