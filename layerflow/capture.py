@@ -359,6 +359,9 @@ class _ShardWriter:
         self.error: BaseException | None = None
         self.buffers: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
         self.offset = 0
+        # float16 tops out at 65504; deep residual streams (Gemma's) exceed it and would store inf.
+        self.limit = torch.finfo(dtype).max if dtype == torch.float16 else None
+        self.peak: dict[str, torch.Tensor] = {}
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -374,6 +377,9 @@ class _ShardWriter:
         acts, norms = self.buffers
         acts[hook.name][rows].copy_(flat, non_blocking=self.pinned)
         norms[hook.name][rows].copy_(torch.linalg.vector_norm(flat, dim=-1, dtype=torch.float32), non_blocking=self.pinned)
+        if self.limit is not None:
+            peak = flat.detach().abs().amax().float()
+            self.peak[hook.name] = torch.maximum(self.peak[hook.name], peak) if hook.name in self.peak else peak
 
     def advance(self, n_tokens: int) -> None:
         self.offset += n_tokens
@@ -390,6 +396,12 @@ class _ShardWriter:
                 self.free.put(self.buffers)
                 raise LayerflowError(f"Shard {name}: activations at {h} contain NaN or Inf. Nothing was saved for it.")
             norm_sums[h] = norm[:n][keep].sum().item()
+        for h, peak in self.peak.items():
+            if peak.item() > self.limit:
+                self.free.put(self.buffers)
+                raise LayerflowError(f"Activations at {h} reach {peak.item():.4g}, beyond the float16 range "
+                                     f"(max {self.limit:.0f}). Capture with dtype bfloat16 or float32.")
+        self.peak.clear()
         record = ShardRecord(f"{name}.safetensors", split, first, tokens.shape[0], n, "", norm_sums, int(keep.sum()))
         tensors = {**{h: a[:n] for h, a in acts.items()}, TOKENS_KEY: tokens.to(torch.int32)}
         self.full.put((record, tensors, self.buffers))

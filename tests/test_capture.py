@@ -139,6 +139,22 @@ def test_nan_activations_are_caught_and_nothing_is_saved(tmp_path):
     assert not list((tmp_path / "shards").glob("*.safetensors")) and not (tmp_path / MANIFEST_FILE).exists()
 
 
+def test_float16_overflow_is_refused_with_a_way_out(tmp_path):
+    """Deep residuals (Gemma-3's reach ~1e5) do not fit float16: refuse rather than store inf."""
+    loaded = tiny_twin("gpt2-twin")
+    loaded.model.hook_dict["blocks.1.hook_resid_post"].add_hook(lambda a, hook: a.mul_(1e6))
+    try:
+        with pytest.raises(LayerflowError, match=r"blocks\.1\.hook_resid_post reach .*float16.*bfloat16"):
+            capture(_tiny_config(model="gpt2-twin", kinds=[SiteKind.resid_post], dtype="float16"), tmp_path,
+                    loaded=loaded)
+        assert not list((tmp_path / "shards").glob("*.safetensors"))
+        capture(_tiny_config(model="gpt2-twin", kinds=[SiteKind.resid_post], dtype="bfloat16"), tmp_path / "bf16",
+                loaded=loaded)
+        assert ActivationStore(tmp_path / "bf16").activations("blocks.1.hook_resid_post").isfinite().all()
+    finally:
+        loaded.model.reset_hooks(including_permanent=True)
+
+
 @pytest.mark.parametrize("text,match", [
     ("", r"is empty"),
     ("Only a few words here.", r"too short: it yields \d+ tokens"),
