@@ -195,6 +195,7 @@ def train(
     loaded=None,  # a LoadedModel: needed online; the end-of-training eval then includes spliced CE/KL
     model_eval: bool = True,  # with `loaded`: splice the SAEs into the model at the end
     stop_after: int | None = None,  # for tests/benchmarks: stop (as if interrupted) after this step
+    sae_subdir: str = SAE_DIR,  # SAE folders go to out_dir/<sae_subdir>/<hook_name> ("" : out_dir/<hook_name>)
 ) -> TrainManifest | None:
     """Train (or resume training) every site of `cfg.store`; returns the manifest when complete."""
     from sae_lens.registry import get_sae_training_class
@@ -263,7 +264,7 @@ def train(
             _save_checkpoint(out_dir, step, groups, losses, first_loss)
             return None
 
-    results = _save_saes(out_dir, store, hooks, saes, groups, values, scales, losses, cfg)
+    results = _save_saes(out_dir / sae_subdir, out_dir, store, hooks, saes, groups, values, scales, losses, cfg)
     if evaluate:
         evals, _ = evaluate_run(out_dir, cfg.store, exclude_special_tokens=cfg.exclude_special_tokens,
                                 model_eval=model_eval and loaded is not None, loaded=loaded)
@@ -402,7 +403,7 @@ def _save_checkpoint(out_dir: Path, step: int, groups, losses, first_loss) -> No
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _save_saes(out_dir, store, hooks, saes, groups, values, scales, losses, cfg) -> dict[str, SiteResult]:
+def _save_saes(sae_root, out_dir, store, hooks, saes, groups, values, scales, losses, cfg) -> dict[str, SiteResult]:
     sites = {s["hook_name"]: s for s in store.manifest.sites}
     sparsity, scale = {}, dict(zip(hooks, scales))
     for members, group in groups:
@@ -410,7 +411,7 @@ def _save_saes(out_dir, store, hooks, saes, groups, values, scales, losses, cfg)
         sparsity.update(zip(members, group.log_feature_sparsity()))
     results = {}
     for h in hooks:
-        folder = out_dir / SAE_DIR / h
+        folder = sae_root / h
         save_sae(saes[h], folder, sae_metadata(store.manifest, h, cfg.exclude_special_tokens), sparsity[h], scale[h])
         tail = losses[h][-max(1, len(losses[h]) // 10):]
         results[h] = SiteResult(h, sites[h]["layer"], str(folder.relative_to(out_dir)), values[h], scale[h],

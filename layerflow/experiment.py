@@ -1,0 +1,246 @@
+"""One experiment, one config file: what `layerflow run` reads (TOML) and stores resolved in run.json.
+
+    [[models]]                  # one or more; several models add cross-model transfer
+    name = "smollm2-135m"
+    layers = "all"              # "all", "0:30:2", "3,7,11" or a list [3, 7, 11]
+
+    [capture]                   # sites, token budget, text
+    [train]                     # SAE architecture and LayerSchedule (preset + overrides + by_depth)
+    [eval]                      # spliced CE/KL on or off
+    [transfer]                  # transfer.TransferOptions
+    [cross_model]               # words of text for the cross-model alignment
+
+Every section and field is optional; `ExperimentConfig()` is the default run (configs/default.toml
+spells it out). Unknown fields, wrong types and bad values are refused with a message that names
+the field, the bad value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from layerflow.errors import LayerflowError, did_you_mean
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str = "smollm2-135m"
+    layers: str | list[int] = "all"
+
+
+@dataclass(frozen=True)
+class CaptureSection:
+    sites: list[str] = field(default_factory=lambda: ["resid_post"])
+    tokens: int = 60_000  # per model, train + held-out
+    context_size: int = 128
+    source: str = "default"  # the shipped corpus; or a .txt/.txt.gz path, hf:DATASET[:CONFIG]
+    holdout: float = 0.1
+    dtype: str = "float16"  # storage dtype
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    preset: str = "default"  # schedule.PRESETS
+    architecture: str | None = None  # overrides the preset's
+    set: dict[str, Any] = field(default_factory=lambda: {"expansion_factor": 4, "lr": 1e-3})  # at every depth
+    by_depth: list[dict[str, Any]] = field(default_factory=list)  # [{upper = 0.33, l1_coefficient = 1.5e-4}, ...]
+    steps: int | None = None  # None: `epochs` passes over the training tokens
+    epochs: float = 2.0
+    batch_tokens: int = 4096
+    checkpoint_every: int = 500
+
+    def schedule(self):
+        """The LayerSchedule: the preset, then `architecture`, `set` and `by_depth` over it."""
+        from layerflow.schedule import LayerSchedule, get_preset
+
+        base = get_preset(self.preset)
+        by_depth = base.by_depth
+        if self.by_depth:
+            by_depth = []
+            for i, band in enumerate(self.by_depth):
+                if "upper" not in band:
+                    raise LayerflowError(f"train.by_depth[{i}] has no 'upper' (the relative depth where it ends, "
+                                         f"in (0, 1]); got {band}.")
+                by_depth.append((float(band["upper"]), {k: v for k, v in band.items() if k != "upper"}))
+        return LayerSchedule(self.architecture or base.architecture, {**base.base, **self.set}, by_depth,
+                             base.description if not (self.architecture or self.set or self.by_depth) else "")
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    spliced: bool = True  # splice each SAE into the model: delta CE and KL
+
+
+@dataclass(frozen=True)
+class TransferSection:
+    max_tokens: int = 4096  # held-out tokens per site
+    top_k: int = 50
+    match_distance: int = 1  # Hungarian matching for sites this close (0: none)
+    spliced: bool = False
+    exclude_special_tokens: bool = True
+
+    def options(self, seed: int, device: str):
+        from layerflow.transfer import TransferOptions
+
+        return TransferOptions(max_tokens=self.max_tokens, top_k=self.top_k, match_distance=self.match_distance,
+                               spliced=self.spliced, exclude_special_tokens=self.exclude_special_tokens,
+                               seed=seed, device=device)
+
+
+@dataclass(frozen=True)
+class CrossModelSection:
+    words: int = 20_000  # aligned words of text (every 5th document held out)
+    source: str = "default"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "default"
+    models: list[ModelEntry] = field(default_factory=lambda: [ModelEntry()])
+    capture: CaptureSection = CaptureSection()
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+    transfer: TransferSection = TransferSection()
+    cross_model: CrossModelSection = CrossModelSection()
+    seed: int = 0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "the config") -> "ExperimentConfig":
+        cfg = _build(cls, data, where)
+        cfg.validate(where)
+        return cfg
+
+    def validate(self, where: str = "the config") -> None:
+        """Semantic checks, each naming the field: models, layers, sites, schedule, budgets."""
+        from layerflow.capture import STORE_DTYPES
+        from layerflow.sites import parse_kind, parse_layers
+        from layerflow.zoo import ZOO
+
+        if not self.models:
+            raise LayerflowError(f"{where}: [[models]] is empty; name at least one model, e.g. 'smollm2-135m'.")
+        names = [m.name for m in self.models]
+        for name in names:
+            if name not in ZOO:
+                raise LayerflowError(f"{where}: models.name '{name}' is not in the zoo. {did_you_mean(name, list(ZOO))}")
+        if len(set(names)) != len(names):
+            raise LayerflowError(f"{where}: a model is listed twice in [[models]]: {names}.")
+        for m in self.models:
+            self.layers(m)
+        for kind in self.capture.sites:
+            parse_kind(kind)
+        if not self.capture.sites:
+            raise LayerflowError(f"{where}: capture.sites is empty; e.g. ['resid_post'].")
+        if self.capture.dtype not in STORE_DTYPES:
+            raise LayerflowError(f"{where}: capture.dtype '{self.capture.dtype}' is not valid. Valid: {', '.join(STORE_DTYPES)}.")
+        if not 0 < self.capture.holdout < 1:
+            raise LayerflowError(f"{where}: capture.holdout {self.capture.holdout} must lie in (0, 1): "
+                                 "transfer and evals need held-out tokens.")
+        positive = {"capture.tokens": self.capture.tokens, "capture.context_size": self.capture.context_size - 1,
+                    "capture.batch_size": self.capture.batch_size, "train.batch_tokens": self.train.batch_tokens,
+                    "train.checkpoint_every": self.train.checkpoint_every, "train.steps": self.train.steps or 1,
+                    "train.epochs": self.train.epochs, "transfer.max_tokens": self.transfer.max_tokens,
+                    "transfer.top_k": self.transfer.top_k, "cross_model.words": self.cross_model.words}
+        for key, value in positive.items():
+            if value <= 0:
+                shown = value + 1 if key == "capture.context_size" else value
+                raise LayerflowError(f"{where}: {key} = {shown} must be {'at least 2' if key == 'capture.context_size' else 'positive'}.")
+        if self.transfer.match_distance < 0:
+            raise LayerflowError(f"{where}: transfer.match_distance = {self.transfer.match_distance} must be >= 0.")
+        self.train.schedule()  # unknown architectures, hyperparameters and depth bands are refused here
+
+    def layers(self, model: ModelEntry) -> list[int]:
+        from layerflow.sites import parse_layers
+        from layerflow.zoo import get_spec
+
+        n_layers = get_spec(model.name).n_layers
+        spec = model.layers if isinstance(model.layers, str) else ",".join(str(layer) for layer in model.layers)
+        return parse_layers(spec, n_layers, model.name)
+
+    def quick(self) -> "ExperimentConfig":
+        """A smoke-test version of this experiment: 4 layers per model, few tokens and steps."""
+        models = []
+        for m in self.models:
+            layers = self.layers(m)
+            picks = sorted({layers[round(i * (len(layers) - 1) / 3)] for i in range(4)})
+            models.append(dataclasses.replace(m, layers=picks))
+        return dataclasses.replace(
+            self, name=f"{self.name}-quick", models=models,
+            capture=dataclasses.replace(self.capture, tokens=min(self.capture.tokens, 6000)),
+            train=dataclasses.replace(self.train, steps=40, batch_tokens=1024,
+                                      set={**self.train.set, "expansion_factor": 2}),
+            transfer=dataclasses.replace(self.transfer, max_tokens=min(self.transfer.max_tokens, 512)),
+            cross_model=dataclasses.replace(self.cross_model, words=min(self.cross_model.words, 2000)))
+
+
+def load_config(path: str | Path | None) -> ExperimentConfig:
+    """Read a TOML config (None: the default experiment)."""
+    if path is None:
+        return ExperimentConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise LayerflowError(f"Config file '{path}' does not exist. Shipped configs are in configs/.")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise LayerflowError(f"Config file '{path}' is not valid TOML: {e}.") from None
+    return ExperimentConfig.from_dict(data, where=str(path))
+
+
+# ------------------------------------------------------------------ typed construction from dicts
+
+
+def _build(cls: type, data: Any, where: str, prefix: str = "") -> Any:
+    """`cls(**data)` with every key and value checked against the dataclass's type hints."""
+    if not isinstance(data, dict):
+        raise LayerflowError(f"{where}: [{prefix.rstrip('.') or 'top level'}] must be a table, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in data.items():
+        if key not in names:
+            raise LayerflowError(f"{where}: unknown field '{prefix}{key}'. {did_you_mean(key, names)}")
+        values[key] = _convert(hints[key], value, where, prefix + key)
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, where: str, name: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where, name + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, where, name)
+            except LayerflowError as e:
+                errors.append(e)
+        raise errors[-1]
+    if origin is list:
+        if not isinstance(value, list):
+            raise LayerflowError(f"{where}: {name} must be a list, got {value!r}.")
+        return [_convert(args[0], v, where, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is Any:
+        if origin is dict and not isinstance(value, dict):
+            raise LayerflowError(f"{where}: {name} must be a table, got {value!r}.")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise LayerflowError(f"{where}: {name} must be {_TYPE_NAMES[hint]}, got {value!r}.")
+    return value
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}

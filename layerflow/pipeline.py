@@ -1,0 +1,257 @@
+"""`layerflow run`: one experiment config -> capture, train, eval, transfer, cross-model, report.
+
+Each stage hands the next one files with a manifest (results.py has the layout), so a re-run
+skips every stage whose manifest is there and redoes the rest; an interrupted stage resumes
+from its own checkpoints (capture shards, training checkpoints). `DIR/run.json` holds the
+resolved config, provenance (versions, weight sources, seeds, machine) and, per stage, its
+status and wall time; it is rewritten after every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from layerflow.errors import LayerflowError, did_you_mean
+from layerflow.experiment import ExperimentConfig
+from layerflow.results import (ACTIVATIONS_DIR, PLOTS_DIR, REPORT_FILE, RUN_FILE, SAES_DIR, TRANSFER_DIR,
+                               cross_dir_name)
+
+STAGES = ("capture", "train", "eval", "transfer", "cross_model", "report")
+SCHEMA_VERSION = 1
+
+# progress(stage, item, done, total): item is the model (or model pair) the stage works on
+Progress = Callable[[str, str, int, int | None], None]
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    out_dir: str | Path,
+    until: str | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    load: Callable[[str], Any] | None = None,  # zoo name -> LoadedModel (default models.load_model)
+) -> dict[str, Any]:
+    """Run (or resume) the experiment in `out_dir`, stopping after stage `until`; returns run.json."""
+    if until is not None and until not in STAGES:
+        raise LayerflowError(f"Unknown stage '{until}'. {did_you_mean(until, list(STAGES))}")
+    root = Path(out_dir)
+    record = _open_run(root, cfg, overwrite)
+    models = _ModelCache(load, cfg.device)
+    report = progress or (lambda stage, item, done, total: None)
+    ran_any = False
+    for stage in STAGES[:STAGES.index(until) + 1] if until else STAGES:
+        work = _stage_work(stage, cfg, root, models, report)
+        pending = [(item, step) for item, step, finished in work if not finished]
+        if stage == "report":
+            pending = [(item, step) for item, step, finished in work if not finished or ran_any]
+        if not work:
+            record["stages"][stage] = {"status": "not needed", "seconds": 0.0}
+        elif pending:
+            started = time.perf_counter()
+            for item, step in pending:
+                report(stage, item, 0, None)
+                step()
+            record["stages"][stage] = {"status": "done", "seconds": round(time.perf_counter() - started, 2),
+                                       "finished_at": _now(), "last_invocation": "ran"}
+            ran_any = True
+        else:
+            record["stages"][stage].update(last_invocation="skipped (finished earlier)")
+        if stage == "capture":
+            record["provenance"]["weights"] = _weight_sources(root, cfg)
+        _write_record(root, record)
+    models.clear()
+    return record
+
+
+# ------------------------------------------------------------------ run.json
+
+
+def _open_run(root: Path, cfg: ExperimentConfig, overwrite: bool) -> dict[str, Any]:
+    path = root / RUN_FILE
+    config = cfg.to_dict()
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old["config"] == json.loads(json.dumps(config)) and not overwrite:
+            return old
+        if not overwrite:
+            diffs = _diff(old["config"], json.loads(json.dumps(config)))
+            raise LayerflowError(f"'{root}' holds a run with a different config ({'; '.join(diffs[:5])}). "
+                                 "Choose another --out, or pass --overwrite to start it again.")
+        for folder in (ACTIVATIONS_DIR, SAES_DIR, TRANSFER_DIR, PLOTS_DIR):
+            shutil.rmtree(root / folder, ignore_errors=True)
+        for name in (REPORT_FILE, "summary.json", RUN_FILE):
+            (root / name).unlink(missing_ok=True)
+    elif root.exists() and any(root.iterdir()):
+        raise LayerflowError(f"Output folder '{root}' is not empty and holds no layerflow run ({RUN_FILE}). "
+                             "Choose another --out.")
+    record = {"schema_version": SCHEMA_VERSION, "config": config, "provenance": _provenance(cfg),
+              "stages": {stage: {"status": "pending"} for stage in STAGES}}
+    root.mkdir(parents=True, exist_ok=True)
+    _write_record(root, record)
+    return record
+
+
+def _write_record(root: Path, record: dict) -> None:
+    from layerflow.capture import atomic_write_text
+
+    atomic_write_text(root / RUN_FILE, json.dumps(record, indent=1))
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _provenance(cfg: ExperimentConfig) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    versions = {}
+    for package in ("layerflow", "torch", "transformer-lens", "sae-lens", "transformers", "numpy", "gguf"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return {"versions": versions, "python": platform.python_version(), "seed": cfg.seed,
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "device": cfg.device},
+            "started_at": _now()}
+
+
+def _weight_sources(root: Path, cfg: ExperimentConfig) -> dict[str, str]:
+    from layerflow.capture import MANIFEST_FILE
+
+    sources = {}
+    for m in cfg.models:
+        manifest = root / ACTIVATIONS_DIR / m.name / MANIFEST_FILE
+        if manifest.exists():
+            sources[m.name] = json.loads(manifest.read_text())["model"]["weights_source"]
+    return sources
+
+
+# ------------------------------------------------------------------ stages
+
+
+class _ModelCache:
+    """Loads models on demand and keeps at most two (a cross-model pair) in memory."""
+
+    def __init__(self, load: Callable[[str], Any] | None, device: str):
+        from layerflow.models import load_model
+
+        self.load = load or (lambda name: load_model(name, device=device))
+        self.loaded: dict[str, Any] = {}
+
+    def get(self, *names: str) -> Any:
+        for name in list(self.loaded):
+            if name not in names:
+                del self.loaded[name]
+        for name in names:
+            if name not in self.loaded:
+                self.loaded[name] = self.load(name)
+        return self.loaded[names[0]] if len(names) == 1 else tuple(self.loaded[n] for n in names)
+
+    def clear(self) -> None:
+        self.loaded.clear()
+
+
+def _stage_work(stage: str, cfg: ExperimentConfig, root: Path, models: _ModelCache,
+                report: Progress) -> list[tuple[str, Callable[[], Any], bool]]:
+    """[(item, do_it, finished)] for one stage: one item per model (or ordered model pair)."""
+    from layerflow.capture import MANIFEST_FILE as CAPTURE_MANIFEST
+    from layerflow.evals import EVAL_JSON
+    from layerflow.train import MANIFEST_FILE as TRAIN_MANIFEST
+    from layerflow.transfer_types import MATRIX_JSON
+
+    names = [m.name for m in cfg.models]
+    if stage == "capture":
+        return [(m.name, lambda m=m: _capture(cfg, m, root, models, report),
+                 (root / ACTIVATIONS_DIR / m.name / CAPTURE_MANIFEST).exists()) for m in cfg.models]
+    if stage == "train":
+        return [(n, lambda n=n: _train(cfg, n, root, models, report),
+                 (root / SAES_DIR / n / TRAIN_MANIFEST).exists()) for n in names]
+    if stage == "eval":
+        return [(n, lambda n=n: _evaluate(cfg, n, root, models), (root / SAES_DIR / n / EVAL_JSON).exists())
+                for n in names]
+    if stage == "transfer":
+        return [(n, lambda n=n: _transfer(cfg, n, root, models, report),
+                 (root / TRANSFER_DIR / n / MATRIX_JSON).exists()) for n in names]
+    if stage == "cross_model":
+        pairs = [(a, b) for a in names for b in names if a != b]
+        return [(f"{a} -> {b}", lambda a=a, b=b: _cross_model(cfg, a, b, root, models),
+                 (root / TRANSFER_DIR / cross_dir_name(a, b) / MATRIX_JSON).exists()) for a, b in pairs]
+    return [("report", lambda: write_outputs(root), (root / REPORT_FILE).exists())]
+
+
+def _capture(cfg: ExperimentConfig, entry, root: Path, models: _ModelCache, report: Progress) -> None:
+    from layerflow.capture import CaptureConfig, capture
+    from layerflow.sites import parse_kind
+
+    c = cfg.capture
+    capture_cfg = CaptureConfig(entry.name, cfg.layers(entry), [parse_kind(k) for k in c.sites], n_tokens=c.tokens,
+                                context_size=c.context_size, source=c.source, holdout_fraction=c.holdout,
+                                dtype=c.dtype, batch_size=c.batch_size, seed=cfg.seed, device=cfg.device)
+    capture(capture_cfg, root / ACTIVATIONS_DIR / entry.name, loaded=models.get(entry.name),
+            progress=lambda done, total: report("capture", entry.name, done, total))
+
+
+def _train(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache, report: Progress) -> None:
+    from layerflow.train import TrainConfig, train
+
+    t = cfg.train
+    train_cfg = TrainConfig(str((root / ACTIVATIONS_DIR / name).resolve()), schedule=t.schedule(), steps=t.steps,
+                            epochs=t.epochs, batch_tokens=t.batch_tokens, checkpoint_every=t.checkpoint_every,
+                            seed=cfg.seed)
+    train(train_cfg, root / SAES_DIR / name, evaluate=False, sae_subdir="",
+          progress=lambda done, total: report("train", name, done, total))
+
+
+def _evaluate(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache) -> None:
+    from layerflow.train import evaluate_run
+
+    evaluate_run(root / SAES_DIR / name, model_eval=cfg.eval.spliced,
+                 loaded=models.get(name) if cfg.eval.spliced else None)
+
+
+def _transfer(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache, report: Progress) -> None:
+    from layerflow.transfer import transfer_run
+
+    options = cfg.transfer.options(cfg.seed, cfg.device)
+    transfer_run(root / SAES_DIR / name, out_dir=root / TRANSFER_DIR / name, options=options,
+                 loaded=models.get(name) if options.spliced else None,
+                 progress=lambda done, total: report("transfer", name, done, total))
+
+
+def _cross_model(cfg: ExperimentConfig, a: str, b: str, root: Path, models: _ModelCache) -> None:
+    from layerflow.crossmodel import cross_model_runs
+
+    cross_model_runs(root / SAES_DIR / a, root / SAES_DIR / b, out_dir=root / TRANSFER_DIR / cross_dir_name(a, b),
+                     source=cfg.cross_model.source, max_words=cfg.cross_model.words,
+                     context_size=cfg.capture.context_size, loaded=models.get(a, b), seed=cfg.seed)
+
+
+def write_outputs(root: str | Path) -> dict[str, Any]:
+    """Plots, summary.json and report.md from the files of a run (what `layerflow report` does)."""
+    from layerflow.plots import make_plots
+    from layerflow.report import report_run
+    from layerflow.results import RunResults
+
+    root = Path(root)
+    plots = make_plots(RunResults.load(root), root / PLOTS_DIR)
+    summary_path, report_path = report_run(root, plots)
+    return {"plots": plots, "summary": summary_path, "report": report_path}
+
+
+__all__ = ["STAGES", "run_experiment", "write_outputs"]

@@ -1,0 +1,115 @@
+"""Everything a finished (or partly finished) `layerflow run` directory holds, read back as objects.
+
+The layout (docs/run.md):
+
+    DIR/run.json                         resolved config, provenance, per-stage status and timings
+    DIR/activations/<model>/             capture store (capture.json last)
+    DIR/saes/<model>/                    training run: plan.json, train.json, evals.json
+    DIR/saes/<model>/<hook_name>/        one SAELens SAE folder per site
+    DIR/transfer/<model>/                within-model matrix, its summary.json, matched_features.json
+    DIR/transfer/<model_a>~<model_b>/    cross-model matrix, depth_comparison.json
+    DIR/plots/, DIR/report.md, DIR/summary.json
+
+Plots and the report read only this (`RunResults.load`), so `layerflow report DIR` can rebuild
+them from the files alone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from layerflow.errors import LayerflowError
+
+RUN_FILE = "run.json"
+ACTIVATIONS_DIR = "activations"
+SAES_DIR = "saes"
+TRANSFER_DIR = "transfer"
+PLOTS_DIR = "plots"
+REPORT_FILE = "report.md"
+SUMMARY_FILE = "summary.json"
+CROSS_SEPARATOR = "~"  # transfer/<model_a>~<model_b>: model names never hold it
+
+
+def cross_dir_name(model_a: str, model_b: str) -> str:
+    return f"{model_a}{CROSS_SEPARATOR}{model_b}"
+
+
+@dataclass
+class ModelResults:
+    """One model's results. Anything its stages have not written yet is None / empty."""
+
+    name: str
+    n_layers: int
+    capture: Any  # capture.CaptureManifest: per-site mean activation norms in .mean_norm
+    train: Any = None  # train.TrainManifest
+    evals: dict[str, Any] = field(default_factory=dict)  # hook_name -> evals.SiteEval
+    transfer: Any = None  # transfer_types.TransferMatrix ("within_model")
+    transfer_summaries: dict[str, dict] = field(default_factory=dict)  # metric -> summary.TransferSummary.to_dict()
+
+    @property
+    def hooks(self) -> list[str]:
+        """Captured hooks in site order (by layer)."""
+        return [s["hook_name"] for s in self.capture.sites]
+
+    def layer_of(self, hook: str) -> int:
+        return next(s["layer"] for s in self.capture.sites if s["hook_name"] == hook)
+
+
+@dataclass
+class CrossModelResults:
+    model_a: str
+    model_b: str
+    matrix: Any  # transfer_types.TransferMatrix ("cross_model"): sources from model_a, targets from model_b
+    depth_comparison: dict[str, dict]  # metric -> crossmodel.DepthComparison as a dict
+
+
+@dataclass
+class RunResults:
+    root: Path
+    run: dict[str, Any]  # run.json
+    models: dict[str, ModelResults]
+    cross: list[CrossModelResults]
+
+    @classmethod
+    def load(cls, root: str | Path) -> "RunResults":
+        from layerflow.capture import MANIFEST_FILE as CAPTURE_MANIFEST
+        from layerflow.capture import CaptureManifest
+        from layerflow.evals import EVAL_JSON, read_eval_results
+        from layerflow.train import MANIFEST_FILE as TRAIN_MANIFEST
+        from layerflow.train import TrainManifest
+        from layerflow.transfer_types import MATRIX_JSON, TransferMatrix
+
+        root = Path(root)
+        if not (root / RUN_FILE).exists():
+            raise LayerflowError(f"'{root}' is not a layerflow run directory (no {RUN_FILE}). "
+                                 "Create one with `layerflow run --out DIR`.")
+        run = json.loads((root / RUN_FILE).read_text())
+        models = {}
+        for name in run["config"]["models"]:
+            name = name["name"] if isinstance(name, dict) else name
+            capture_file = root / ACTIVATIONS_DIR / name / CAPTURE_MANIFEST
+            if not capture_file.exists():
+                continue
+            capture = CaptureManifest.from_json(capture_file.read_text())
+            result = ModelResults(name, int(capture.model["n_layers"]), capture)
+            saes = root / SAES_DIR / name
+            if (saes / TRAIN_MANIFEST).exists():
+                result.train = TrainManifest.from_json((saes / TRAIN_MANIFEST).read_text())
+            if (saes / EVAL_JSON).exists():
+                result.evals = read_eval_results(saes)
+            within = root / TRANSFER_DIR / name
+            if (within / MATRIX_JSON).exists():
+                result.transfer = TransferMatrix.read(within)
+                if (within / SUMMARY_FILE).exists():
+                    result.transfer_summaries = json.loads((within / SUMMARY_FILE).read_text())["summaries"]
+            models[name] = result
+        cross = []
+        for folder in sorted((root / TRANSFER_DIR).glob(f"*{CROSS_SEPARATOR}*")):
+            if (folder / MATRIX_JSON).exists():
+                a, b = folder.name.split(CROSS_SEPARATOR)
+                depth = json.loads((folder / "depth_comparison.json").read_text())
+                cross.append(CrossModelResults(a, b, TransferMatrix.read(folder), depth))
+        return cls(root, run, models, cross)
