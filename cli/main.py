@@ -290,6 +290,57 @@ def transfer(
     out.print(f"written: {', '.join(str(p) for p in written)}")
 
 
+@app.command()
+def run(
+    config: Optional[Path] = typer.Argument(None, help="Experiment config (TOML; see configs/). Default: the embedded model, all layers."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory.", show_default="artifacts/run-<config name>"),
+    quick: bool = typer.Option(False, help="Smoke test: 4 layers per model, few tokens and steps (minutes)."),
+    until: Optional[str] = typer.Option(None, help="Stop after this stage: capture, train, eval, transfer, cross_model, report."),
+    overwrite: bool = typer.Option(False, help="Start again in a run directory that holds a run with another config."),
+) -> None:
+    """The whole study from one config: capture, train, eval, transfer, cross-model, plots and report.md.
+
+    Rerun the same command to resume: finished stages are skipped, judged by their manifests."""
+    from layerflow.experiment import load_config
+    from layerflow.pipeline import STAGES, run_experiment
+
+    cfg = load_config(config)
+    cfg = cfg.quick() if quick else cfg
+    out_dir = out_dir or Path("artifacts") / f"run-{cfg.name}"
+    stages = STAGES[:STAGES.index(until) + 1] if until in STAGES else STAGES
+    with Progress(TextColumn("[{task.fields[step]}/{task.fields[of]}] {task.description}"), BarColumn(),
+                  MofNCompleteColumn(), TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("starting", total=None, step=0, of=len(stages))
+
+        def show(stage: str, item: str, done: int, total: int | None) -> None:
+            unit = {"capture": "tokens", "train": "steps", "transfer": "pairs"}.get(stage, "")
+            bar.update(task, description=f"{stage} {item} {unit}".rstrip(), completed=done, total=total,
+                       step=stages.index(stage) + 1)
+
+        record = run_experiment(cfg, out_dir, until=until, overwrite=overwrite, progress=show)
+    table = Table(title=f"{cfg.name}: {', '.join(m.name for m in cfg.models)} -> {out_dir}")
+    for col in ("stage", "status", "wall time"):
+        table.add_column(col, justify="right" if col == "wall time" else "left")
+    for stage, info in record["stages"].items():
+        status = info["status"] if info.get("last_invocation", "ran") == "ran" else info["last_invocation"]
+        seconds = f"{info['seconds']:.0f} s" if "seconds" in info else "-"
+        table.add_row(stage, status, seconds)
+    out.print(table)
+    if (out_dir / "report.md").exists():
+        out.print(f"report: {out_dir / 'report.md'}; plots in {out_dir / 'plots'}; figures in {out_dir / 'summary.json'}")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A `layerflow run` directory.")) -> None:
+    """Redraw the plots and rewrite summary.json and report.md from a run's files."""
+    from layerflow.pipeline import write_outputs
+
+    with err.status("plotting and writing the report"):
+        written = write_outputs(run_dir)
+    out.print(f"{sum(len(p) for p in written['plots'].values())} plot files in {run_dir / 'plots'}; "
+              f"{written['summary']}; {written['report']}")
+
+
 def _cross_model_table(matrix) -> Table:
     """Per source site: the target site it explains best (relative transfer), and same-depth figures."""
     import numpy as np
