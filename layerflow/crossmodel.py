@@ -75,6 +75,7 @@ from layerflow.transfer_types import SiteId, TransferMatrix, metric_names
 
 WORD = re.compile(r"\S+")
 ENCODE_BATCH = 4096
+MATCH_PAIRS = ("all", "same_depth", "none")
 
 
 # --- word alignment ------------------------------------------------------------------------------
@@ -486,15 +487,13 @@ def _site(sae: Any, acts: Tensor, heldout: Tensor, cka_words: Tensor, keep_laten
 
 
 def _pair_metrics(a: _Site, b: _Site, maps: tuple[AffineMap, AffineMap], target_ev: float, cka_perms: list[Tensor],
-                  n_perm_features: int, fdr: float, seed: int) -> tuple[dict[str, float], MatchedFeatures]:
+                  n_perm_features: int, fdr: float, seed: int, match: bool) -> tuple[dict[str, float], MatchedFeatures | None]:
     map_ab, map_ba = maps
     x_b = b.x_heldout
     in_a = map_ba.apply(x_b)
     stitched = _ev(x_b, map_ab.apply(_reconstruct(a.sae, in_a)))
     stitch_only = _ev(x_b, map_ab.apply(in_a))
     cka, cka_p = _cka_with_p(a.gram, b.gram, cka_perms)
-    corr = _train_correlation(a.sae, b.sae, a.x_train, b.x_train)
-    matched = _test_matches(corr, a.latents_heldout, _encode(b.sae, x_b), n_perm_features, fdr, seed)
     metrics = {
         "stitched_explained_variance": stitched,
         "stitch_only_explained_variance": stitch_only,
@@ -502,9 +501,17 @@ def _pair_metrics(a: _Site, b: _Site, maps: tuple[AffineMap, AffineMap], target_
         "relative_transfer": stitched / target_ev if target_ev > 0 else math.nan,
         "cka": cka,
         "cka_p_value": cka_p,
-        "matched_feature_correlation_mean": float(matched.heldout_correlation.mean()) if len(matched.source_index) else math.nan,
-        "fraction_features_with_partner": matched.significant.sum() / matched.n_live_source if matched.n_live_source else math.nan,
+        "matched_feature_correlation_mean": math.nan,
+        "fraction_features_with_partner": math.nan,
     }
+    if not match:
+        return metrics, None
+    corr = _train_correlation(a.sae, b.sae, a.x_train, b.x_train)
+    matched = _test_matches(corr, a.latents_heldout, _encode(b.sae, x_b), n_perm_features, fdr, seed)
+    if len(matched.source_index):
+        metrics["matched_feature_correlation_mean"] = float(matched.heldout_correlation.mean())
+    if matched.n_live_source:
+        metrics["fraction_features_with_partner"] = matched.significant.sum() / matched.n_live_source
     return metrics, matched
 
 
@@ -518,8 +525,16 @@ def cross_model_matrix(
     cka_max_words: int = 2048,
     fdr: float = 0.05,
     seed: int = 0,
+    match_pairs: str = "all",
 ) -> TransferMatrix:
-    """Every CrossModelPair metric for each (A site, B site): sources are `saes_a`' hooks, targets `saes_b`'."""
+    """Every CrossModelPair metric for each (A site, B site): sources are `saes_a`' hooks, targets `saes_b`'.
+
+    Feature matching (Hungarian on latent correlations, permutation-tested) is the costly part:
+    `match_pairs` "all" runs it for every pair, "same_depth" only for each source's same-depth
+    target (`same_depth_pairs`), "none" never; the matching metrics are NaN where it did not run.
+    """
+    if match_pairs not in MATCH_PAIRS:
+        raise LayerflowError(f"Unknown match_pairs '{match_pairs}'. Valid: {', '.join(MATCH_PAIRS)}.")
     _check_inputs(saes_a, saes_b, aligned)
     g = torch.Generator().manual_seed(seed)
     n_cka = min(aligned.n_heldout, cka_max_words)
@@ -531,12 +546,17 @@ def cross_model_matrix(
     shape = (len(saes_a), len(saes_b))
     metrics = {name: np.full(shape, np.nan) for name in metric_names("cross_model")}
     matched: dict[tuple[str, str], MatchedFeatures] = {}
+    sites_a, sites_b = [aligned.site("a", h) for h in saes_a], [aligned.site("b", h) for h in saes_b]
+    same_depth = set(nearest_depth_pairs(sites_a, sites_b))
     for i, (hook_a, sae_a) in enumerate(saes_a.items()):
         source = _site(sae_a, aligned.acts_a[hook_a], heldout, cka_words, keep_latents=True)
         for j, hook_b in enumerate(saes_b):
             maps = fit_stitch(aligned, hook_a, hook_b, ridge)
-            values, matched[hook_a, hook_b] = _pair_metrics(
-                source, targets[hook_b], maps, target_ev[hook_b], cka_perms, n_perm_features, fdr, seed)
+            match = match_pairs == "all" or (match_pairs == "same_depth" and (i, j) in same_depth)
+            values, pair_matched = _pair_metrics(source, targets[hook_b], maps, target_ev[hook_b], cka_perms,
+                                                 n_perm_features, fdr, seed, match)
+            if pair_matched is not None:
+                matched[hook_a, hook_b] = pair_matched
             for name, value in values.items():
                 metrics[name][i, j] = value
     settings = {
@@ -544,10 +564,9 @@ def cross_model_matrix(
         "n_train_words": aligned.n_train, "n_heldout_words": aligned.n_heldout,
         "n_dropped_words": aligned.n_dropped, "context_size": aligned.context_size,
         "heldout_every": aligned.heldout_every, "ridge": ridge, "n_perm": n_perm,
-        "n_perm_features": n_perm_features, "cka_words": n_cka, "fdr": fdr, "seed": seed,
+        "n_perm_features": n_perm_features, "cka_words": n_cka, "fdr": fdr, "seed": seed, "match_pairs": match_pairs,
     }
-    return TransferMatrix("cross_model", [aligned.site("a", h) for h in saes_a], [aligned.site("b", h) for h in saes_b],
-                          metrics, settings, extras={"matched_features": matched})
+    return TransferMatrix("cross_model", sites_a, sites_b, metrics, settings, extras={"matched_features": matched})
 
 
 def _check_inputs(saes_a: dict[str, Any], saes_b: dict[str, Any], aligned: AlignedActivations) -> None:
@@ -569,10 +588,14 @@ def _check_inputs(saes_a: dict[str, Any], saes_b: dict[str, Any], aligned: Align
 # --- same depth vs all depths --------------------------------------------------------------------
 
 
-def same_depth_pairs(matrix: TransferMatrix) -> list[tuple[int, int]]:
+def nearest_depth_pairs(sources: list[SiteId], targets: list[SiteId]) -> list[tuple[int, int]]:
     """(source i, target j) with j the target of nearest relative depth (ties: the shallower)."""
-    depths = np.array([t.relative_depth for t in matrix.targets])
-    return [(i, int(np.argmin(np.abs(depths - s.relative_depth)))) for i, s in enumerate(matrix.sources)]
+    depths = np.array([t.relative_depth for t in targets])
+    return [(i, int(np.argmin(np.abs(depths - s.relative_depth)))) for i, s in enumerate(sources)]
+
+
+def same_depth_pairs(matrix: TransferMatrix) -> list[tuple[int, int]]:
+    return nearest_depth_pairs(matrix.sources, matrix.targets)
 
 
 @dataclass(frozen=True)

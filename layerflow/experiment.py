@@ -98,6 +98,7 @@ class TransferSection:
 class CrossModelSection:
     words: int = 20_000  # aligned words of text (every 5th document held out)
     source: str = "default"
+    match_pairs: str = "same_depth"  # feature matching: "all" pairs, each source's "same_depth" target, "none"
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,11 @@ class ExperimentConfig:
             if value <= 0:
                 shown = value + 1 if key == "capture.context_size" else value
                 raise LayerflowError(f"{where}: {key} = {shown} must be {'at least 2' if key == 'capture.context_size' else 'positive'}.")
+        from layerflow.crossmodel import MATCH_PAIRS
+
+        if self.cross_model.match_pairs not in MATCH_PAIRS:
+            raise LayerflowError(f"{where}: cross_model.match_pairs '{self.cross_model.match_pairs}' is not valid. "
+                                 f"{did_you_mean(self.cross_model.match_pairs, list(MATCH_PAIRS))}")
         if self.transfer.match_distance < 0:
             raise LayerflowError(f"{where}: transfer.match_distance = {self.transfer.match_distance} must be >= 0.")
         self.train.schedule()  # unknown architectures, hyperparameters and depth bands are refused here

@@ -239,7 +239,8 @@ def _cross_model(cfg: ExperimentConfig, a: str, b: str, root: Path, models: _Mod
 
     cross_model_runs(root / SAES_DIR / a, root / SAES_DIR / b, out_dir=root / TRANSFER_DIR / cross_dir_name(a, b),
                      source=cfg.cross_model.source, max_words=cfg.cross_model.words,
-                     context_size=cfg.capture.context_size, loaded=models.get(a, b), seed=cfg.seed)
+                     context_size=cfg.capture.context_size, loaded=models.get(a, b), seed=cfg.seed,
+                     match_pairs=cfg.cross_model.match_pairs)
 
 
 def write_outputs(root: str | Path) -> dict[str, Any]:

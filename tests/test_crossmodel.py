@@ -261,6 +261,26 @@ def test_same_depth_pairs_and_summary(planted_matrix):
     assert summary.all_mean == pytest.approx(np.nanmean(matrix["relative_transfer"]))
 
 
+def test_matching_only_same_depth_pairs_leaves_the_rest_nan(planted_matrix):
+    full, planted, aligned = planted_matrix
+    saes_a = {R0: true_sae(planted, 0), R1: true_sae(planted, 1)}
+    g = torch.Generator().manual_seed(4)
+    to_b, shift = torch.randn(128, 160, generator=g) / 128**0.5, torch.randn(160, generator=g)
+    saes_b = {hook: _mapped_sae(sae, to_b, shift) for hook, sae in saes_a.items()}
+    same = cross_model_matrix(saes_a, saes_b, aligned, n_perm=100, n_perm_features=200, match_pairs="same_depth")
+    matched = ("fraction_features_with_partner", "matched_feature_correlation_mean")
+    for name in same.metrics:
+        for i in (0, 1):
+            for j in (0, 1):
+                if name in matched and i != j:
+                    assert np.isnan(same[name][i, j])  # not matched
+                else:
+                    assert same[name][i, j] == pytest.approx(full[name][i, j])  # the same figures as matching all
+    assert set(same.extras["matched_features"]) == {(R0, R0), (R1, R1)}
+    with pytest.raises(LayerflowError, match="Unknown match_pairs 'some'. Valid: all, same_depth, none"):
+        cross_model_matrix(saes_a, saes_b, aligned, match_pairs="some")
+
+
 def test_same_depth_pairs_compare_relative_depth():
     site = lambda model, layer, n: SiteId(model, f"blocks.{layer}.hook_resid_post", layer, n)  # noqa: E731
     sources, targets = [site("a", layer, 30) for layer in (0, 10, 29)], [site("b", layer, 18) for layer in range(0, 18, 3)]
