@@ -1,0 +1,368 @@
+"""summary.json and report.md of a run: every printed number traceable, findings chosen by the data."""
+
+import json
+import math
+import re
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+
+from layerflow.capture import MANIFEST_FILE as CAPTURE_FILE
+from layerflow.capture import CaptureManifest
+from layerflow.crossmodel import compare_same_depth
+from layerflow.evals import SiteEval, write_eval_results
+from layerflow.metrics import ReconstructionMetrics
+from layerflow.results import RunResults, cross_dir_name
+from layerflow.report import build_summary, fmt, report_run, write_report
+from layerflow.summary import band
+from layerflow.train import MANIFEST_FILE as TRAIN_FILE
+from layerflow.train import SiteResult, TrainManifest
+from layerflow.transfer_types import SiteId, TransferMatrix
+
+LAYERS, N_LAYERS = [0, 2, 4, 6, 8, 10], 12
+NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[+-]?\d+)?(?!\w)")
+
+
+# --- a run folder from real files ----------------------------------------------------------------
+
+
+def hook(layer):
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def norms(layers):
+    return [10.0 * 1.4 ** k for k in range(len(layers))]  # residual norm growing with depth
+
+
+def raw_ratio(R, norm):
+    """The notes' ratio of the same transfer: MSE(i on i) / MSE(i on j) grows as norm_i^2 / norm_j^2."""
+    n = np.array(norm)
+    return R * np.divide.outer(n, n) ** 2
+
+
+def write_model(root, name, layers, n_layers, R, evals=True, train=True, nan_at=None):
+    sites = [{"layer": layer, "kind": "resid_post", "hook_name": hook(layer), "d": 8} for layer in layers]
+    norm = norms(layers)
+    capture = CaptureManifest(
+        schema_version=1, layerflow_version="0.1.0", model={"name": name, "n_layers": n_layers}, sites=sites,
+        layers=list(layers), d_model=8, dtype="float32", context_size=16, prepend_bos=True, bos_token_id=1,
+        special_token_ids=[1], text_source={"source": "test"},
+        split={"train_seqs": 36, "heldout_seqs": 4, "train_tokens": 576, "heldout_tokens": 64}, n_tokens=640,
+        shards=[], mean_norm={hook(layer): v for layer, v in zip(layers, norm)}, seconds=1.5)
+    (root / "activations" / name).mkdir(parents=True)
+    (root / "activations" / name / CAPTURE_FILE).write_text(capture.to_json())
+    saes = root / "saes" / name
+    if evals:
+        rng = np.random.default_rng(len(layers))
+        write_eval_results({hook(layer): SiteEval(hook(layer), ReconstructionMetrics(
+            n_tokens=64, fvu=float(f), explained_variance=float(1 - f), mse=float(f * 50), variance=50.0, l0=12.0,
+            dead_fraction=float(d), dense_fraction=0.0, l2_ratio=0.93, relative_reconstruction_bias=0.98),
+            ce_clean=3.1, ce_spliced=3.1 + float(f), ce_zero_ablation=7.4, ce_loss_score=0.9, delta_ce=float(f),
+            kl_div=float(f / 2))
+            for layer, f, d in zip(layers, rng.uniform(0.1, 0.4, 9), rng.uniform(0, 0.3, 9))}, saes)
+    if train:
+        manifest = TrainManifest("0.1.0", {"store": "capture"}, {"name": name}, steps=200, tokens_per_site=4096,
+                                 seconds=12.25, sites=[SiteResult(hook(layer), layer, f"saes/{hook(layer)}", {"k": 12},
+                                                                  1.0, 9.0, 1.0) for layer in layers])
+        (saes / TRAIN_FILE).write_text(manifest.to_json())
+    if R is not None:
+        R = np.array(R, dtype=np.float64)
+        np.fill_diagonal(R, 1.0)
+        W = raw_ratio(R, norm)
+        if nan_at:
+            R[nan_at] = W[nan_at] = np.nan  # a pair not computed
+        ids = [SiteId(name, hook(layer), layer, n_layers) for layer in layers]
+        TransferMatrix("within_model", ids, ids, {"relative_transfer": R, "transfer_recon_ratio": W},
+                       {"n_tokens": 64}).write(root / "transfer" / name)
+
+
+def write_cross(root, a, b, layers_a, n_a, layers_b, n_b):
+    sources = [SiteId(a, hook(layer), layer, n_a) for layer in layers_a]
+    targets = [SiteId(b, hook(layer), layer, n_b) for layer in layers_b]
+    gap = np.abs(np.subtract.outer([s.relative_depth for s in sources], [t.relative_depth for t in targets]))
+    rt = 0.8 - gap + 0.05 * np.arange(len(sources))[:, None] / len(sources)  # peaks at the same depth
+    matrix = TransferMatrix("cross_model", sources, targets, {
+        "stitched_explained_variance": 0.7 * rt, "target_sae_explained_variance": np.full(rt.shape, 0.7),
+        "relative_transfer": rt, "cka": 0.6 - gap / 2, "cka_p_value": np.full(rt.shape, 0.01),
+        "fraction_features_with_partner": np.clip(0.5 - gap, 0, 1)})
+    folder = root / "transfer" / cross_dir_name(a, b)
+    matrix.write(folder)
+    metrics = ("relative_transfer", "stitched_explained_variance", "cka")
+    depth = {m: asdict(compare_same_depth(matrix, m)) for m in metrics}
+    (folder / "depth_comparison.json").write_text(json.dumps(depth))
+
+
+def write_run_json(root, models, stages=True):
+    run = {"config": {"models": [{"name": m} for m in models]}}
+    if stages:
+        run["stages"] = {"capture": {"status": "done", "seconds": 12.5}, "train": {"status": "done", "seconds": 300.25},
+                         "transfer": {"status": "done", "seconds": 2400.0}, "report": {"status": "pending"}}
+    (root / "run.json").write_text(json.dumps(run))
+
+
+def hub_matrix(hub_layer=4, layers=LAYERS, background=0.3, seed=0):
+    rng = np.random.default_rng(seed)
+    R = background + rng.uniform(-0.05, 0.05, (len(layers), len(layers)))
+    R[layers.index(hub_layer)] = 0.95
+    return R
+
+
+def flat_matrix(layers=LAYERS, value=0.5):
+    return np.full((len(layers), len(layers)), value)
+
+
+def divergence_matrix(first_after_break=8, layers=LAYERS, seed=1):
+    rng = np.random.default_rng(seed)
+    before = np.array(layers) < first_after_break
+    same_side = np.equal.outer(before, before)
+    return np.where(same_side, rng.uniform(0.8, 0.95, (len(layers),) * 2), rng.uniform(0.05, 0.2, (len(layers),) * 2))
+
+
+def make_run(tmp_path, R, name="toy-a", **kwargs):
+    root = tmp_path / "run"
+    root.mkdir(parents=True)
+    write_model(root, name, LAYERS, N_LAYERS, R, **kwargs)
+    write_run_json(root, [name])
+    return root
+
+
+@pytest.fixture
+def full_run(tmp_path):
+    """Two models, a within-model matrix each (one with a pair not computed), a cross-model matrix, plots."""
+    root = tmp_path / "run"
+    root.mkdir()
+    write_model(root, "toy-a", LAYERS, N_LAYERS, hub_matrix(), nan_at=(1, 3))
+    layers_b = [0, 3, 6, 9, 12, 15, 17]
+    write_model(root, "toy-b", layers_b, 18, divergence_matrix(9, layers_b))
+    write_cross(root, "toy-a", "toy-b", LAYERS, N_LAYERS, layers_b, 18)
+    write_run_json(root, ["toy-a", "toy-b"])
+    plots = {}
+    for plot_id in ("transfer_heatmap:toy-a", "universality:toy-a", "distance_decay", "cross_model:toy-a~toy-b"):
+        kind, _, rest = plot_id.partition(":")
+        files = [root / "plots" / f"{kind}-{rest}.{ext}" if rest else root / "plots" / f"{kind}.{ext}"
+                 for ext in ("png", "pdf")]
+        for f in files:
+            f.parent.mkdir(exist_ok=True)
+            f.write_bytes(b"")
+        plots[plot_id] = files
+    plots["sae_quality"] = [root / "plots" / "sae_quality.png"]  # listed but never written: no link
+    return root, plots
+
+
+# --- traceability -----------------------------------------------------------------------------------
+
+
+def numbers_in(value, out):
+    """Every number of a JSON value, and the size of every list and dict (counts)."""
+    if isinstance(value, dict):
+        out.add(fmt(len(value)))
+        for v in value.values():
+            numbers_in(v, out)
+    elif isinstance(value, list):
+        out.add(fmt(len(value)))
+        for v in value:
+            numbers_in(v, out)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        out.add(fmt(value))
+    return out
+
+
+def printed_numbers(report):
+    """Numbers of the report's prose and tables: code spans (names, paths) and link targets left out."""
+    text = re.sub(r"`[^`]*`", " ", report)
+    text = re.sub(r"\]\([^)]*\)", "]", text)
+    return NUMBER.findall(text)
+
+
+def test_every_number_in_the_report_is_in_the_summary_or_the_matrices(full_run):
+    root, plots = full_run
+    summary_path, report_path = report_run(root, plots)
+    summary = json.loads(summary_path.read_text())
+    known = numbers_in(summary, set())
+    results = RunResults.load(root)
+    matrices = [m.transfer for m in results.models.values()] + [c.matrix for c in results.cross]
+    for matrix in matrices:
+        known |= {fmt(float(v)) for values in matrix.metrics.values() for v in values.ravel()}
+    printed = printed_numbers(report_path.read_text())
+    assert len(printed) > 200  # the check has something to check
+    orphans = sorted(set(printed) - known)
+    assert not orphans, f"numbers in report.md found neither in summary.json nor in the matrices: {orphans}"
+
+
+def test_fmt_is_a_fixed_small_set_of_formats():
+    assert [fmt(v) for v in (3, 0.123456, -0.0302, 55.36, 1273.4, 1.0, -0.0, 1.2345e-5, float("nan"), None)] == \
+        ["3", "0.123", "-0.0302", "55.4", "1273", "1", "0", "1.23e-05", "n/a", "n/a"]
+
+
+def test_plots_are_linked_relative_to_the_report_and_absent_plots_are_not(full_run):
+    root, plots = full_run
+    report = report_run(root, plots)[1].read_text()
+    assert "](plots/transfer_heatmap-toy-a.png)" in report
+    assert "[PDF](plots/transfer_heatmap-toy-a.pdf)" in report
+    assert "](plots/cross_model-toy-a~toy-b.png)" in report
+    assert "sae_quality" not in report and "transfer_heatmap-toy-b" not in report
+    # Without a plots dict, the files already in plots/ are found and linked the same way.
+    assert report_run(root)[1].read_text() == report
+
+
+# --- findings chosen by the data --------------------------------------------------------------------
+
+
+def findings(root):
+    report = report_run(root)[1].read_text()
+    return report.split("## Findings", 1)[1].split("Raw ratio vs scale-aware metric", 1)[0]
+
+
+def test_a_planted_hub_is_named(tmp_path):
+    text = findings(make_run(tmp_path, hub_matrix(hub_layer=4)))
+    assert "Layer 4 is a hub" in text
+    assert "No layer stands out as a hub" not in text
+
+
+def test_a_flat_matrix_has_no_hub_and_no_divergence(tmp_path):
+    text = findings(make_run(tmp_path, flat_matrix()))
+    assert "No layer stands out as a hub" in text
+    assert "no divergence point" in text
+    assert "Transfer does not fall with distance" in text
+
+
+def test_a_planted_divergence_is_named(tmp_path):
+    text = findings(make_run(tmp_path, divergence_matrix(first_after_break=8)))
+    assert "The chain diverges at layer 8 (relative depth 0.727)" in text
+    assert "No layer stands out as a hub" in text
+
+
+def test_universal_and_specialised_layers_follow_the_bands(tmp_path):
+    R = np.full((6, 6), 0.2)
+    R[0], R[5] = 0.95, 0.5  # layer 0 universal, layer 10 in between, the others specialised
+    text = findings(make_run(tmp_path, R))
+    assert "Universal layers (mean outgoing relative transfer >= 0.6): layer 0. " \
+           "Specialised layers (< 0.4): layers 2, 4, 6 and 8." in text
+    text = findings(make_run(tmp_path / "flat", flat_matrix(value=0.2)))
+    assert "All 6 layers are specialised" in text
+
+
+def test_the_raw_ratio_is_fooled_by_norm_growth_and_the_report_says_so(tmp_path):
+    R = flat_matrix(value=0.5) + np.random.default_rng(0).uniform(-0.02, 0.02, (6, 6))  # no structure
+    root = make_run(tmp_path, R)
+    report = report_run(root)[1].read_text()
+    summary = json.loads((root / "summary.json").read_text())
+    c = summary["models"]["toy-a"]["raw_vs_scale_aware"]
+    rel, raw = (summary["models"]["toy-a"]["transfer"][m] for m in ("relative_transfer", "transfer_recon_ratio"))
+    assert rel["hub_layers"] == [] and raw["hub_layers"] == [10]  # norm growth makes the deepest layer a "hub"
+    assert c["norm_rank_correlation"]["transfer_recon_ratio"] == pytest.approx(1.0)
+    assert abs(c["norm_rank_correlation"]["relative_transfer"]) < 1
+    assert "The raw ratio names layer 10 as a hub; relative transfer names none." in report
+    assert "the raw ratio follows norm growth more closely" in report
+    assert "**The conclusion changes with the metric**: the hubs" in report
+    assert f"exceeds one for {fmt(raw['fraction_above_one'])} of the pairs" in report
+
+
+def test_cross_model_same_depth_is_reported(full_run):
+    root, plots = full_run
+    report = report_run(root, plots)[1].read_text()
+    summary = json.loads((root / "summary.json").read_text())
+    (c,) = summary["cross_model"]
+    depth = c["depth_comparison"]["relative_transfer"]
+    assert depth["same_depth_mean"] > depth["all_mean"]
+    assert "Relative transfer: same-depth pairs average" in report and "same depth is higher" in report
+    n = c["n_sources"]
+    assert f"For {n} of the {n} source layers the best target by relative transfer is the same-depth one" in report
+
+
+# --- summary consistency ------------------------------------------------------------------------------
+
+
+def test_summary_is_internally_consistent(full_run):
+    root, plots = full_run
+    summary_path, _ = report_run(root, plots)
+    summary = json.loads(summary_path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+    assert summary["schema_version"] == 1
+    results = RunResults.load(root)
+    for name, m in summary["models"].items():
+        matrix = results.models[name].transfer
+        for metric, s in m["transfer"].items():
+            assert s["min"] <= s["mean"] <= s["max"]
+            M = matrix[metric]
+            off = [(i, j) for i in range(len(M)) for j in range(len(M)) if i != j and np.isfinite(M[i, j])]
+            assert s["n_pairs"] == len(off) == sum(s["band_counts"].values())
+            assert s["mean"] == pytest.approx(np.mean([M[i, j] for i, j in off]))
+            for i, layer in enumerate(s["layers"]):  # universality, recomputed from the matrix
+                row = next(r for r in m["layers"] if r["layer"] == layer)
+                out = np.mean([M[i, j] for a, j in off if a == i])
+                incoming = np.mean([M[a, i] for a, j in off if j == i])
+                prefix = "" if metric == "relative_transfer" else "raw_"
+                assert row[f"{prefix}universality_out"] == pytest.approx(out)
+                assert row[f"{prefix}universality_in"] == pytest.approx(incoming)
+                assert s["universality_band"][i] == band(out)
+        R, W = matrix["relative_transfer"], matrix["transfer_recon_ratio"]
+        pairs = [(i, j) for i in range(len(R)) for j in range(len(R))
+                 if i != j and np.isfinite(R[i, j]) and np.isfinite(W[i, j])]
+        differs = np.mean([band(R[i, j]) != band(W[i, j]) for i, j in pairs])
+        assert m["raw_vs_scale_aware"]["band_differs_fraction"] == pytest.approx(differs)
+        for row in m["layers"]:
+            ev = results.models[name].evals[row["hook"]]
+            assert row["fvu"] == ev.reconstruction.fvu and row["delta_ce"] == ev.delta_ce
+            assert row["mean_norm"] == results.models[name].capture.mean_norm[row["hook"]]
+    (c,) = summary["cross_model"]
+    matrix = results.cross[0].matrix
+    for row in c["by_depth"]:  # the same-depth target is the one of nearest relative depth
+        s = matrix.index(row["source_layer"])
+        gaps = [abs(t.relative_depth - matrix.sources[s].relative_depth) for t in matrix.targets]
+        assert row["target_layer"] == matrix.targets[int(np.argmin(gaps))].layer
+    same = c["depth_comparison"]["relative_transfer"]
+    assert same["same_depth_mean"] == pytest.approx(np.mean([r["relative_transfer"] for r in c["by_depth"]]))
+    assert same["all_mean"] == pytest.approx(matrix["relative_transfer"].mean())
+    assert summary["stages_total_seconds"] == pytest.approx(12.5 + 300.25 + 2400.0)
+
+
+def test_a_partial_run_without_stages_or_matrices_still_reports(tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    write_model(root, "toy-a", LAYERS, N_LAYERS, None, evals=False, train=False)
+    write_run_json(root, ["toy-a", "not-captured-yet"], stages=False)
+    summary_path, report_path = report_run(root)
+    summary = json.loads(summary_path.read_text())
+    assert summary["stages"] == {} and summary["cross_model"] == []
+    assert summary["models"]["toy-a"]["transfer"] == {}
+    assert summary["models"]["toy-a"]["layers"][0]["fvu"] is None
+    report = report_path.read_text()
+    assert "No layer-to-layer transfer matrix" in report and "| stage |" not in report
+    assert "FVU" not in report.split("## Per-layer metrics")[1].split("## How to read")[0]  # empty columns dropped
+    assert sorted(p.name for p in root.iterdir()) == ["activations", "report.md", "run.json", "summary.json"]
+
+
+def test_write_report_and_build_summary_are_usable_on_their_own(tmp_path):
+    root = make_run(tmp_path, hub_matrix())
+    results = RunResults.load(root)
+    summary = build_summary(results)
+    json.dumps(summary, allow_nan=False)
+    path = write_report(results, summary, {}, tmp_path / "elsewhere.md")
+    assert path.read_text().startswith("# layerflow report")
+    assert not math.isnan(summary["models"]["toy-a"]["transfer"]["relative_transfer"]["decay_rate"])
+
+
+def test_saes_that_explain_nothing_are_flagged(tmp_path):
+    root = make_run(tmp_path, hub_matrix())
+    evals = json.loads((root / "saes" / "toy-a" / "evals.json").read_text())
+    evals["sites"][2]["fvu"] = 1.7
+    (root / "saes" / "toy-a" / "evals.json").write_text(json.dumps(evals))
+    summary_path, report_path = report_run(root)
+    assert json.loads(summary_path.read_text())["models"]["toy-a"]["unreliable_sae_layers"] == [4]
+    assert "**Warning**: the SAEs of layer 4 explain none of their layer's variance (FVU >= 1, up to 1.7)" \
+        in report_path.read_text()
+    assert "**Warning**" not in report_run(make_run(tmp_path / "good", hub_matrix()))[1].read_text()
+
+
+def test_cross_model_without_relative_transfer_falls_back_to_stitched_ev(full_run):
+    root, plots = full_run
+    folder = root / "transfer" / "toy-a~toy-b"
+    matrix = TransferMatrix.read(folder)
+    matrix.metrics["relative_transfer"][:] = np.nan  # every target SAE explains nothing
+    matrix.write(folder)
+    report = report_run(root, plots)[1].read_text()
+    c = json.loads((root / "summary.json").read_text())["cross_model"][0]
+    assert c["by_depth_metric"] == "stitched_explained_variance"
+    assert "Relative transfer: not computed for any pair." in report
+    assert "same-depth stitched EV is highest at depth" in report
