@@ -59,6 +59,10 @@ class TrainConfig:
     checkpoint_every: int = 500
     seed: int = 0
     fast_path: bool = True  # stack TopK-family SAEs in sparse_topk; False: SAELens' step for all
+    # "mean": the decoder bias starts at the mean training activation (as in EleutherAI's sparsify),
+    # so a short run starts at FVU 1 rather than far above it where the mean is large (Gemma's
+    # massive activations); "zeros": SAELens' own init.
+    init_b_dec: str = "mean"
     # Online: train from model forwards on this capture's training sequences (nothing of them is
     # stored); only its held-out split is captured, to `store`, for the evals.
     online: CaptureConfig | None = None
@@ -213,6 +217,8 @@ def train(
     n_layers = _model_layers(manifest)
     specials = manifest.special_token_ids if cfg.exclude_special_tokens else []
     steps = cfg.steps or _steps_for_epochs(cfg, store, specials)
+    if cfg.init_b_dec not in ("mean", "zeros"):
+        raise LayerflowError(f"Unknown init_b_dec '{cfg.init_b_dec}'. Valid: mean, zeros.")
     if steps < 1 or cfg.batch_tokens < 1:
         raise LayerflowError(f"Nothing to train: {steps} steps of {cfg.batch_tokens} tokens. Use --steps >= 1.")
     plan = json.loads(json.dumps(cfg.plan() | {"hooks": hooks, "steps": steps}))  # as it reads back from disk
@@ -230,7 +236,11 @@ def train(
 
     chunks = lambda seed: _train_chunks(cfg, store, hooks, seed, loaded)
     batches = mixed_batches(chunks(cfg.seed), cfg.batch_tokens, specials, cfg.seed, _buffer_bytes(store, hooks))
-    scales = _scaling_factors(cfg, chunks(cfg.seed + 1), store, hooks, specials, saes)
+    scales, means = _input_statistics(cfg, chunks(cfg.seed + 1), store, hooks, specials, saes)
+    if cfg.init_b_dec == "mean":
+        with torch.no_grad():
+            for h, scale, mean in zip(hooks, scales, means):
+                saes[h].b_dec.copy_(mean * scale)  # in the scaled units the SAE trains in
     groups = _make_groups(cfg, saes, values, scales, steps)
 
     step = 0
@@ -320,15 +330,20 @@ def _train_chunks(cfg: TrainConfig, store: ActivationStore, hooks: list[str], se
     return model_chunks(loaded.model, tokens[:n_train][order], hooks, cfg.online.batch_size, cfg.online.device)
 
 
-def _scaling_factors(cfg, chunks, store, hooks, specials, saes) -> list[float]:
-    """sqrt(d_in) / mean norm per site for `expected_average_only_in`, else 1 (SAELens' rule)."""
+def _input_statistics(cfg, chunks, store, hooks, specials, saes) -> tuple[list[float], list[torch.Tensor]]:
+    """Per site, from NORM_ESTIMATE_BATCHES batches: the scaling factor (sqrt(d_in) / mean norm for
+    `expected_average_only_in`, else 1: SAELens' rule) and the mean activation (raw units)."""
     norms = torch.zeros(len(hooks), dtype=torch.float64)
+    sums = None
     batches = mixed_batches(chunks, cfg.batch_tokens, specials, cfg.seed + 1, _buffer_bytes(store, hooks))
     for _ in range(NORM_ESTIMATE_BATCHES):
-        norms += next(batches).norm(dim=-1).double().mean(1)
+        x = next(batches)  # [sites, tokens, d]
+        norms += x.norm(dim=-1).double().mean(1)
+        sums = x.double().mean(1) if sums is None else sums + x.double().mean(1)
     norms /= NORM_ESTIMATE_BATCHES
-    return [(saes[h].cfg.d_in ** 0.5 / norms[i].item()) if saes[h].cfg.normalize_activations == "expected_average_only_in"
-            else 1.0 for i, h in enumerate(hooks)]
+    scales = [(saes[h].cfg.d_in ** 0.5 / norms[i].item()) if saes[h].cfg.normalize_activations == "expected_average_only_in"
+              else 1.0 for i, h in enumerate(hooks)]
+    return scales, [(sums[i] / NORM_ESTIMATE_BATCHES).float() for i in range(len(hooks))]
 
 
 def _make_groups(cfg, saes, values, scales, steps):
@@ -433,6 +448,7 @@ def evaluate_run(
     exclude_special_tokens: bool = True,
     model_eval: bool = True,
     loaded=None,
+    spliced_max_tokens: int | None = None,  # held-out tokens for spliced CE/KL (None: all)
 ) -> tuple[dict, list[Path]]:
     """Evaluate every SAE folder under `run` (a training run, or any folder of SAELens SAEs).
 
@@ -448,7 +464,7 @@ def evaluate_run(
 
         loaded = load_model(activation_store.manifest.model["name"])
     results = evaluate_saes(saes, activation_store, loaded=loaded if model_eval else None,
-                            exclude_special_tokens=exclude_special_tokens)
+                            exclude_special_tokens=exclude_special_tokens, spliced_max_tokens=spliced_max_tokens)
     written = list(write_eval_results(results, Path(out_dir or run)))
     if (run / MANIFEST_FILE).exists():
         manifest = TrainManifest.from_json((run / MANIFEST_FILE).read_text())

@@ -201,3 +201,25 @@ def test_stacked_path_equals_saelens_trainer_through_a_whole_run(tiny_store, tmp
         for key in a[h]:
             torch.testing.assert_close(a[h][key], b[h][key], rtol=2e-4, atol=2e-5, msg=f"{h} {key}")
     assert [s.hyperparameters["lr"] for s in runs[True].sites] == [3e-3, 1e-3]
+
+
+@pytest.mark.parametrize("arch", ["topk", "standard"])
+def test_decoder_bias_starts_at_the_training_mean(tiny_store, tmp_path, arch):
+    """init_b_dec="mean": before any real learning (lr ~ 0) the saved b_dec, in raw units, is the mean
+    training activation; "zeros" keeps SAELens' init."""
+    schedule = LayerSchedule(arch, {**_schedule(arch).base, "lr": 1e-12})
+    store = ActivationStore(tiny_store)
+    keep = ~store.special_mask("train")
+    for init in ("mean", "zeros"):
+        manifest = train(TrainConfig(str(tiny_store), schedule=schedule, steps=1, batch_tokens=256, init_b_dec=init),
+                         tmp_path / init, evaluate=False)
+        for site in manifest.sites:
+            b_dec = SAE.load_from_disk(tmp_path / init / site.folder).b_dec.detach()
+            if init == "zeros":
+                assert b_dec.abs().max() < 1e-6
+                continue
+            x = store.activations(site.hook_name, "train")[keep]
+            mean, spread = x.mean(0), x.std(0) / (8 * 256) ** 0.5  # the estimate uses 8 batches of 256 tokens
+            assert ((b_dec - mean).abs() < 5 * spread + 1e-6).all(), site.hook_name
+    with pytest.raises(LayerflowError, match="Unknown init_b_dec 'median'. Valid: mean, zeros"):
+        train(TrainConfig(str(tiny_store), schedule=schedule, steps=1, init_b_dec="median"), tmp_path / "bad")
