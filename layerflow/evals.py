@@ -81,10 +81,13 @@ def evaluate_saes(
     exclude_special_tokens: bool = True,
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    spliced_max_tokens: int | None = None,
 ) -> dict[str, SiteEval]:
     """Evaluate `saes` (hook name -> SAELens SAE reading raw activations) on the held-out split.
 
-    With `loaded`, also the spliced CE/KL figures on the held-out tokens. `progress(done, total)`
+    With `loaded`, also the spliced CE/KL figures on the held-out tokens (the first held-out
+    sequences holding `spliced_max_tokens` tokens, or all: each site's splice re-runs the rest of
+    the model, which costs far more than the reconstruction figures). `progress(done, total)`
     counts one unit per site (reconstruction) plus one per batch of sequences (spliced passes).
     """
     sites = {s["hook_name"]: s for s in store.manifest.sites}
@@ -104,6 +107,8 @@ def evaluate_saes(
                              f"but the loaded model is '{loaded.name}'. Load '{store.manifest.model['name']}'.")
     specials = store.manifest.special_token_ids if exclude_special_tokens else []
     tokens = store.tokens("heldout") if loaded is not None else None
+    if tokens is not None and spliced_max_tokens is not None:
+        tokens = tokens[:max(1, math.ceil(spliced_max_tokens / tokens.shape[1]))]
     total = len(saes) + (math.ceil(len(tokens) / batch_size) if tokens is not None else 0)
     report = progress or (lambda done, total: None)
 

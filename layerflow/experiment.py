@@ -76,6 +76,7 @@ class TrainSection:
 @dataclass(frozen=True)
 class EvalSection:
     spliced: bool = True  # splice each SAE into the model: delta CE and KL
+    spliced_tokens: int = 2048  # held-out tokens for the spliced figures (each site re-runs the rest of the model)
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ class ExperimentConfig:
         positive = {"capture.tokens": self.capture.tokens, "capture.context_size": self.capture.context_size - 1,
                     "capture.batch_size": self.capture.batch_size, "train.batch_tokens": self.train.batch_tokens,
                     "train.checkpoint_every": self.train.checkpoint_every, "train.steps": self.train.steps or 1,
-                    "train.epochs": self.train.epochs, "transfer.max_tokens": self.transfer.max_tokens,
+                    "train.epochs": self.train.epochs, "transfer.max_tokens": self.transfer.max_tokens, "eval.spliced_tokens": self.eval.spliced_tokens,
                     "transfer.top_k": self.transfer.top_k, "cross_model.words": self.cross_model.words}
         for key, value in positive.items():
             if value <= 0:

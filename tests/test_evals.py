@@ -161,6 +161,22 @@ def test_spliced_figures_equal_an_independent_computation(name, exclude, tmp_pat
         assert r.reconstruction.n_tokens == (len(_heldout(store, hook)) if exclude else tokens.numel())
 
 
+def test_spliced_figures_on_fewer_tokens_use_the_first_sequences(tmp_path_factory):
+    loaded, store = _store("gpt2-twin", tmp_path_factory)
+    sites = store.manifest.sites
+    saes = {s["hook_name"]: _sae(s["d"], seed=i) for i, s in enumerate(sites)}
+    tokens = store.tokens("heldout")
+    specials = store.manifest.special_token_ids
+    context = tokens.shape[1]
+    results = evaluate_saes(saes, store, loaded=loaded, spliced_max_tokens=3 * context - 1)  # -> 3 sequences
+    for hook, sae in saes.items():
+        with torch.no_grad():
+            clean, spliced, ablated, kl = _independent_splice(loaded.model, tokens[:3], hook, sae, specials)
+        assert results[hook].ce_spliced == pytest.approx(spliced, rel=1e-5)
+        assert results[hook].kl_div == pytest.approx(kl, rel=1e-3, abs=1e-6)
+        assert results[hook].reconstruction.n_tokens == len(_heldout(store, hook))  # reconstruction: all tokens
+
+
 def test_left_padding_tokenizer_masks_both_passes():
     """With a left-padding tokenizer TL masks leading pads itself; the spliced pass must too."""
     from tokenizers import Tokenizer, models

@@ -37,7 +37,7 @@ def _mtimes(folder):
 
 
 def test_layout_and_run_record(tmp_path):
-    record = _run(_config(), tmp_path, until="cross_model")
+    record = _run(_config(), tmp_path)
     from sae_lens import SAE
 
     for hook in HOOKS:
@@ -53,7 +53,11 @@ def test_layout_and_run_record(tmp_path):
     for stage in ("capture", "train", "eval", "transfer"):
         assert stages[stage]["status"] == "done" and stages[stage]["seconds"] >= 0
     assert stages["cross_model"]["status"] == "not needed"  # one model
-    assert stages["report"]["status"] == "pending"  # after `until`
+    assert stages["report"]["status"] == "done"
+    assert (tmp_path / "report.md").exists() and (tmp_path / "summary.json").exists()
+    assert (tmp_path / "plots" / "transfer_heatmap-gpt2-twin.png").exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stages"]["train"]["seconds"] == stages["train"]["seconds"]  # the report quotes run.json
     provenance = on_disk["provenance"]
     assert provenance["versions"]["sae-lens"] == "6.54.12" and provenance["seed"] == 0
     assert "gpt2-twin" in provenance["weights"]
