@@ -53,7 +53,7 @@ class TrainSection:
     by_depth: list[dict[str, Any]] = field(default_factory=list)  # [{upper = 0.33, l1_coefficient = 1.5e-4}, ...]
     steps: int | None = None  # None: `epochs` passes over the training tokens
     epochs: float = 2.0
-    batch_tokens: int = 4096
+    batch_tokens: int = 1024  # small batches: more updates from the 15-minute token budget
     checkpoint_every: int = 500
 
     def schedule(self):

@@ -54,6 +54,8 @@ def run_experiment(
         if not work:
             record["stages"][stage] = {"status": "not needed", "seconds": 0.0}
         elif pending:
+            record["stages"][stage] = {"status": "running"}
+            _write_record(root, record)  # the report stage quotes run.json while it runs
             started = time.perf_counter()
             for item, step in pending:
                 report(stage, item, 0, None)
