@@ -173,7 +173,6 @@ def train(
     model_eval: bool = typer.Option(True, help="Also splice the SAEs into the model for CE/KL at the end."),
 ) -> None:
     """Train one SAE per captured site from the same batches; save SAELens folders, evals and a manifest."""
-    import dataclasses
     import json
 
     from layerflow.schedule import LayerSchedule, get_preset
@@ -183,8 +182,7 @@ def train(
 
     schedule = LayerSchedule.from_dict(json.loads(schedule_file.read_text())) if schedule_file else get_preset(preset)
     if architecture or settings:
-        base = {**schedule.base, **dict(_parse_setting(s) for s in settings)}
-        schedule = dataclasses.replace(schedule, architecture=architecture or schedule.architecture, base=base)
+        schedule = schedule.with_overrides(architecture, dict(_parse_setting(s) for s in settings))
     online_cfg = None
     if online:
         from layerflow.capture import CaptureConfig

@@ -60,17 +60,16 @@ class TrainSection:
         """The LayerSchedule: the preset, then `architecture`, `set` and `by_depth` over it."""
         from layerflow.schedule import LayerSchedule, get_preset
 
-        base = get_preset(self.preset)
-        by_depth = base.by_depth
-        if self.by_depth:
-            by_depth = []
-            for i, band in enumerate(self.by_depth):
-                if "upper" not in band:
-                    raise LayerflowError(f"train.by_depth[{i}] has no 'upper' (the relative depth where it ends, "
-                                         f"in (0, 1]); got {band}.")
-                by_depth.append((float(band["upper"]), {k: v for k, v in band.items() if k != "upper"}))
-        return LayerSchedule(self.architecture or base.architecture, {**base.base, **self.set}, by_depth,
-                             base.description if not (self.architecture or self.set or self.by_depth) else "")
+        schedule = get_preset(self.preset).with_overrides(self.architecture, self.set)
+        if not self.by_depth:
+            return schedule
+        bands = []
+        for i, band in enumerate(self.by_depth):
+            if "upper" not in band:
+                raise LayerflowError(f"train.by_depth[{i}] has no 'upper' (the relative depth where it ends, "
+                                     f"in (0, 1]); got {band}.")
+            bands.append((float(band["upper"]), {k: v for k, v in band.items() if k != "upper"}))
+        return LayerSchedule(schedule.architecture, schedule.base, bands)  # validates every key
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,17 @@ class LayerSchedule:
         derived = {"expansion_factor"} | ({"matryoshka_fractions"} if "matryoshka_widths" in config_fields else set())
         return (config_fields - {"d_in", "d_sae", "metadata"}) | derived | TRAINER_KEYS
 
+    def with_overrides(self, architecture: str | None = None, base: dict[str, Any] | None = None) -> "LayerSchedule":
+        """This schedule for another architecture and/or with `base` values on top. Keys of this
+        schedule that the new architecture lacks (a preset's `k` for a ReLU SAE) are dropped;
+        keys in `base` must all be valid."""
+        architecture = architecture or self.architecture
+        valid = dataclasses.replace(self, architecture=architecture, base={}, by_depth=[]).valid_keys()
+        kept = {k: v for k, v in self.base.items() if k in valid}
+        by_depth = [(upper, {k: v for k, v in o.items() if k in valid}) for upper, o in self.by_depth]
+        changed = architecture != self.architecture or bool(base)
+        return LayerSchedule(architecture, {**kept, **(base or {})}, by_depth, "" if changed else self.description)
+
     def values(self, layer: int, n_layers: int) -> dict[str, Any]:
         """Every hyperparameter for `layer`: base, then the first depth band that contains it."""
         depth = relative_depth(layer, n_layers)
@@ -92,8 +103,11 @@ def _config_class(architecture: str):
 PRESETS: dict[str, LayerSchedule] = {
     "default": LayerSchedule(
         "batchtopk",
-        {"expansion_factor": 8, "k": 32, "lr": 3e-4, "normalize_activations": "expected_average_only_in"},
-        description="BatchTopK, 8x, k=32 at every depth; activations scaled per layer so one setting fits all depths.",
+        {"expansion_factor": 8, "k": 32, "lr": 3e-4, "normalize_activations": "expected_average_only_in",
+         "topk_threshold_lr": 0.1},
+        description="BatchTopK, 8x, k=32 at every depth; activations scaled per layer so one setting fits all depths; "
+                    "the inference threshold's EMA at rate 0.1 (SAELens' 0.01 leaves it at 65% of its value after "
+                    "100 steps: L0 about 4x k).",
     ),
     "notes": LayerSchedule(
         "standard",

@@ -78,6 +78,17 @@ def test_bad_fields_are_named_with_what_is_valid(data, message):
         ExperimentConfig.from_dict(data, where="test.toml")
 
 
+def test_another_architecture_keeps_only_the_preset_keys_it_accepts():
+    schedule = ExperimentConfig.from_dict({"train": {"architecture": "standard", "set": {"l1_coefficient": 1e-3}}}).train.schedule()
+    assert schedule.architecture == "standard" and "k" not in schedule.base
+    assert ExperimentConfig.from_dict({"train": {"architecture": "topk"}}).train.schedule().base["k"] == 32
+
+
+def test_bad_cross_model_matching_choice():
+    with pytest.raises(LayerflowError, match=r"cross_model.match_pairs 'same' is not valid. Valid: all, same_depth, none"):
+        ExperimentConfig.from_dict({"cross_model": {"match_pairs": "same"}})
+
+
 def test_integers_are_accepted_for_floats():
     assert ExperimentConfig.from_dict({"train": {"epochs": 3}}).train.epochs == 3.0
 

@@ -55,3 +55,15 @@ def test_matryoshka_widths_scale_with_each_layers_width():
     schedule = LayerSchedule("matryoshka_batchtopk", {"expansion_factor": 8, "matryoshka_fractions": [0.125, 0.5]})
     cfg = schedule.sae_config(0, 4, d_in=64)
     assert cfg.matryoshka_widths == [64, 256, 512]
+
+
+def test_with_overrides_drops_preset_keys_the_new_architecture_lacks():
+    from layerflow.schedule import get_preset
+
+    relu = get_preset("default").with_overrides("standard", {"l1_coefficient": 1e-3})
+    assert relu.architecture == "standard" and "k" not in relu.base and "topk_threshold_lr" not in relu.base
+    assert relu.base["l1_coefficient"] == 1e-3 and relu.base["expansion_factor"] == 8
+    topk = get_preset("default").with_overrides("topk")
+    assert topk.base["k"] == 32 and "topk_threshold_lr" not in topk.base
+    with pytest.raises(LayerflowError, match="Unknown hyperparameter 'k' for standard"):
+        get_preset("default").with_overrides("standard", {"k": 4})  # what the user sets stays strict
