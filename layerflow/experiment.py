@@ -183,6 +183,7 @@ class ExperimentConfig:
         return dataclasses.replace(
             self, name=f"{self.name}-quick", models=models,
             capture=dataclasses.replace(self.capture, tokens=min(self.capture.tokens, 6000)),
+            eval=dataclasses.replace(self.eval, spliced_tokens=min(self.eval.spliced_tokens, 512)),
             train=dataclasses.replace(self.train, steps=40, batch_tokens=1024,
                                       set={**self.train.set, "expansion_factor": 2}),
             transfer=dataclasses.replace(self.transfer, max_tokens=min(self.transfer.max_tokens, 512)),

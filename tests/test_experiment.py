@@ -47,6 +47,7 @@ def test_quick_keeps_four_spread_layers_and_shrinks_budgets():
     cfg = ExperimentConfig().quick()
     assert cfg.models[0].layers == [0, 10, 19, 29]
     assert cfg.capture.tokens <= 6000 and cfg.train.steps == 40 and cfg.transfer.max_tokens <= 512
+    assert cfg.eval.spliced_tokens <= 512
     small = dataclasses.replace(ExperimentConfig(), models=[dataclasses.replace(ExperimentConfig().models[0], layers="3,5")])
     assert small.quick().models[0].layers == [3, 5]
 
