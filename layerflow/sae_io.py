@@ -86,6 +86,7 @@ def load_saes(path: str | Path, hooks: list[str] | None = None) -> dict[str, Any
     with `sae_lens.SAE.load_from_disk`."""
     from sae_lens import SAE
 
+    import layerflow.transcoders  # noqa: F401  registers layerflow's transcoder classes with SAELens
     saes = {}
     for folder in find_sae_folders(path):
         with warnings.catch_warnings():  # advice to load the model with these kwargs: layerflow already does
