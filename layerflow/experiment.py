@@ -125,7 +125,7 @@ class ExperimentConfig:
     def validate(self, where: str = "the config") -> None:
         """Semantic checks, each naming the field: models, layers, sites, schedule, budgets."""
         from layerflow.capture import STORE_DTYPES
-        from layerflow.sites import parse_kind, parse_layers
+        from layerflow.sites import parse_kind
         from layerflow.zoo import ZOO
 
         if not self.models:
@@ -136,10 +136,16 @@ class ExperimentConfig:
                 raise LayerflowError(f"{where}: models.name '{name}' is not in the zoo. {did_you_mean(name, list(ZOO))}")
         if len(set(names)) != len(names):
             raise LayerflowError(f"{where}: a model is listed twice in [[models]]: {names}.")
-        for m in self.models:
-            self.layers(m)
+        for i, m in enumerate(self.models):
+            try:
+                self.layers(m)
+            except LayerflowError as e:
+                raise LayerflowError(f"{where}: models[{i}].layers: {e}") from None
         for kind in self.capture.sites:
-            parse_kind(kind)
+            try:
+                parse_kind(kind)
+            except LayerflowError as e:
+                raise LayerflowError(f"{where}: capture.sites: {e}") from None
         if not self.capture.sites:
             raise LayerflowError(f"{where}: capture.sites is empty; e.g. ['resid_post'].")
         if self.capture.dtype not in STORE_DTYPES:
