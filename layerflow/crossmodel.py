@@ -71,6 +71,7 @@ from layerflow.matching import ActivationCorrelation
 from layerflow.metrics import reconstruction_metrics
 from layerflow.models import LoadedModel
 from layerflow.sites import parse_hook_name, prepare_hooks
+from layerflow.summary import json_safe
 from layerflow.transfer_types import SiteId, TransferMatrix, metric_names
 
 WORD = re.compile(r"\S+")
@@ -662,8 +663,7 @@ def cross_model_runs(
     atomic_write_text(matched, json.dumps([{"source": s, "target": t, **m.to_dict()}
                                            for (s, t), m in matrix.extras["matched_features"].items()]))
     depth = folder / "depth_comparison.json"
-    comparisons = {m: {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                       for k, v in asdict(compare_same_depth(matrix, m)).items()}
+    comparisons = {m: json_safe(asdict(compare_same_depth(matrix, m)))
                    for m in ("relative_transfer", "stitched_explained_variance", "cka")}
     atomic_write_text(depth, json.dumps(comparisons, indent=1))
     return matrix, [matched, depth, *matrix.write(folder)[::-1]]

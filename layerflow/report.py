@@ -33,7 +33,7 @@ from scipy.stats import spearmanr
 from layerflow.capture import atomic_write_text
 from layerflow.crossmodel import compare_same_depth, same_depth_pairs
 from layerflow.results import PLOTS_DIR, REPORT_FILE, SUMMARY_FILE, CrossModelResults, ModelResults, RunResults
-from layerflow.summary import BANDS, band, summarize
+from layerflow.summary import BANDS, band, json_safe, summarize
 from layerflow.transfer_types import TransferMatrix
 
 SCHEMA = "layerflow.run_summary"
@@ -82,7 +82,7 @@ def build_summary(results: RunResults) -> dict[str, Any]:
     }
     for s in (t for m in models.values() for t in m["transfer"].values()):
         summary["conventions"].update(strong_threshold=s["strong_threshold"], hub_fraction=s["hub_fraction"])
-    return _clean(summary)
+    return json_safe(summary)
 
 
 def _model_summary(m: ModelResults) -> dict[str, Any]:
@@ -197,17 +197,6 @@ def _cross_summary(c: CrossModelResults) -> dict[str, Any]:
             "by_depth_metric": primary,
             "n_best_is_same_depth": sum(r.get("best_target_layer") == r["target_layer"] for r in by_depth),
             "by_depth": by_depth}
-
-
-def _clean(value: Any) -> Any:
-    """numpy scalars to Python, NaN/inf to None, tuples to lists."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (bool, np.bool_, np.integer)):
-        return value.item() if isinstance(value, np.generic) else value
-    return (float(value) if math.isfinite(value) else None) if isinstance(value, (float, np.floating)) else value
 
 
 # --- report.md -------------------------------------------------------------------------------------

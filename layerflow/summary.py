@@ -127,7 +127,7 @@ class TransferSummary:
     hub_fraction: float
 
     def to_dict(self) -> dict:
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
 
 def summarize(M, layers, n_layers, metric, strong_threshold=0.7, hub_fraction=0.5) -> TransferSummary:
@@ -225,11 +225,12 @@ def _validated(M, layers, n_layers, hub_fraction) -> tuple[np.ndarray, list[int]
     return M, layers
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """For JSON: numpy scalars to Python, NaN/inf to None (null), tuples to lists, keys to str."""
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+        return [json_safe(v) for v in value]
+    if isinstance(value, (bool, np.bool_, np.integer)):
+        return value.item() if isinstance(value, np.generic) else value
+    return (float(value) if math.isfinite(value) else None) if isinstance(value, (float, np.floating)) else value
