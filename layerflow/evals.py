@@ -12,6 +12,12 @@ Spliced figures follow SAELens' `run_evals` (`get_recons_loss`), so the two can 
 - CE loss score = (CE_zero - CE_spliced) / (CE_zero - CE_clean).
 With `exclude_special_tokens=False` every position counts and every position is spliced.
 
+Transcoders (`cfg.metadata.hook_name_out` set, `layerflow.transcoders`) are evaluated against their
+target: FVU is that of the prediction of x_out (variance of x_out around its own mean), and the
+spliced pass replaces the target (e.g. `hook_mlp_out`: the whole MLP) with the prediction made from
+the clean input. Matryoshka dictionaries (SAEs or transcoders, `matryoshka_widths` in the saved
+metadata) also get the FVU of each nested prefix, coarse to fine.
+
 Per batch of sequences there is one clean pass (logits plus the cached activations the sites
 need), then one pass per site whose batch holds both variants, [spliced; zero-ablated]. That
 pass starts at the site's layer (`start_at_layer`) from the cached residual, so the layers below
@@ -22,10 +28,11 @@ any other site is replaced by a hook inside block L.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -33,9 +40,11 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from safetensors import safe_open
+from safetensors.torch import save_file
 
-from layerflow.capture import TOKENS_KEY, atomic_write_text
+from layerflow.capture import atomic_write_text
 from layerflow.errors import LayerflowError, did_you_mean
+from layerflow.feature_contexts import heldout_batches
 from layerflow.metrics import ReconstructionMetrics, ReconstructionStats
 from layerflow.sites import prepare_hooks
 from layerflow.store import ActivationStore
@@ -45,9 +54,8 @@ if TYPE_CHECKING:
 
     from layerflow.models import LoadedModel
 
-EVAL_JSON, EVAL_CSV = "evals.json", "evals.csv"
+EVAL_JSON, EVAL_CSV, FREQUENCY_FILE = "evals.json", "evals.csv", "feature_frequency.safetensors"
 SCHEMA_VERSION = 1
-CHUNK_TOKENS = 8192  # held-out activations per SAE call
 
 
 @dataclass(frozen=True)
@@ -60,18 +68,26 @@ class SiteEval:
     ce_loss_score: float | None = None  # (ce_zero - ce_spliced) / (ce_zero - ce_clean)
     delta_ce: float | None = None  # ce_spliced - ce_clean (nats)
     kl_div: float | None = None  # mean over tokens of KL(clean || spliced), next-token distributions
+    hook_name_out: str | None = None  # a transcoder's target (what FVU and the splice are about)
+    prefix_widths: list[int] | None = None  # Matryoshka prefixes, coarse to fine (the last is d_sae)
+    prefix_fvu: list[float] | None = None  # FVU with each prefix alone
+    # per latent: the fraction of held-out tokens it fires on (feature_frequency.safetensors, not in the row)
+    frequency: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def to_row(self) -> dict[str, Any]:
         """Flat dict for CSV/JSON: hook_name, every reconstruction field, the CE/KL fields."""
         row = {"hook_name": self.hook_name, **self.reconstruction.to_dict()}
-        row.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("hook_name", "reconstruction")})
+        row.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_IN_ROW})
         return row
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "SiteEval":
         recon = {f.name: row[f.name] for f in fields(ReconstructionMetrics)}
-        rest = {f.name: row.get(f.name) for f in fields(cls) if f.name not in ("hook_name", "reconstruction")}
+        rest = {f.name: row.get(f.name) for f in fields(cls) if f.name not in _NOT_IN_ROW}
         return cls(row["hook_name"], ReconstructionMetrics(**recon), **rest)
+
+
+_NOT_IN_ROW = ("hook_name", "reconstruction", "frequency")
 
 
 def evaluate_saes(
@@ -91,6 +107,7 @@ def evaluate_saes(
     counts one unit per site (reconstruction) plus one per batch of sequences (spliced passes).
     """
     sites = {s["hook_name"]: s for s in store.manifest.sites}
+    targets = {hook: target_of(sae) or hook for hook, sae in saes.items()}
     for hook, sae in saes.items():
         if hook not in sites:
             raise LayerflowError(f"SAE for hook '{hook}': that hook is not in the capture at '{store.root}'. "
@@ -98,6 +115,9 @@ def evaluate_saes(
         if sae.cfg.d_in != sites[hook]["d"]:
             raise LayerflowError(f"SAE for '{hook}' has d_in {sae.cfg.d_in}, but the captured activations there "
                                  f"have width {sites[hook]['d']}. Use an SAE trained on this site.")
+        if targets[hook] not in sites:
+            raise LayerflowError(f"The transcoder from '{hook}' predicts '{targets[hook]}', which is not in the capture "
+                                 f"at '{store.root}'. Capture that site too.")
     if not store.shards("heldout"):
         raise LayerflowError(f"The capture at '{store.root}' has no held-out split: capture with --holdout > 0.")
     if batch_size < 1:
@@ -112,37 +132,61 @@ def evaluate_saes(
     total = len(saes) + (math.ceil(len(tokens) / batch_size) if tokens is not None else 0)
     report = progress or (lambda done, total: None)
 
-    recon = {}
+    results = {}
     for i, (hook, sae) in enumerate(saes.items()):
-        recon[hook] = _reconstruction(sae, _heldout_chunks(store, hook, specials))
+        pairs = ((acts[hook], acts[targets[hook]]) for acts, _ in heldout_batches(store, [hook, targets[hook]], specials))
+        results[hook] = _reconstruction(hook, sae, pairs, targets[hook] if targets[hook] != hook else None)
         report(i + 1, total)
-    spliced: dict[str, dict[str, float]] = {}
     if loaded is not None and saes:
-        starts = {h: splice_start(sites[h]["layer"], sites[h]["kind"]) for h in saes}
+        starts = {h: splice_start(sites[targets[h]]["layer"], sites[targets[h]]["kind"]) for h in saes}
         spliced = spliced_metrics(saes, loaded.model, tokens, starts, specials, batch_size,
-                                  on_batch=lambda b: report(len(saes) + b, total))
-    return {h: SiteEval(h, recon[h], **spliced.get(h, {})) for h in saes}
+                                  on_batch=lambda b: report(len(saes) + b, total), targets=targets)
+        results = {h: dataclasses.replace(r, **spliced[h]) for h, r in results.items()}
+    return results
 
 
-def _heldout_chunks(store: ActivationStore, hook: str, specials: list[int]) -> Iterator[Float[torch.Tensor, "tokens d"]]:
-    """Held-out activations of `hook` without special positions, one shard in RAM at a time."""
-    special_ids = torch.tensor(specials, dtype=torch.long)
-    for path in store.shards("heldout"):
-        with safe_open(str(path), "pt") as f:
-            x, tokens = f.get_tensor(hook), f.get_tensor(TOKENS_KEY).long()
-        yield from x[~torch.isin(tokens.reshape(-1), special_ids)].split(CHUNK_TOKENS)
+def target_of(sae: "SAE") -> str | None:
+    """The hook a transcoder predicts (None for an SAE, which reconstructs its own input)."""
+    return getattr(sae.cfg.metadata, "hook_name_out", None)
+
+
+def matryoshka_widths(sae: "SAE") -> list[int] | None:
+    """Nested prefix widths of a Matryoshka SAE or transcoder, from its saved training details."""
+    details = getattr(sae.cfg.metadata, "training_architecture_details", None) or {}
+    widths = details.get("matryoshka_widths")
+    return list(widths) if widths else None
+
+
+def predict(sae: "SAE", x_in: Float[torch.Tensor, "tokens d_in"],
+            latents: Float[torch.Tensor, "tokens d_sae"]) -> Float[torch.Tensor, "tokens d_out"]:
+    """decode(latents), plus a skip transcoder's x_in W_skip^T: what `sae(x_in)` returns for these latents."""
+    out = sae.decode(latents)
+    if getattr(sae, "W_skip", None) is not None:
+        out = out + x_in.to(sae.dtype) @ sae.W_skip.T
+    return out
 
 
 @torch.no_grad()
-def _reconstruction(sae: "SAE", chunks: Iterator[Float[torch.Tensor, "tokens d"]]) -> ReconstructionMetrics:
-    stats = ReconstructionStats()
-    for x in chunks:
-        latents = sae.encode(x.to(sae.device, sae.dtype))
-        x_hat = sae.decode(latents)
-        stats.add(x.float(), x_hat.float(), latents.to_dense() if latents.is_sparse else latents)
+def _reconstruction(hook: str, sae: "SAE", pairs: Iterator[tuple[torch.Tensor, torch.Tensor]],
+                    hook_name_out: str | None) -> SiteEval:
+    """Held-out figures of one SAE (pairs are (x, x)) or transcoder (pairs are (x_in, x_out))."""
+    widths = matryoshka_widths(sae)
+    stats, prefix_stats = ReconstructionStats(), [ReconstructionStats() for _ in (widths or [])[:-1]]
+    for x_in, x_out in pairs:
+        x_in = x_in.to(sae.device)
+        latents = sae.encode(x_in.to(sae.dtype))
+        latents = latents.to_dense() if latents.is_sparse else latents
+        stats.add(x_out.float(), predict(sae, x_in, latents).float().cpu(), latents)
+        for width, prefix in zip(widths or [], prefix_stats):
+            head = torch.zeros_like(latents)
+            head[:, :width] = latents[:, :width]
+            prefix.add(x_out.float(), predict(sae, x_in, head).float().cpu())
     if stats.n == 0:
         raise LayerflowError("The held-out split holds only special tokens: nothing to evaluate.")
-    return stats.compute()
+    metrics = stats.compute()
+    prefix_fvu = [p.compute().fvu for p in prefix_stats] + [metrics.fvu] if widths else None
+    return SiteEval(hook, metrics, hook_name_out=hook_name_out, prefix_widths=widths, prefix_fvu=prefix_fvu,
+                    frequency=(stats.fire_counts.double() / stats.n).float())
 
 
 def splice_start(layer: int, kind: str) -> tuple[int, bool]:
@@ -178,15 +222,21 @@ def spliced_metrics(
     special_ids: list[int],
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
+    targets: dict[str, str] | None = None,
 ) -> dict[str, dict[str, float]]:
     """CE clean/spliced/zero-ablated, CE loss score, delta CE and KL for each site's SAE.
 
-    `starts[hook]` is `splice_start(layer, kind)` of the site; `special_ids` are never spliced or counted.
+    `saes` are keyed by the hook they read. Each replaces `targets[hook]` (default: that same hook;
+    a transcoder's target, e.g. `hook_mlp_out`) with its prediction from the clean activation.
+    `starts[hook]` is `splice_start(layer, kind)` of the replaced site; `special_ids` are never
+    spliced or counted.
     """
-    prepare_hooks(model, list(saes))
+    targets = {h: (targets or {}).get(h, h) for h in saes}
+    prepare_hooks(model, list(saes) + list(targets.values()))
     # start_at_layer drops the shortformer positional embedding (TL passes it to every block).
     from_tokens = model.cfg.positional_embedding_type == "shortformer"
-    cached = set(saes) | {f"blocks.{layer}.hook_resid_pre" for layer, is_input in starts.values() if not is_input}
+    cached = set(saes) | set(targets.values()) | {f"blocks.{layer}.hook_resid_pre" for layer, is_input in starts.values()
+                                                  if not is_input}
     sums = {h: torch.zeros(3, dtype=torch.float64) for h in saes}  # CE spliced, CE zero-ablated, KL
     clean_sum, n_ce, n_kl = 0.0, 0, 0
     device = model.cfg.device
@@ -204,11 +254,12 @@ def spliced_metrics(
         n_ce += int(keep_ce.sum())
         n_kl += int(keep.sum())
         for hook, sae in saes.items():
-            act = cache[hook]
-            recon = sae.decode(sae.encode(act.to(sae.device, sae.dtype))).to(act.device, act.dtype)
+            x_in, act = cache[hook], cache[targets[hook]]
+            x_in = x_in.to(sae.device, sae.dtype)
+            recon = predict(sae, x_in, sae.encode(x_in)).to(act.device, act.dtype)
             both = torch.cat([torch.where(keep.unsqueeze(-1), recon, act), torch.zeros_like(act)])
             start, is_input = starts[hook]
-            replace = [(hook, lambda a, hook, both=both: both)]
+            replace = [(targets[hook], lambda a, hook, both=both: both)]
             if from_tokens:
                 out = model.run_with_hooks(torch.cat([batch, batch]), attention_mask=mask2, fwd_hooks=replace)
             elif is_input:
@@ -245,6 +296,10 @@ def write_eval_results(results: dict[str, SiteEval], folder: str | Path) -> tupl
     writer.writeheader()
     writer.writerows(rows)
     json_path, csv_path = folder / EVAL_JSON, folder / EVAL_CSV
+    frequencies = {h: r.frequency.contiguous() for h, r in results.items() if r.frequency is not None}
+    if frequencies:
+        save_file(frequencies, str(folder / (FREQUENCY_FILE + ".tmp")))
+        (folder / (FREQUENCY_FILE + ".tmp")).replace(folder / FREQUENCY_FILE)
     atomic_write_text(json_path, json.dumps({"schema_version": SCHEMA_VERSION, "sites": rows}, indent=2))
     atomic_write_text(csv_path, text.getvalue())
     return json_path, csv_path
@@ -257,4 +312,9 @@ def read_eval_results(path: str | Path) -> dict[str, SiteEval]:
     if not path.exists():
         raise LayerflowError(f"No eval results at '{path}'. Run `layerflow eval` first.")
     rows = json.loads(path.read_text())["sites"]
-    return {r["hook_name"]: SiteEval.from_row(r) for r in rows}
+    results = {r["hook_name"]: SiteEval.from_row(r) for r in rows}
+    if (path.parent / FREQUENCY_FILE).exists():
+        with safe_open(str(path.parent / FREQUENCY_FILE), "pt") as f:
+            results = {h: dataclasses.replace(r, frequency=f.get_tensor(h) if h in f.keys() else None)
+                       for h, r in results.items()}
+    return results

@@ -388,6 +388,23 @@ def _load_offline(spec: ModelSpec, dtype: torch.dtype) -> LoadedModel:
     return LoadedModel(model, spec, source)
 
 
+def load_tokenizer(name: str) -> Any:
+    """A zoo model's tokenizer without its weights (None for twins, which have none): for showing
+    the tokens of stored activations. Offline models read it from the dequantized cache."""
+    from transformers import AutoTokenizer
+
+    spec = get_spec(name)
+    if spec.source == TWIN:
+        return None
+    if spec.source == OFFLINE:
+        package = _OFFLINE_PACKAGES[name]
+        return AutoTokenizer.from_pretrained(dequantized_cache(spec, *package.locate()), **dict(package.tokenizer_kwargs))
+    try:
+        return AutoTokenizer.from_pretrained(spec.official_name)
+    except OSError as err:
+        raise LayerflowError(f"Could not load the tokenizer of '{spec.name}' from the Hugging Face hub: {err}") from None
+
+
 def load_hf_reference(name: str, dtype: torch.dtype = torch.float32):
     """The transformers model behind an offline zoo model (for parity checks)."""
     spec = get_spec(name)
@@ -396,4 +413,4 @@ def load_hf_reference(name: str, dtype: torch.dtype = torch.float32):
     return _cached_hf_model(spec, _OFFLINE_PACKAGES[name], dtype)[1]
 
 
-__all__ = ["LoadedModel", "load_model", "load_hf_reference", "model_config", "twin_config", "TINY_SHAPE", "NO_PROCESSING"]
+__all__ = ["LoadedModel", "load_model", "load_tokenizer", "load_hf_reference", "model_config", "twin_config", "TINY_SHAPE", "NO_PROCESSING"]

@@ -47,22 +47,29 @@ def save_sae(
     metadata: dict[str, Any],
     log_feature_sparsity: torch.Tensor,
     scaling_factor: float | None = None,
+    target_scaling_factor: float | None = None,
 ) -> Path:
-    """Save a SAELens TrainingSAE for inference, folding the activation scale into its weights.
+    """Save a SAELens TrainingSAE (or a `layerflow.transcoders` training transcoder) for inference,
+    folding the activation scale into its weights.
 
     `scaling_factor` is what the trainer multiplied activations by (e.g. SAELens'
-    `expected_average_only_in`); after folding, the saved SAE reads raw activations.
+    `expected_average_only_in`); after folding, the saved SAE reads raw activations. A transcoder's
+    target had its own factor, `target_scaling_factor`; the saved one predicts raw targets.
     The SAE passed in is left untouched, so training can go on after a checkpoint.
     """
     folder = Path(folder)
-    sae = copy.deepcopy(sae)
-    if scaling_factor is not None:
-        sae.fold_activation_norm_scaling_factor(scaling_factor)
+    transcoder = hasattr(sae, "to_inference")
+    if transcoder:  # a transcoder: both scales fold into a SAELens inference class
+        sae = sae.to_inference(scaling_factor or 1.0, target_scaling_factor or 1.0)
+    else:
+        sae = copy.deepcopy(sae)
+        if scaling_factor is not None:
+            sae.fold_activation_norm_scaling_factor(scaling_factor)
     for key, value in metadata.items():
         setattr(sae.cfg.metadata, key, value)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    sae.save_inference_model(tmp)
+    sae.save_model(tmp) if transcoder else sae.save_inference_model(tmp)
     save_file({"sparsity": log_feature_sparsity.detach().float().cpu().contiguous()}, tmp / SPARSITY_FILENAME)
     if folder.exists():
         shutil.rmtree(folder)

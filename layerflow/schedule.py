@@ -19,9 +19,16 @@ from typing import Any
 
 from layerflow.errors import LayerflowError, did_you_mean
 
-ARCHITECTURES = ["standard", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"]
+SAE_ARCHITECTURES = ["standard", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"]
+# layerflow.transcoders registers these with SAELens; "transcoder" is ReLU + L1
+TRANSCODER_ARCHITECTURES = ["transcoder", "topk_transcoder", "batchtopk_transcoder", "matryoshka_batchtopk_transcoder"]
+ARCHITECTURES = SAE_ARCHITECTURES + TRANSCODER_ARCHITECTURES
 DEFAULT_MATRYOSHKA_FRACTIONS = (1 / 16, 1 / 4, 1.0)  # nested prefixes, as fractions of d_sae
 TRAINER_KEYS = {"lr"}  # the trainer setting that may vary with depth; the rest are in train.TrainConfig
+
+
+def is_transcoder(architecture: str) -> bool:
+    return architecture in TRANSCODER_ARCHITECTURES
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,7 @@ class LayerSchedule:
     def valid_keys(self) -> set[str]:
         config_fields = {f.name for f in dataclasses.fields(_config_class(self.architecture))}
         derived = {"expansion_factor"} | ({"matryoshka_fractions"} if "matryoshka_widths" in config_fields else set())
-        return (config_fields - {"d_in", "d_sae", "metadata"}) | derived | TRAINER_KEYS
+        return (config_fields - {"d_in", "d_sae", "d_out", "metadata"}) | derived | TRAINER_KEYS
 
     def with_overrides(self, architecture: str | None = None, base: dict[str, Any] | None = None) -> "LayerSchedule":
         """This schedule for another architecture and/or with `base` values on top. Keys of this
@@ -76,6 +83,10 @@ class LayerSchedule:
             # Widths scale with d_sae, which differs by layer and model; the last is always d_sae.
             values["matryoshka_widths"] = sorted({max(1, round(f * d_sae)) for f in fractions} | {d_sae})
         sae_fields = {k: v for k, v in values.items() if k not in TRAINER_KEYS}
+        if is_transcoder(self.architecture):
+            # A transcoder's input and target have their own scales: the trainer applies
+            # `normalize_activations` to both and folds the factors in (transcoders.to_inference).
+            sae_fields.pop("normalize_activations", None)
         return _config_class(self.architecture)(d_in=d_in, d_sae=d_sae, **sae_fields, **extra)
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,6 +108,9 @@ def relative_depth(layer: int, n_layers: int) -> float:
 def _config_class(architecture: str):
     from sae_lens.registry import get_sae_training_class
 
+    if is_transcoder(architecture):
+        import layerflow.transcoders  # noqa: F401  (registers the transcoder classes with SAELens)
+
     return get_sae_training_class(architecture)[1]
 
 
@@ -108,6 +122,14 @@ PRESETS: dict[str, LayerSchedule] = {
         description="BatchTopK, 8x, k=32 at every depth; activations scaled per layer so one setting fits all depths; "
                     "the inference threshold's EMA at rate 0.1 (SAELens' 0.01 leaves it at 65% of its value after "
                     "100 steps: L0 about 4x k).",
+    ),
+    "transcoder": LayerSchedule(
+        "matryoshka_batchtopk_transcoder",
+        {"expansion_factor": 2, "k": 48, "lr": 3e-4, "normalize_activations": "expected_average_only_in",
+         "topk_threshold_lr": 0.1},
+        description="The notes' Matryoshka transcoder (file 003): 2x d_model, L0 target 48; BatchTopK with nested "
+                    "prefixes at 1/16, 1/4 and all of the dictionary, each predicting the MLP output; "
+                    "the threshold EMA at 0.1 as in the default preset.",
     ),
     "notes": LayerSchedule(
         "standard",

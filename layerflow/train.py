@@ -3,6 +3,8 @@
     plan.json             the run's settings (written first; resume checks it)
     checkpoints/step-N/   every `checkpoint_every` steps: all weights, optimizer and data position
     saes/<hook_name>/     a SAELens folder per site (cfg.json, sae_weights.safetensors, sparsity)
+    samples/step-N/       every `samples_every` steps: each latent's top-activating held-out tokens
+    curves.json           per site and step: loss, and for transcoders FVU, L0 and per-prefix FVU
     evals.json, evals.csv held-out figures per site (`evals.py`)
     train.json            the manifest (written last: its presence means "complete")
 
@@ -11,6 +13,11 @@ the same shape are stacked and trained by `sparse_topk.StackedTopKSAEs` (SAELens
 sparsely); every other architecture is stepped by SAELens' own `SAETrainer`. Activations are
 scaled per site to mean norm sqrt(d_in) (SAELens' `expected_average_only_in`) and the scale is
 folded into the saved weights.
+
+Transcoders (a transcoder architecture in the schedule, `layerflow.transcoders`) are trained the
+same way, from the same batches: the site is the transcoder's input (e.g. `mlp_in`) and its target
+is the `transcoder_target` site of the same layer (default `mlp_out`), which the capture must hold
+too. Input and target are scaled separately and both factors are folded in when saving.
 """
 
 from __future__ import annotations
@@ -33,13 +40,15 @@ from layerflow.capture import CaptureConfig, atomic_write_text, capture, split_s
 from layerflow.data import TokenPlan
 from layerflow.errors import LayerflowError
 from layerflow.sae_io import SAE_DIR, load_saes, sae_metadata, save_sae
-from layerflow.schedule import LayerSchedule, get_preset
+from layerflow.schedule import LayerSchedule, get_preset, is_transcoder
+from layerflow.sites import Site, SiteKind, parse_hook_name
 from layerflow.sparse_topk import StackedTopKSAEs, group_key, supports_fast_path
 from layerflow.store import ActivationStore
 
-PLAN_FILE, MANIFEST_FILE = "plan.json", "train.json"
-CHECKPOINT_DIR = "checkpoints"
+PLAN_FILE, MANIFEST_FILE, CURVES_FILE = "plan.json", "train.json", "curves.json"
+CHECKPOINT_DIR, SAMPLES_DIR = "checkpoints", "samples"
 NORM_ESTIMATE_BATCHES = 8
+SAMPLES_PER_LATENT = 8  # top-activating tokens kept per latent in the training samples
 EXPLODING_LOSS = 1e4  # a per-site loss above this multiple of its first loss means divergence
 
 
@@ -63,6 +72,9 @@ class TrainConfig:
     # so a short run starts at FVU 1 rather than far above it where the mean is large (Gemma's
     # massive activations); "zeros": SAELens' own init.
     init_b_dec: str = "mean"
+    transcoder_target: str = "mlp_out"  # with a transcoder architecture: the site kind each input predicts
+    samples_every: int = 0  # every N steps, record each latent's top-activating held-out tokens (0: never)
+    samples_tokens: int = 4096  # held-out tokens those samples are drawn from
     # Online: train from model forwards on this capture's training sequences (nothing of them is
     # stored); only its held-out split is captured, to `store`, for the evals.
     online: CaptureConfig | None = None
@@ -158,6 +170,62 @@ class _StackedGroup:
         self.stack.write_back(self.saes)
 
 
+class _TranscoderGroup:
+    """Transcoder sites, each stepped by `transcoders.train_step` with its own Adam and SAELens' LR schedule."""
+
+    def __init__(self, models: list, lrs: list[float], cfg: TrainConfig, total_steps: int,
+                 scales_in: list[float], scales_out: list[float]):
+        from sae_lens.training.optim import get_lr_scheduler
+
+        from layerflow.transcoders import make_optimizer
+
+        self.saes = models
+        self.optimizers = [make_optimizer(m, lr) for m, lr in zip(models, lrs)]
+        self.schedulers = [get_lr_scheduler(cfg.lr_scheduler, lr=lr, optimizer=opt, warm_up_steps=cfg.lr_warm_up_steps,
+                                            decay_steps=cfg.lr_decay_steps, training_steps=total_steps,
+                                            lr_end=lr / 10, num_cycles=1)
+                           for opt, lr in zip(self.optimizers, lrs)]
+        self.scales_in, self.scales_out = scales_in, scales_out
+        self.fire_counts = [torch.zeros(m.cfg.d_sae, dtype=torch.float64) for m in models]
+        self.n_tokens = 0
+        self.last_metrics: list[dict[str, Any]] = []
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from layerflow.transcoders import train_step
+
+        losses, self.last_metrics = [], []
+        for i, model in enumerate(self.saes):
+            target = y[i] * self.scales_out[i]
+            out = train_step(model, self.optimizers[i], x[i] * self.scales_in[i], target)
+            self.schedulers[i].step()
+            fired = out.latents > 0
+            self.fire_counts[i] += fired.sum(0).double()
+            variance = (target - target.mean(0)).square().sum(-1).mean()
+            self.last_metrics.append({"fvu": (out.mse / variance).item(), "l0": fired.sum(-1).float().mean().item(),
+                                      "prefix_fvu": [(m / variance).item() for m in out.prefix_mse]})
+            losses.append(out.loss)
+        self.n_tokens += x.shape[1]
+        return torch.stack(losses)
+
+    def log_feature_sparsity(self) -> list[torch.Tensor]:
+        return [(counts / max(self.n_tokens, 1) + 1e-10).log10().float() for counts in self.fire_counts]
+
+    def state_dict(self) -> dict:
+        return {"saes": [m.state_dict() for m in self.saes], "optimizers": [o.state_dict() for o in self.optimizers],
+                "schedulers": [s.state_dict() for s in self.schedulers], "fire_counts": self.fire_counts,
+                "n_tokens": self.n_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        for i, model in enumerate(self.saes):
+            model.load_state_dict(state["saes"][i])
+            self.optimizers[i].load_state_dict(state["optimizers"][i])
+            self.schedulers[i].load_state_dict(state["schedulers"][i])
+        self.fire_counts, self.n_tokens = state["fire_counts"], state["n_tokens"]
+
+    def sync(self) -> None:
+        pass  # trained in place
+
+
 @dataclass
 class SiteResult:
     hook_name: str
@@ -168,6 +236,8 @@ class SiteResult:
     first_loss: float  # total loss of the first step (scaled units)
     final_loss: float  # mean total loss over the last 10% of steps (scaled units)
     evals: dict[str, Any] | None = None
+    hook_name_out: str | None = None  # a transcoder's target site
+    target_scaling_factor: float | None = None  # a transcoder's target scale
 
 
 @dataclass
@@ -215,12 +285,19 @@ def train(
     hooks = _check_hooks(cfg.hooks, store)
     sites = {s["hook_name"]: s for s in manifest.sites}
     n_layers = _model_layers(manifest)
+    transcoding = is_transcoder(cfg.schedule.architecture)
+    targets = _transcoder_targets(cfg, store, hooks, explicit=bool(cfg.hooks)) if transcoding else {}
+    hooks = [h for h in hooks if h in targets] if transcoding else hooks
+    stream = hooks + [t for t in dict.fromkeys(targets.values()) if t not in hooks]  # every hook a batch holds
     specials = manifest.special_token_ids if cfg.exclude_special_tokens else []
     steps = cfg.steps or _steps_for_epochs(cfg, store, specials)
     if cfg.init_b_dec not in ("mean", "zeros"):
         raise LayerflowError(f"Unknown init_b_dec '{cfg.init_b_dec}'. Valid: mean, zeros.")
     if steps < 1 or cfg.batch_tokens < 1:
         raise LayerflowError(f"Nothing to train: {steps} steps of {cfg.batch_tokens} tokens. Use --steps >= 1.")
+    if cfg.samples_every < 0 or cfg.samples_tokens < 1:
+        raise LayerflowError(f"samples_every must be >= 0 and samples_tokens >= 1, got {cfg.samples_every} and "
+                             f"{cfg.samples_tokens}.")
     plan = json.loads(json.dumps(cfg.plan() | {"hooks": hooks, "steps": steps}))  # as it reads back from disk
 
     state = _prepare_out_dir(out_dir, plan, overwrite)
@@ -231,50 +308,74 @@ def train(
     values = {h: cfg.schedule.values(sites[h]["layer"], n_layers) for h in hooks}
     saes = {}
     for h in hooks:
-        sae_cfg = cfg.schedule.sae_config(sites[h]["layer"], n_layers, sites[h]["d"])
+        extra = {}
+        if transcoding:
+            extra["d_out"] = sites[targets[h]]["d"]
+            if "dead_feature_window" in cfg.schedule.valid_keys() and "dead_feature_window" not in values[h]:
+                extra["dead_feature_window"] = cfg.dead_feature_window
+        sae_cfg = cfg.schedule.sae_config(sites[h]["layer"], n_layers, sites[h]["d"], **extra)
         saes[h] = get_sae_training_class(sae_cfg.architecture())[0](sae_cfg)
 
-    chunks = lambda seed: _train_chunks(cfg, store, hooks, seed, loaded)
-    batches = mixed_batches(chunks(cfg.seed), cfg.batch_tokens, specials, cfg.seed, _buffer_bytes(store, hooks))
-    scales, means = _input_statistics(cfg, chunks(cfg.seed + 1), store, hooks, specials, saes)
+    chunks = lambda seed: _train_chunks(cfg, store, stream, seed, loaded)
+    batches = mixed_batches(chunks(cfg.seed), cfg.batch_tokens, specials, cfg.seed, _buffer_bytes(store, stream))
+    norms, means = _input_statistics(cfg, chunks(cfg.seed + 1), store, stream, specials)
+
+    def scale(hook: str, normalize: str) -> float:  # SAELens' rule: mean norm sqrt(d) for expected_average_only_in
+        return sites[hook]["d"] ** 0.5 / norms[hook] if normalize == "expected_average_only_in" else 1.0
+
+    if transcoding:
+        normalize = {h: values[h].get("normalize_activations", "none") for h in hooks}
+        scales = [scale(h, normalize[h]) for h in hooks]
+        target_scales = [scale(targets[h], normalize[h]) for h in hooks]
+    else:
+        scales = [scale(h, saes[h].cfg.normalize_activations) for h in hooks]
+        target_scales = scales
     if cfg.init_b_dec == "mean":
         with torch.no_grad():
-            for h, scale, mean in zip(hooks, scales, means):
-                saes[h].b_dec.copy_(mean * scale)  # in the scaled units the SAE trains in
-    groups = _make_groups(cfg, saes, values, scales, steps)
+            for h, target_scale in zip(hooks, target_scales):
+                saes[h].b_dec.copy_(means[targets.get(h, h)] * target_scale)  # in the units the SAE trains in
+    groups = _make_groups(cfg, saes, values, scales, steps, target_scales if transcoding else None)
 
     step = 0
-    losses: dict[str, list[float]] = {h: [] for h in hooks}
+    curves: dict[str, dict[str, list]] = {h: {"loss": []} for h in hooks}
     first_loss: dict[str, float] = {}
     checkpoint = _latest_checkpoint(out_dir)
     if checkpoint is not None:
         saved = torch.load(checkpoint / "state.pt", weights_only=False)
         for (members, group), group_state in zip(groups, saved["groups"]):
             group.load_state_dict(group_state)
-        step, losses, first_loss = saved["step"], saved["losses"], saved["first_loss"]
+        step, curves, first_loss = saved["step"], saved["curves"], saved["first_loss"]
         for _ in range(step):  # the data stream is a function of the seed: skip what was used
             next(batches)
+    samples = _SampleRecorder(cfg, store, hooks, specials, scales) if cfg.samples_every else None
 
     if progress:
         progress(step, steps)
+    index = {h: i for i, h in enumerate(stream)}
     while step < steps:
         x = next(batches)
-        index = {h: i for i, h in enumerate(hooks)}
         for members, group in groups:
-            group_losses = group.step(x[[index[h] for h in members]])
+            x_in = x[[index[h] for h in members]]
+            group_losses = group.step(x_in, x[[index[targets[h]] for h in members]]) if transcoding else group.step(x_in)
             _check_losses(members, group_losses, first_loss, step, out_dir)
-            for h, value in zip(members, group_losses.tolist()):
-                losses[h].append(value)
+            for i, (h, value) in enumerate(zip(members, group_losses.tolist())):
+                curves[h]["loss"].append(value)
+                for name, metric in (group.last_metrics[i] if transcoding else {}).items():
+                    curves[h].setdefault(name, []).append(metric)
         step += 1
+        if samples is not None and step % cfg.samples_every == 0:
+            samples.record(out_dir, step, groups, saes)
         if step % cfg.checkpoint_every == 0 and step < steps:
-            _save_checkpoint(out_dir, step, groups, losses, first_loss)
+            _save_checkpoint(out_dir, step, groups, curves, first_loss)
         if progress:
             progress(step, steps)
         if stop_after is not None and step >= stop_after and step < steps:
-            _save_checkpoint(out_dir, step, groups, losses, first_loss)
+            _save_checkpoint(out_dir, step, groups, curves, first_loss)
             return None
 
-    results = _save_saes(out_dir / sae_subdir, out_dir, store, hooks, saes, groups, values, scales, losses, cfg)
+    atomic_write_text(out_dir / CURVES_FILE, json.dumps(curves))
+    results = _save_saes(out_dir / sae_subdir, out_dir, store, hooks, saes, groups, values, scales, target_scales,
+                         targets, curves, cfg)
     if evaluate:
         evals, _ = evaluate_run(out_dir, cfg.store, exclude_special_tokens=cfg.exclude_special_tokens,
                                 model_eval=model_eval and loaded is not None, loaded=loaded)
@@ -330,9 +431,8 @@ def _train_chunks(cfg: TrainConfig, store: ActivationStore, hooks: list[str], se
     return model_chunks(loaded.model, tokens[:n_train][order], hooks, cfg.online.batch_size, cfg.online.device)
 
 
-def _input_statistics(cfg, chunks, store, hooks, specials, saes) -> tuple[list[float], list[torch.Tensor]]:
-    """Per site, from NORM_ESTIMATE_BATCHES batches: the scaling factor (sqrt(d_in) / mean norm for
-    `expected_average_only_in`, else 1: SAELens' rule) and the mean activation (raw units)."""
+def _input_statistics(cfg, chunks, store, hooks, specials) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Per hook, from NORM_ESTIMATE_BATCHES batches: the mean activation norm and the mean activation."""
     norms = torch.zeros(len(hooks), dtype=torch.float64)
     sums = None
     batches = mixed_batches(chunks, cfg.batch_tokens, specials, cfg.seed + 1, _buffer_bytes(store, hooks))
@@ -340,16 +440,39 @@ def _input_statistics(cfg, chunks, store, hooks, specials, saes) -> tuple[list[f
         x = next(batches)  # [sites, tokens, d]
         norms += x.norm(dim=-1).double().mean(1)
         sums = x.double().mean(1) if sums is None else sums + x.double().mean(1)
-    norms /= NORM_ESTIMATE_BATCHES
-    scales = [(saes[h].cfg.d_in ** 0.5 / norms[i].item()) if saes[h].cfg.normalize_activations == "expected_average_only_in"
-              else 1.0 for i, h in enumerate(hooks)]
-    return scales, [(sums[i] / NORM_ESTIMATE_BATCHES).float() for i in range(len(hooks))]
+    return ({h: norms[i].item() / NORM_ESTIMATE_BATCHES for i, h in enumerate(hooks)},
+            {h: (sums[i] / NORM_ESTIMATE_BATCHES).float() for i, h in enumerate(hooks)})
 
 
-def _make_groups(cfg, saes, values, scales, steps):
-    """[(hook names, group)]: stacks of same-shaped TopK-family SAEs, and the rest one by one."""
+def _transcoder_targets(cfg: TrainConfig, store: ActivationStore, hooks: list[str], explicit: bool) -> dict[str, str]:
+    """{input hook: target hook}: each input site predicts the `transcoder_target` site of its layer."""
+    from layerflow.sites import parse_kind
+
+    kind = parse_kind(cfg.transcoder_target)
+    inputs = [h for h in hooks if parse_hook_name(h)[1] != kind]
+    if explicit and len(inputs) < len(hooks):
+        raise LayerflowError(f"{', '.join(h for h in hooks if h not in inputs)}: a {kind.value} site is what the "
+                             f"transcoders predict, not an input. Pass input sites (e.g. mlp_in, resid_mid).")
+    if not inputs:
+        raise LayerflowError(f"The capture at '{store.root}' holds only {kind.value} sites: a transcoder needs an input "
+                             f"site too. Capture with --sites mlp_in,{kind.value} (or resid_mid / resid_pre).")
+    targets = {h: Site(parse_hook_name(h)[0], kind).hook_name for h in inputs}
+    missing = sorted({t for t in targets.values() if t not in store.hook_names})
+    if missing:
+        raise LayerflowError(f"Transcoders predict {kind.value} at each input's layer, but {', '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} not in the capture at '{store.root}'. "
+                             f"Capture with --sites <input>,{kind.value}.")
+    return targets
+
+
+def _make_groups(cfg, saes, values, scales, steps, target_scales=None):
+    """[(hook names, group)]: transcoders (`target_scales` given) in one group; else stacks of
+    same-shaped TopK-family SAEs, and the rest one by one."""
     hooks = list(saes)
     lr = {h: float(values[h].get("lr", 3e-4)) for h in hooks}
+    if target_scales is not None:
+        return [(hooks, _TranscoderGroup([saes[h] for h in hooks], [lr[h] for h in hooks], cfg, steps, scales,
+                                         target_scales))]
     scale = dict(zip(hooks, scales))
     stacks: dict[tuple, list[str]] = {}
     rest = []
@@ -405,12 +528,12 @@ def _latest_checkpoint(out_dir: Path) -> Path | None:
     return folders[-1] if folders else None
 
 
-def _save_checkpoint(out_dir: Path, step: int, groups, losses, first_loss) -> None:
+def _save_checkpoint(out_dir: Path, step: int, groups, curves, first_loss) -> None:
     folder = out_dir / CHECKPOINT_DIR / f"step-{step:09d}"
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save({"step": step, "groups": [g.state_dict() for _, g in groups], "losses": losses,
+    torch.save({"step": step, "groups": [g.state_dict() for _, g in groups], "curves": curves,
                 "first_loss": first_loss}, tmp / "state.pt")
     os.replace(tmp, folder)
     for old in (out_dir / CHECKPOINT_DIR).glob("step-*"):
@@ -418,20 +541,52 @@ def _save_checkpoint(out_dir: Path, step: int, groups, losses, first_loss) -> No
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _save_saes(sae_root, out_dir, store, hooks, saes, groups, values, scales, losses, cfg) -> dict[str, SiteResult]:
+def _save_saes(sae_root, out_dir, store, hooks, saes, groups, values, scales, target_scales, targets, curves,
+               cfg) -> dict[str, SiteResult]:
     sites = {s["hook_name"]: s for s in store.manifest.sites}
-    sparsity, scale = {}, dict(zip(hooks, scales))
+    sparsity, scale, target_scale = {}, dict(zip(hooks, scales)), dict(zip(hooks, target_scales))
     for members, group in groups:
         group.sync()
         sparsity.update(zip(members, group.log_feature_sparsity()))
     results = {}
     for h in hooks:
         folder = sae_root / h
-        save_sae(saes[h], folder, sae_metadata(store.manifest, h, cfg.exclude_special_tokens), sparsity[h], scale[h])
-        tail = losses[h][-max(1, len(losses[h]) // 10):]
+        metadata = sae_metadata(store.manifest, h, cfg.exclude_special_tokens)
+        if h in targets:
+            metadata["hook_name_out"] = targets[h]
+        save_sae(saes[h], folder, metadata, sparsity[h], scale[h], target_scale[h] if h in targets else None)
+        losses = curves[h]["loss"]
+        tail = losses[-max(1, len(losses) // 10):]
         results[h] = SiteResult(h, sites[h]["layer"], str(folder.relative_to(out_dir)), values[h], scale[h],
-                                losses[h][0], sum(tail) / len(tail))
+                                losses[0], sum(tail) / len(tail), hook_name_out=targets.get(h),
+                                target_scaling_factor=target_scale[h] if h in targets else None)
     return results
+
+
+class _SampleRecorder:
+    """Every `samples_every` steps: each latent's top-activating held-out tokens, per site, written to
+    samples/step-N/<hook>.safetensors (`feature_contexts.TopActivations`; `layerflow samples` shows them)."""
+
+    def __init__(self, cfg: TrainConfig, store: ActivationStore, hooks: list[str], specials: list[int],
+                 scales: list[float]):
+        from layerflow.feature_contexts import heldout_batches
+
+        self.batches = list(heldout_batches(store, hooks, specials, cfg.samples_tokens))
+        self.scales = dict(zip(hooks, scales))
+        self.k = SAMPLES_PER_LATENT
+
+    @torch.no_grad()
+    def record(self, out_dir: Path, step: int, groups, saes: dict) -> None:
+        from layerflow.feature_contexts import TopActivations
+
+        folder = out_dir / SAMPLES_DIR / f"step-{step:09d}"
+        for _, group in groups:
+            group.sync()
+        for h, sae in saes.items():
+            top = TopActivations.empty(sae.cfg.d_sae, self.k)
+            for acts, positions in self.batches:
+                top.update(sae.encode(acts[h] * self.scales[h]), positions)
+            top.save(folder / f"{h}.safetensors")
 
 
 def run_store(run: Path) -> str:

@@ -5,7 +5,7 @@ import torch
 from sae_lens.registry import get_sae_training_class
 
 from layerflow.errors import LayerflowError
-from layerflow.schedule import ARCHITECTURES, LayerSchedule, get_preset
+from layerflow.schedule import SAE_ARCHITECTURES, TRANSCODER_ARCHITECTURES, LayerSchedule, get_preset
 
 
 def test_notes_preset_reproduces_the_depth_dependent_l1():
@@ -18,7 +18,7 @@ def test_notes_preset_reproduces_the_depth_dependent_l1():
     assert cfg.d_sae == 8 * 576 and cfg.l1_coefficient == 5e-5
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("architecture", SAE_ARCHITECTURES)
 def test_every_architecture_builds_a_real_sae_lens_training_sae(architecture):
     schedule = LayerSchedule(architecture, {"expansion_factor": 4})
     cfg = schedule.sae_config(3, 6, d_in=32)
@@ -27,6 +27,23 @@ def test_every_architecture_builds_a_real_sae_lens_training_sae(architecture):
     sae = sae_class(cfg)
     out = sae(torch.randn(5, 32))
     assert out.shape == (5, 32)
+
+
+@pytest.mark.parametrize("architecture", TRANSCODER_ARCHITECTURES)
+def test_every_transcoder_architecture_builds_a_registered_training_transcoder(architecture):
+    schedule = LayerSchedule(architecture, {"expansion_factor": 4, "normalize_activations": "expected_average_only_in"})
+    cfg = schedule.sae_config(3, 6, d_in=32, d_out=24)
+    sae_class, cfg_class = get_sae_training_class(architecture)
+    assert type(cfg) is cfg_class and cfg.d_sae == 128 and cfg.d_out == 24
+    assert cfg.normalize_activations == "none"  # the trainer scales input and target itself
+    out = sae_class(cfg)(torch.randn(5, 32), torch.randn(5, 24))
+    assert out.prediction.shape == (5, 24)
+
+
+def test_transcoder_preset_is_the_notes_matryoshka_transcoder():
+    cfg = get_preset("transcoder").sae_config(0, 30, d_in=576, d_out=576)
+    assert type(cfg).__name__ == "MatryoshkaBatchTopKTrainingTranscoderConfig"
+    assert cfg.d_sae == 2 * 576 and cfg.k == 48 and cfg.matryoshka_widths == [72, 288, 1152]
 
 
 def test_default_preset_is_a_modern_sparse_coder():
