@@ -137,16 +137,24 @@ def _short_hook(hook: str) -> str:
 
 def _site_table(title: str, rows: list[dict]) -> Table:
     table = Table(title=title)
-    columns = [("site", "hook_name"), ("FVU", "fvu"), ("L0", "l0"), ("dead", "dead_fraction"), ("dense", "dense_fraction"),
+    columns = [("site", "hook_name"), ("predicts", "hook_name_out"), ("FVU", "fvu"), ("prefix FVU", "prefix_fvu"), ("L0", "l0"), ("dead", "dead_fraction"), ("dense", "dense_fraction"),
                ("l2 ratio", "l2_ratio"), ("CE score", "ce_loss_score"), ("dCE nats", "delta_ce"), ("KL", "kl_div")]
     present = [(name, key) for name, key in columns if any(r.get(key) is not None for r in rows)]
     for name, _ in present:
         table.add_column(name, justify="left" if name == "site" else "right")
     for r in rows:
-        site = _short_hook(r["hook_name"])
-        table.add_row(*[site if key == "hook_name" else ("-" if r.get(key) is None else f"{r[key]:.3g}")
-                        for _, key in present])
+        table.add_row(*[_cell(key, r.get(key)) for _, key in present])
     return table
+
+
+def _cell(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key.startswith("hook_name"):
+        return _short_hook(value)
+    if isinstance(value, list):
+        return ">".join(f"{v:.2f}" for v in value)
+    return f"{value:.3g}"
 
 
 @app.command()
@@ -158,7 +166,8 @@ def train(
     tokens: int = typer.Option(20_000, min=1, help="With --online: tokens (train + held-out), as for `capture`."),
     context_size: int = typer.Option(128, min=2, help="With --online: tokens per sequence."),
     source: str = typer.Option("default", help="With --online: text source, as for `capture`."),
-    preset: str = typer.Option("default", help="Schedule preset: 'default' (BatchTopK k=32, 8x) or 'notes' (L1 by depth)."),
+    preset: str = typer.Option("default", help="Schedule preset: 'default' (BatchTopK k=32, 8x), 'notes' (L1 by depth) "
+                               "or 'transcoder' (the notes' Matryoshka transcoder: input site -> mlp_out, 2x, k=48)."),
     schedule_file: Optional[Path] = typer.Option(None, "--schedule", help="A LayerSchedule JSON file (overrides --preset)."),
     architecture: Optional[str] = typer.Option(None, help="Override the schedule's SAE architecture."),
     settings: list[str] = typer.Option([], "--set", help="Override a hyperparameter at every depth, e.g. --set k=64."),
@@ -168,11 +177,17 @@ def train(
     batch_tokens: int = typer.Option(4096, min=1, help="Tokens per step (every site sees the same tokens)."),
     include_special_tokens: bool = typer.Option(False, help="Train and evaluate on BOS/special positions too."),
     checkpoint_every: int = typer.Option(500, min=1, help="Steps between checkpoints (resume picks the last)."),
+    samples_every: int = typer.Option(0, min=0, help="Every N steps, keep each latent's top-activating held-out tokens "
+                                      "(see `layerflow samples`); 0: never."),
+    target_site: str = typer.Option("mlp_out", help="Transcoders: the site kind each input site's transcoder predicts."),
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False, help="Replace a different run already in --out."),
     model_eval: bool = typer.Option(True, help="Also splice the SAEs into the model for CE/KL at the end."),
 ) -> None:
-    """Train one SAE per captured site from the same batches; save SAELens folders, evals and a manifest."""
+    """Train one SAE (or transcoder) per captured site from the same batches; save SAELens folders, evals and a manifest.
+
+    With a transcoder architecture (e.g. --preset transcoder), each captured input site (mlp_in, resid_mid or
+    resid_pre) gets a transcoder predicting --target-site at its layer; capture both, e.g. --sites mlp_in,mlp_out."""
     import json
 
     from layerflow.schedule import LayerSchedule, get_preset
@@ -191,7 +206,11 @@ def train(
 
         out_dir = out_dir or Path("artifacts") / online / "train-online"
         store = out_dir.parent / (out_dir.name + "-heldout")  # the held-out split only, for the evals
-        online_cfg = CaptureConfig(online, parse_layers(layers, get_spec(online).n_layers, online), n_tokens=tokens,
+        from layerflow.schedule import is_transcoder
+        from layerflow.sites import SiteKind, parse_kind
+
+        kinds = [SiteKind.mlp_in, parse_kind(target_site)] if is_transcoder(schedule.architecture) else [SiteKind.resid_post]
+        online_cfg = CaptureConfig(online, parse_layers(layers, get_spec(online).n_layers, online), kinds, n_tokens=tokens,
                                    context_size=context_size, source=source, seed=seed)
         model_name = online
     elif store is None:
@@ -201,7 +220,7 @@ def train(
     out_dir = out_dir or store.parent / "train"
     cfg = TrainConfig(str(store), hooks.split(",") if hooks else None, schedule, steps, epochs, batch_tokens,
                       exclude_special_tokens=not include_special_tokens, checkpoint_every=checkpoint_every, seed=seed,
-                      online=online_cfg)
+                      online=online_cfg, transcoder_target=target_site, samples_every=samples_every)
     loaded = None
     if model_eval or online:
         from layerflow.models import load_model
@@ -214,9 +233,60 @@ def train(
         manifest = run_train(cfg, out_dir, overwrite=overwrite, loaded=loaded, model_eval=model_eval,
                              progress=lambda done, total: bar.update(task, completed=done, total=total))
     rows = [s.evals | {"hook_name": s.hook_name} for s in manifest.sites if s.evals]
-    out.print(_site_table(f"{len(manifest.sites)} SAEs ({schedule.architecture}) -> {out_dir}", rows))
+    what = "transcoders" if manifest.sites and manifest.sites[0].hook_name_out else "SAEs"
+    out.print(_site_table(f"{len(manifest.sites)} {what} ({schedule.architecture}) -> {out_dir}", rows))
     out.print(f"{manifest.steps} steps x {cfg.batch_tokens} tokens per site in {manifest.seconds:.0f} s; "
               f"held-out figures in {out_dir / 'evals.csv'}; SAELens folders in {out_dir / 'saes'}")
+
+
+@app.command()
+def samples(
+    run_dir: Path = typer.Argument(..., help="A `layerflow train` run trained with --samples-every."),
+    step: Optional[int] = typer.Option(None, help="Training step (default: the last recorded)."),
+    hook: Optional[str] = typer.Option(None, help="Site (default: every site of the run)."),
+    features: int = typer.Option(8, min=1, help="Latents to show per site: those with the largest activations."),
+    contexts_per_feature: int = typer.Option(3, "--contexts", min=1, help="Top-activating contexts per latent."),
+) -> None:
+    """Show the top-activating held-out tokens of latents, as recorded during training."""
+    from layerflow.feature_contexts import contexts
+    from layerflow.models import load_tokenizer
+    from layerflow.store import ActivationStore
+    from layerflow.train import read_samples, run_store
+
+    step, tops = read_samples(run_dir, step, [hook] if hook else None)
+    store = ActivationStore(run_store(run_dir))
+    tokenizer, tokens = load_tokenizer(store.manifest.model["name"]), store.tokens("heldout")
+    for name, top in tops.items():
+        table = Table(title=f"{_short_hook(name)} at step {step}: top-activating held-out tokens")
+        table.add_column("latent", justify="right")
+        table.add_column("activation", justify="right")
+        table.add_column(escape("context ([[firing token]])"), overflow="fold")
+        for feature in top.top_features(features):
+            for i, c in enumerate(contexts(top, feature, tokens, tokenizer)[:contexts_per_feature]):
+                table.add_row(str(feature) if i == 0 else "", f"{c.activation:.3g}", escape(c.text().replace("\n", "\\n")))
+        out.print(table)
+
+
+@app.command()
+def compare(
+    run_dir: Path = typer.Argument(..., help="A finished `layerflow train` run (SAEs or transcoders)."),
+    layers: str = typer.Option(..., help="Layers to compare, e.g. '8,17'."),
+    plot: Optional[Path] = typer.Option(None, help="Figure path stem (.png and .pdf).",
+                                        show_default="<run>/plots/compare-L<a>-L<b>"),
+) -> None:
+    """Compare a run's dictionaries at a few layers: FVU by prefix, L0, dead/dense, frequencies, spliced CE/KL."""
+    from layerflow.compare import compare_layers
+    from layerflow.plots import layer_comparison
+
+    try:
+        wanted = [int(x) for x in layers.split(",") if x.strip()]
+    except ValueError:
+        raise LayerflowError(f"--layers '{layers}' is not a comma-separated list of layer numbers, e.g. 8,17.") from None
+    comparison = compare_layers(run_dir, wanted)
+    out.print(_site_table(f"{comparison.model}: layers {layers}", [s.evals.to_row() for s in comparison.sites]))
+    stem = plot or run_dir / "plots" / f"compare-{'-'.join(f'L{x}' for x in wanted)}"
+    paths = layer_comparison(comparison, stem.with_suffix("") if stem.suffix in (".png", ".pdf") else stem)
+    out.print(f"figure: {', '.join(str(p) for p in paths)}")
 
 
 @app.command(name="eval")

@@ -16,6 +16,9 @@
   against relative depth, one line per model.
 - activation_norms: mean ||x|| per site against relative depth (log scale). The residual norm grows
   many-fold with depth, which is why raw-MSE ratios mislead.
+- layer_comparison (`layerflow compare`, not part of a run's plots): a training run's SAEs or
+  transcoders at chosen layers: held-out FVU by Matryoshka prefix, training curves, firing-frequency
+  histograms, and FVU / dead / dense / delta CE / KL side by side.
 - raw_vs_scale_aware-<model>: the notes' raw `transfer_recon_ratio` next to `relative_transfer`, and
   both universality profiles, so the reader sees that the two name different "universal" layers.
 """
@@ -26,7 +29,7 @@ import math
 import os
 import textwrap
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import matplotlib
 
@@ -38,6 +41,9 @@ from matplotlib import colors  # noqa: E402
 from layerflow.results import CrossModelResults, ModelResults, RunResults  # noqa: E402
 from layerflow.summary import BANDS, TransferSummary, summarize  # noqa: E402
 from layerflow.transfer_types import SiteId, TransferMatrix, metric_docs  # noqa: E402
+
+if TYPE_CHECKING:
+    from layerflow.compare import LayerComparison
 
 DPI = 300
 ANNOTATE_MAX = 12  # annotate cells with their values up to this many sites per side
@@ -337,6 +343,77 @@ def sae_quality(models: Sequence[ModelResults], stem: Path) -> list[Path]:
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.955),
                ncol=len(models), fontsize=8, frameon=False)
+    return _save(fig, stem)
+
+
+def layer_comparison(comparison: "LayerComparison", stem: Path) -> list[Path]:
+    """A training run's dictionaries at a few layers side by side (`compare.compare_layers`): FVU by
+    Matryoshka prefix, training FVU, held-out firing-frequency histograms, and the headline figures."""
+    from layerflow.compare import log_frequency
+
+    sites = comparison.sites
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    label = {s.hook_name: f"layer {s.layer} ({s.hook_name.split('.', 2)[-1]} -> {s.target.split('.', 2)[-1]})"
+             if s.evals.hook_name_out else f"layer {s.layer} ({s.hook_name.split('.', 2)[-1]})" for s in sites}
+    style = {s.hook_name: MODEL_STYLES[k % 10] for k, s in enumerate(sites)}
+
+    ax = axes[0, 0]
+    for s in sites:
+        widths = s.evals.prefix_widths or [s.d_sae]
+        fvus = s.evals.prefix_fvu or [s.evals.reconstruction.fvu]
+        ax.plot(widths, fvus, "-", **style[s.hook_name], label=label[s.hook_name])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("latents used (nested prefix of the dictionary)")
+    ax.set_title("held-out FVU by prefix, coarse to fine (lower = better)", fontsize=9)
+
+    ax = axes[0, 1]
+    for s in sites:
+        key = "fvu" if "fvu" in s.curves else "loss"
+        values = np.asarray(s.curves.get(key, []), dtype=float)
+        if len(values):
+            window = max(1, len(values) // 50)
+            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+            ax.plot(np.arange(len(smooth)) + window, smooth, "-", color=style[s.hook_name]["color"], lw=1.2)
+    if ax.lines and max(max(l.get_ydata()) for l in ax.lines) > 10 * min(min(l.get_ydata()) for l in ax.lines):
+        ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_title("training FVU per batch (transcoders) or loss (SAEs), running mean", fontsize=9)
+
+    ax = axes[1, 0]
+    floor = 1e-7
+    for s in sites:
+        if s.evals.frequency is not None:
+            values = log_frequency(s.evals.frequency, floor).numpy()
+            ax.hist(values, bins=np.linspace(math.log10(floor), 0, 36), histtype="step", lw=1.4,
+                    color=style[s.hook_name]["color"])
+    ax.axvline(math.log10(0.10), color="grey", ls=":", lw=1)  # metrics.DENSE_THRESHOLD
+    ax.set_xlabel(f"log10 held-out firing rate (dead latents at {math.log10(floor):.0f}; dotted: dense above 10%)")
+    ax.set_ylabel("latents")
+    ax.set_title("feature frequency histogram", fontsize=9)
+
+    ax = axes[1, 1]
+    metrics = [("FVU", lambda e: e.reconstruction.fvu), ("dead", lambda e: e.reconstruction.dead_fraction),
+               ("dense", lambda e: e.reconstruction.dense_fraction), ("dCE nats", lambda e: e.delta_ce),
+               ("KL", lambda e: e.kl_div)]
+    width = 0.8 / max(len(sites), 1)
+    for k, s in enumerate(sites):
+        values = [get(s.evals) for _, get in metrics]
+        xs = np.arange(len(metrics)) + (k - (len(sites) - 1) / 2) * width
+        bars = ax.bar(xs, [np.nan if v is None else v for v in values], width, color=style[s.hook_name]["color"])
+        ax.bar_label(bars, labels=["-" if v is None else f"{v:.2g}" for v in values], fontsize=6, padding=1,
+                     rotation=90 if len(sites) > 1 else 0)
+    ax.set_xticks(np.arange(len(metrics)), [name for name, _ in metrics])
+    ax.margins(y=0.15)
+    l0s = ", ".join(f"layer {s.layer}: {s.evals.reconstruction.l0:.1f}" for s in sites if s.evals.reconstruction.l0 is not None)
+    ax.set_title(f"held-out figures (lower = better)\nL0 (active latents per token) {l0s}", fontsize=9)
+    for a in axes.flat:
+        a.grid(alpha=0.3)
+    what = "transcoders" if any(s.evals.hook_name_out for s in sites) else "SAEs"
+    fig.suptitle(f"{comparison.model}: {what} compared across layers ({sites[0].architecture if sites else ''})",
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.955),
+               ncol=min(len(sites), 6), fontsize=8, frameon=False)
     return _save(fig, stem)
 
 

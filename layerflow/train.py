@@ -589,8 +589,29 @@ class _SampleRecorder:
             top.save(folder / f"{h}.safetensors")
 
 
-def run_store(run: Path) -> str:
+def read_samples(run: str | Path, step: int | None = None,
+                 hooks: list[str] | None = None) -> tuple[int, dict[str, "TopActivations"]]:
+    """(step, {hook: TopActivations}) recorded during training at `step` (default: the last one)."""
+    from layerflow.feature_contexts import TopActivations
+
+    root = Path(run) / SAMPLES_DIR
+    recorded = {int(p.name.removeprefix("step-")): p for p in root.glob("step-*[0-9]")} if root.exists() else {}
+    if not recorded:
+        raise LayerflowError(f"No training samples under '{run}': train with --samples-every N.")
+    step = max(recorded) if step is None else step
+    if step not in recorded:
+        raise LayerflowError(f"No samples at step {step} in '{run}'. Recorded steps: {', '.join(map(str, sorted(recorded)))}.")
+    files = {p.name.removesuffix(".safetensors"): p for p in recorded[step].glob("*.safetensors")}
+    unknown = [h for h in hooks or [] if h not in files]
+    if unknown:
+        raise LayerflowError(f"No samples for {', '.join(unknown)} at step {step}. Sites: {', '.join(sorted(files))}.")
+    order = hooks or sorted(files, key=lambda h: (parse_hook_name(h)[0], h))
+    return step, {h: TopActivations.load(files[h]) for h in order}
+
+
+def run_store(run: str | Path) -> str:
     """The capture store a training run read (its held-out split is what evals and transfer use)."""
+    run = Path(run)
     if not (run / PLAN_FILE).exists():
         raise LayerflowError(f"'{run}' is not a layerflow training run: pass --store with held-out activations.")
     return json.loads((run / PLAN_FILE).read_text())["store"]
