@@ -597,22 +597,31 @@ def transfer_run(
 ) -> tuple[TransferMatrix, list[Path]]:
     """The within-model matrix of every SAE under `run` (a training run, or any folder of SAELens
     SAE folders with `store`), on the store's held-out tokens; written to `out_dir`
-    (default `<run>/transfer`). Returns the matrix and the files written (manifest last)."""
+    (default `<run>/transfer`). Returns the matrix and the files written (manifest last).
+
+    A folder of transcoders (`is_transcoder`) gets `transcoder_matrix` instead: the store must hold
+    each transcoder's input and output hooks. A folder mixing SAEs and transcoders is an error."""
     from layerflow.sae_io import load_saes
     from layerflow.store import ActivationStore
     from layerflow.train import run_store
 
     run = Path(run)
     saes = load_saes(run, hooks)
+    transcoders = _folder_of_transcoders(saes, run)
+    if transcoders and options.spliced:
+        raise LayerflowError("--spliced is not available for transcoders yet: it splices SAEs at their own site.")
     activation_store = ActivationStore(store or run_store(run))
-    unknown = [h for h in saes if h not in activation_store.hook_names]
+    needed = {h: [h, output_hook(sae)] if transcoders else [h] for h, sae in saes.items()}
+    unknown = [f"{' -> '.join(hs)}" for hs in needed.values() if any(h not in activation_store.hook_names for h in hs)]
     if unknown:
-        raise LayerflowError(f"SAEs for {', '.join(unknown)} have no activations in the capture at "
-                             f"'{activation_store.root}' (captured: {', '.join(activation_store.hook_names)}).")
+        raise LayerflowError(f"{'Transcoders' if transcoders else 'SAEs'} for {', '.join(unknown)} have no activations "
+                             f"in the capture at '{activation_store.root}' "
+                             f"(captured: {', '.join(activation_store.hook_names)}).")
     sites = sites_of_store(activation_store, list(saes))
-    activations = activation_store.heldout([s.hook_name for s in sites], options.max_tokens,
-                                           options.exclude_special_tokens)
-    matrix = within_model_matrix(saes, activations, sites, options, progress)
+    activations = activation_store.heldout(list(dict.fromkeys(h for s in sites for h in needed[s.hook_name])),
+                                           options.max_tokens, options.exclude_special_tokens)
+    compute = transcoder_matrix if transcoders else within_model_matrix
+    matrix = compute(saes, activations, sites, options, progress)
     if options.spliced:
         from layerflow.models import load_model
 
@@ -621,6 +630,17 @@ def transfer_run(
     matrix.settings["store"] = str(activation_store.root.resolve())
     matrix.settings["saes"] = str(run.resolve())
     return matrix, write_transfer(matrix, Path(out_dir) if out_dir else run / TRANSFER_DIR)
+
+
+def _folder_of_transcoders(saes: dict[str, "SAE"], folder: Path) -> bool:
+    """True when every dictionary is a transcoder, False when none is; a mix is an error."""
+    kinds = {h: is_transcoder(sae) for h, sae in saes.items()}
+    if len(set(kinds.values())) > 1:
+        tcs = [h for h, k in kinds.items() if k]
+        plain = [h for h, k in kinds.items() if not k]
+        raise LayerflowError(f"'{folder}' mixes transcoders ({', '.join(tcs)}) and SAEs ({', '.join(plain)}): a "
+                             "transfer matrix compares one kind. Put them in separate folders, or pass --hooks.")
+    return any(kinds.values())
 
 
 class _ScaleMatched:

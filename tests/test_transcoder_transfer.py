@@ -200,3 +200,98 @@ def test_bad_transcoder_inputs_are_named():
     transcoders[_in(1)].cfg.metadata.hook_name_out = None
     with pytest.raises(LayerflowError, match="no cfg.metadata.hook_name_out"):
         transcoder_matrix(transcoders, acts, sites)
+
+
+# ---------------------------------------------------------------- a real (tiny) capture, end to end
+
+
+ARCH_OF_LAYER = {0: ("topk", True), 1: ("batchtopk", False)}  # saved as TopKSkipTranscoder, JumpReLUTranscoder
+
+
+def _trained_transcoder(store: ActivationStore, layer: int) -> tc.TrainingTranscoder:
+    arch, skip = ARCH_OF_LAYER[layer]
+    x_in, y = store.activations(_in(layer)), store.activations(_out(layer))
+    cfg_cls, extra = {"topk": (tc.TopKTrainingTranscoderConfig, {}),
+                      "batchtopk": (tc.BatchTopKTrainingTranscoderConfig, {"topk_threshold_lr": 0.1})}[arch]
+    cfg = cfg_cls(d_in=x_in.shape[1], d_out=y.shape[1], d_sae=128, k=8, skip=skip,
+                  metadata=SAEMetadata(hook_name=_in(layer), hook_name_out=_out(layer)), **extra)
+    model = tc.TRAINING_CLASSES[cfg.architecture()][0](cfg)
+    model.init_b_dec(y)
+    opt = tc.make_optimizer(model, 3e-3)
+    g = torch.Generator().manual_seed(layer)
+    for _ in range(40):
+        idx = torch.randint(len(x_in), (256,), generator=g)
+        tc.train_step(model, opt, x_in[idx], y[idx])
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_transcoders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tc_transfer")
+    capture(CaptureConfig(model="gpt2-twin", layers=[0, 1], kinds=[SiteKind.mlp_in, SiteKind.mlp_out], n_tokens=4096,
+                          context_size=32, source="random"), root / "store", loaded=tiny_twin("gpt2-twin"))
+    store = ActivationStore(root / "store")
+    for layer in (0, 1):
+        _trained_transcoder(store, layer).to_inference().save_model(root / "transcoders" / f"layer{layer}")
+    return root
+
+
+def test_transfer_run_on_saved_transcoder_folders(tiny_transcoders, tmp_path):
+    root = tiny_transcoders
+    matrix, written = transfer_run(root / "transcoders", store=root / "store", out_dir=tmp_path,
+                                   options=TransferOptions(max_tokens=None, match_distance=1))
+    assert [s.hook_name for s in matrix.sources] == [_in(0), _in(1)] and [s.layer for s in matrix.sources] == [0, 1]
+    assert matrix.settings["coder"] == "transcoder"
+    assert matrix.settings["hook_name_out"] == {_in(0): _out(0), _in(1): _out(1)}
+    store = ActivationStore(root / "store")
+    held = store.heldout([_in(0), _in(1), _out(0), _out(1)])
+    for i in range(2):  # the diagonal is SAELens' own forward of the saved folder on the held-out tokens
+        loaded = SAE.load_from_disk(root / "transcoders" / f"layer{i}")
+        with torch.no_grad():
+            own = reconstruction_metrics(held[_out(i)], loaded(held[_in(i)]), loaded.encode(held[_in(i)]))
+        assert own.explained_variance > 0.2  # trained: a real map to transfer
+        assert matrix["explained_variance"][i, i] == pytest.approx(own.explained_variance, abs=1e-5)
+        assert matrix["l0"][i, i] == pytest.approx(own.l0, rel=1e-6)
+    assert type(SAE.load_from_disk(root / "transcoders" / "layer0")) is tc.TopKSkipTranscoder
+    assert np.isfinite(matrix["relative_transfer"]).all() and np.isfinite(matrix["decoder_matched_fraction"][0, 1])
+    assert np.isnan(matrix.metrics.get("persistence_ev_through_target_sae", np.full((2, 2), np.nan))).all()
+    assert [p.name for p in written][-1] == "transfer_matrix.json"
+    assert TransferMatrix.read(tmp_path).equals(matrix)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["summaries"]) >= {"relative_transfer", "transfer_beyond_persistence"}
+    docs = json.loads((tmp_path / "transfer_matrix.json").read_text())["metric_docs"]
+    assert "persistence_ev_through_source_transcoder" in docs
+
+
+def test_cli_transfer_on_transcoders(tiny_transcoders, tmp_path):
+    root = tiny_transcoders
+    result = run_cli("transfer", str(root / "transcoders"), "--store", str(root / "store"), "--out", str(tmp_path),
+                     "--max-tokens", "512")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "transfer_matrix.json").exists() and (tmp_path / "transfer_matrix.csv").exists()
+    assert "0.mlp_in" in result.stdout and "relative_transfer: off-diagonal mean" in result.stdout
+
+
+def test_mixed_folder_spliced_and_uncaptured_output_hooks_are_clear_errors(tiny_transcoders, tmp_path):
+    import shutil
+
+    root = tiny_transcoders
+    mixed = tmp_path / "mixed"
+    shutil.copytree(root / "transcoders", mixed)
+    sae = StandardSAE(StandardSAEConfig(d_in=64, d_sae=16, metadata=SAEMetadata(hook_name="blocks.0.hook_resid_post")))
+    sae.save_model(mixed / "sae")
+    with pytest.raises(LayerflowError, match=r"mixes transcoders \(blocks.0.mlp.hook_in, blocks.1.mlp.hook_in\) "
+                                             r"and SAEs \(blocks.0.hook_resid_post\)"):
+        transfer_run(mixed, store=root / "store", out_dir=tmp_path / "out")
+    with pytest.raises(LayerflowError, match="--spliced is not available for transcoders"):
+        transfer_run(root / "transcoders", store=root / "store", out_dir=tmp_path / "out",
+                     options=TransferOptions(spliced=True))
+    elsewhere = tmp_path / "elsewhere"  # a transcoder predicting a hook the capture does not hold
+    shutil.copytree(root / "transcoders", elsewhere)
+    cfg_path = elsewhere / "layer0" / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["metadata"]["hook_name_out"] = "blocks.0.hook_resid_post"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(LayerflowError, match=r"Transcoders for blocks.0.mlp.hook_in -> blocks.0.hook_resid_post "
+                                             r"have no activations"):
+        transfer_run(elsewhere, store=root / "store", out_dir=tmp_path / "out")
