@@ -2,6 +2,7 @@
 recomputation with SAELens' own forward, scale matching, persistence, and a real capture end to end."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -96,9 +97,8 @@ def test_scale_matching_undoes_planted_norm_growth():
     grown = planted_maps([0], in_gains=[0.25], out_gains=[3.0], seed=3)
     t1 = true_transcoder(grown, 0, "jumprelu", hook_name=_in(1), hook_name_out=_out(1))
     assert torch.allclose(grown.inputs[0], 0.25 * base.inputs[0], atol=1e-6)
-    planted = type(base)([base.inputs[0], grown.inputs[0]], [base.outputs[0], grown.outputs[0]], [0, 0],
-                         base.in_features, base.in_offsets, base.out_directions, base.out_offsets,
-                         base.codes * 2, [1.0, 0.25], [1.0, 3.0], base.k)
+    planted = replace(base, inputs=[base.inputs[0], grown.inputs[0]], outputs=[base.outputs[0], grown.outputs[0]],
+                      maps=[0, 0], codes=base.codes * 2, in_gains=[1.0, 0.25], out_gains=[1.0, 3.0])
     m, _ = _matrix(planted, transcoders={_in(0): t0, _in(1): t1})
     own = np.diag(m["explained_variance"])
     assert own.min() > 0.99
