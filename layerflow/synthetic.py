@@ -119,3 +119,98 @@ def true_sae(planted: PlantedLayers, layer: int, architecture: str = "topk", thr
             sae.threshold.fill_(threshold)
     return sae
 
+
+
+# ---------------------------------------------------------------- planted MLP maps (transcoders)
+
+
+@dataclass(frozen=True)
+class PlantedMaps:
+    """Per layer, an MLP input x_in and output y computed by one of a few planted sparse maps: a map is
+    (orthonormal input features E [features, d_in], input offset, output directions D [features,
+    d_out], output offset); a token's code c gives x_in = g_in (c E + offset_in + noise) and
+    y = g_out (c D + offset_out). Layers given the same map number compute the same map."""
+
+    inputs: list[Float[torch.Tensor, "tokens d_in"]]
+    outputs: list[Float[torch.Tensor, "tokens d_out"]]
+    maps: list[int]  # the map of each layer
+    in_features: list[Float[torch.Tensor, "features d_in"]]  # per map
+    in_offsets: list[Float[torch.Tensor, " d_in"]]
+    out_directions: list[Float[torch.Tensor, "features d_out"]]
+    out_offsets: list[Float[torch.Tensor, " d_out"]]
+    codes: list[Float[torch.Tensor, "tokens features"]]  # per layer
+    in_gains: list[float]
+    out_gains: list[float]
+    k: int
+
+
+def planted_maps(
+    maps: list[int],
+    in_gains: list[float] | None = None,
+    out_gains: list[float] | None = None,
+    d_in: int = 48,
+    d_out: int = 40,
+    n_features: int = 24,
+    k: int = 3,
+    n_tokens: int = 2048,
+    noise: float = 0.01,
+    mean_offset: float = 1.0,
+    shared_codes: bool = False,
+    seed: int = 0,
+) -> PlantedMaps:
+    """Layer l computes planted map number maps[l]. Each layer draws its own codes (tokens), so a
+    transcoder transfers only by computing the same map; with `shared_codes` every layer sees the same
+    codes (layer j's MLP output is then layer i's again when their maps agree: persistence)."""
+    g = torch.Generator().manual_seed(seed)
+    n_maps = max(maps) + 1
+    E = [torch.linalg.qr(torch.randn(d_in, n_features, generator=g)).Q.T.contiguous() for _ in range(n_maps)]
+    D = [torch.randn(n_features, d_out, generator=g) for _ in range(n_maps)]
+    D = [x / x.norm(dim=-1, keepdim=True) for x in D]
+    off_in = [torch.randn(d_in, generator=g) * mean_offset for _ in range(n_maps)]
+    off_out = [torch.randn(d_out, generator=g) * mean_offset for _ in range(n_maps)]
+    in_gains, out_gains = in_gains or [1.0] * len(maps), out_gains or [1.0] * len(maps)
+    shared = _sparse_codes(n_tokens, n_features, k, g)
+    inputs, outputs, codes = [], [], []
+    for m, gi, go in zip(maps, in_gains, out_gains):
+        c = shared if shared_codes else _sparse_codes(n_tokens, n_features, k, g)
+        inputs.append(gi * (c @ E[m] + off_in[m] + noise * torch.randn(n_tokens, d_in, generator=g)))
+        outputs.append(go * (c @ D[m] + off_out[m]))
+        codes.append(c)
+    return PlantedMaps(inputs, outputs, list(maps), E, off_in, D, off_out, codes, list(in_gains), list(out_gains), k)
+
+
+def true_transcoder(planted: PlantedMaps, layer: int, architecture: str = "jumprelu", skip: bool = False,
+                    threshold: float = 0.5, hook_name: str = "", hook_name_out: str = ""):
+    """A SAELens transcoder computing layer `layer`'s planted map (raw units): encoder E^T / g_in with the
+    input offset cancelled in b_enc, decoder g_out D, b_dec = g_out offset_out. "jumprelu" zeroes latents
+    below `threshold` (in code units), "relu" shifts them down by 0.05 (below the noise), "topk" keeps
+    the planted k (layerflow's TopKTranscoder). With `skip`, W_skip is zero."""
+    from sae_lens import (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig, JumpReLUTranscoder,
+                          JumpReLUTranscoderConfig, SkipTranscoder, SkipTranscoderConfig, Transcoder, TranscoderConfig)
+    from sae_lens.saes.sae import SAEMetadata
+
+    from layerflow.transcoders import (TopKSkipTranscoder, TopKSkipTranscoderConfig, TopKTranscoder,
+                                       TopKTranscoderConfig)
+
+    classes = {("relu", False): (Transcoder, TranscoderConfig), ("relu", True): (SkipTranscoder, SkipTranscoderConfig),
+               ("jumprelu", False): (JumpReLUTranscoder, JumpReLUTranscoderConfig),
+               ("jumprelu", True): (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig),
+               ("topk", False): (TopKTranscoder, TopKTranscoderConfig),
+               ("topk", True): (TopKSkipTranscoder, TopKSkipTranscoderConfig)}
+    if (architecture, skip) not in classes:
+        raise ValueError(f"architecture must be 'relu', 'jumprelu' or 'topk', not {architecture!r}")
+    m, gi, go = planted.maps[layer], planted.in_gains[layer], planted.out_gains[layer]
+    E, D = planted.in_features[m], planted.out_directions[m]
+    sae_cls, cfg_cls = classes[architecture, skip]
+    extra = {"k": planted.k} if architecture == "topk" else {}
+    cfg = cfg_cls(d_in=E.shape[1], d_sae=E.shape[0], d_out=D.shape[1], apply_b_dec_to_input=False,
+                  metadata=SAEMetadata(hook_name=hook_name, hook_name_out=hook_name_out), **extra)
+    transcoder = sae_cls(cfg)
+    with torch.no_grad():
+        transcoder.W_enc.copy_(E.T / gi)
+        transcoder.b_enc.copy_(-(planted.in_offsets[m] @ E.T) - (0.05 if architecture == "relu" else 0.0))
+        transcoder.W_dec.copy_(D * go)
+        transcoder.b_dec.copy_(planted.out_offsets[m] * go)
+        if architecture == "jumprelu":
+            transcoder.threshold.fill_(threshold)
+    return transcoder

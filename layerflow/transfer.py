@@ -18,6 +18,11 @@ Speed. Each source SAE's encoder matmul P = x_j W_enc is shared by three encodin
 (`embedding_bag`). `LinearCoder` holds exactly SAELens' inference math for its standard, topk
 and jumprelu SAEs (BatchTopK saves as jumprelu); any other SAE goes through its own
 encode/decode (slower, same numbers: a test checks both paths agree).
+
+Transcoders (`transcoder_matrix`; `transfer_run` detects a folder of them): T_i reads layer j's
+input site and is scored on layer j's output site, with the same `LinearCoder` (plus its skip
+term), `SparseLatents`, `ReconstructionStats` and metric assembly. Scale matching has an input and
+an output factor, and persistence compares the output sites (docs/transfer.md, "Transcoders").
 """
 
 from __future__ import annotations
@@ -62,21 +67,26 @@ class TransferOptions:
 
 @dataclass
 class LinearCoder:
-    """x -> act((x - b_in) W_enc + b_enc) -> a W_dec + b_dec: SAELens' inference math, spelled out.
+    """x -> act((x - b_in) W_enc + b_enc) -> a W_dec + b_dec (+ x W_skip^T): SAELens' inference math,
+    spelled out.
 
     Exact for StandardSAE (relu), JumpReLUSAE and TopKSAE (with or without
-    rescale_acts_by_decoder_norm) when activations are not normalised at run time.
+    rescale_acts_by_decoder_norm) when activations are not normalised at run time, and for the
+    transcoders of the same activations (SAELens' Transcoder, JumpReLUTranscoder, their Skip
+    variants, and layerflow's TopK ones): they read x_in [d], predict x_out [d_out], have b_in = 0,
+    and the skip variants add x_in W_skip^T.
     """
 
     W_enc: Float[torch.Tensor, "d f"]
     b_enc: Float[torch.Tensor, " f"]
-    b_in: Float[torch.Tensor, " d"]  # b_dec when apply_b_dec_to_input, else 0
-    W_dec: Float[torch.Tensor, "f d"]  # already divided by the row norms when TopK rescales
-    b_dec: Float[torch.Tensor, " d"]
+    b_in: Float[torch.Tensor, " d"]  # b_dec when apply_b_dec_to_input, else 0 (always 0 for a transcoder)
+    W_dec: Float[torch.Tensor, "f d_out"]  # already divided by the row norms when TopK rescales
+    b_dec: Float[torch.Tensor, " d_out"]
     pre_scale: Float[torch.Tensor, " f"] | None  # TopK rescale: hidden_pre * ||W_dec row||
     activation: str  # "relu", "jumprelu" or "topk"
     threshold: Float[torch.Tensor, " f"] | None = None  # jumprelu, clamped at 0 (relu then mask == mask)
     k: int = 0
+    W_skip: Float[torch.Tensor, "d_out d"] | None = None  # skip transcoders
 
     def to(self, device: str) -> "LinearCoder":
         moved = {f: getattr(self, f) for f in self.__dataclass_fields__}
@@ -84,25 +94,31 @@ class LinearCoder:
 
     @classmethod
     def from_sae(cls, sae: "SAE") -> "LinearCoder | None":
-        from sae_lens import JumpReLUSAE, StandardSAE, TopKSAE
+        from sae_lens import (JumpReLUSAE, JumpReLUSkipTranscoder, JumpReLUTranscoder, SkipTranscoder, StandardSAE,
+                              TopKSAE, Transcoder)
+
+        from layerflow.transcoders import TopKSkipTranscoder, TopKTranscoder
 
         cfg = sae.cfg
-        kinds = {StandardSAE: "relu", JumpReLUSAE: "jumprelu", TopKSAE: "topk"}
+        kinds = {StandardSAE: "relu", JumpReLUSAE: "jumprelu", TopKSAE: "topk",
+                 Transcoder: "relu", SkipTranscoder: "relu", JumpReLUTranscoder: "jumprelu",
+                 JumpReLUSkipTranscoder: "jumprelu", TopKTranscoder: "topk", TopKSkipTranscoder: "topk"}
         if (type(sae) not in kinds or cfg.normalize_activations in ("constant_norm_rescale", "layer_norm")
                 or cfg.reshape_activations != "none" or sae.use_error_term):
             return None
         with torch.no_grad():
             W_enc, W_dec = sae.W_enc.detach().float(), sae.W_dec.detach().float()
             b_dec = sae.b_dec.detach().float()
-            b_in = b_dec if cfg.apply_b_dec_to_input else torch.zeros_like(b_dec)
+            b_in = b_dec if cfg.apply_b_dec_to_input else W_enc.new_zeros(W_enc.shape[0])
             activation = kinds[type(sae)]
             pre_scale = None
-            if activation == "topk" and cfg.rescale_acts_by_decoder_norm:
+            if activation == "topk" and getattr(cfg, "rescale_acts_by_decoder_norm", False):
                 norms = W_dec.norm(dim=-1)
                 pre_scale, W_dec = norms, W_dec / norms[:, None]
             threshold = sae.threshold.detach().float().clamp(min=0) if activation == "jumprelu" else None
+            W_skip = sae.W_skip.detach().float().contiguous() if isinstance(sae, SkipTranscoder) else None
             return cls(W_enc.contiguous(), sae.b_enc.detach().float(), b_in, W_dec.contiguous(), b_dec, pre_scale,
-                       activation, threshold, getattr(cfg, "k", 0))
+                       activation, threshold, getattr(cfg, "k", 0), W_skip)
 
     def bias_for(self, shift: torch.Tensor | None = None) -> torch.Tensor:
         """The c with hidden_pre(alpha x + shift) = alpha (x W_enc) + c, for any alpha (before a TopK rescale)."""
@@ -135,6 +151,10 @@ class LinearCoder:
                                   per_sample_weights=latents.values)
         return out + self.b_dec
 
+    def skip(self, x: Float[torch.Tensor, "tokens d"]) -> Float[torch.Tensor, "tokens d_out"] | None:
+        """x W_skip^T, the skip transcoder's linear term (linear in x, so scale matching scales it too)."""
+        return None if self.W_skip is None else x @ self.W_skip.T
+
 
 @dataclass
 class SparseLatents:
@@ -165,16 +185,23 @@ class SparseLatents:
 
 
 class _GenericCoder:
-    """Any SAELens SAE, through its own encode/decode (no shared matmul)."""
+    """Any SAELens SAE or transcoder, through its own encode/decode (no shared matmul)."""
 
     def __init__(self, sae: "SAE"):
         self.sae = sae
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        latents = self.sae.encode(x.to(self.sae.device, self.sae.dtype))
+        """(latents, output): the reconstruction, or a transcoder's prediction (skip term included,
+        as SAELens' SkipTranscoder.forward adds it)."""
+        x = x.to(self.sae.device, self.sae.dtype)
+        latents = self.sae.encode(x)
         latents = latents.to_dense() if latents.is_sparse else latents
-        return latents.float(), self.sae.decode(latents).float()
+        out = self.sae.decode(latents)
+        W_skip = getattr(self.sae, "W_skip", None)
+        if W_skip is not None:
+            out = out + x @ W_skip.T
+        return latents.float(), out.float()
 
 
 # ---------------------------------------------------------------- the matrix
@@ -235,7 +262,10 @@ def within_model_matrix(
             done += 1
             report(done, total)
 
-    metrics = _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, [saes[h] for h in hooks])
+    # acc[s, t].persistence is the persistence of the pair (t -> s): key it by its own (source, target)
+    persist = {(t, s): v.persistence.compute() for (s, t), v in acc.items()}
+    metrics = _assemble(acc, persist, "persistence_ev_through_target_sae", n, centered_gram, raw_gram, n_tokens,
+                        options, [saes[h] for h in hooks])
     extras: dict[str, Any] = {}
     if options.match_distance:
         _feature_matching(metrics, extras, saes, xs, hooks, coders, options,
@@ -244,6 +274,153 @@ def within_model_matrix(
                 "scale_matching": "x_j * E||x_i|| / E||x_j|| before SAE_i, reconstruction / the same factor",
                 "mean_activation_norm": dict(zip(hooks, mean_norms))}
     return TransferMatrix("within_model", sites, sites, metrics, settings, extras)
+
+
+# ---------------------------------------------------------------- transcoders
+
+
+def is_transcoder(sae: "SAE") -> bool:
+    """A transcoder: SAELens' Transcoder family (layerflow's TopK ones included), or any SAE whose
+    metadata names an output hook."""
+    from sae_lens import Transcoder
+
+    return isinstance(sae, Transcoder) or bool(sae.cfg.metadata.hook_name_out)
+
+
+def output_hook(sae: "SAE") -> str:
+    """The hook a transcoder predicts (`cfg.metadata.hook_name_out`)."""
+    hook = sae.cfg.metadata.hook_name_out
+    if not hook:
+        raise LayerflowError(f"The transcoder for '{sae.cfg.metadata.hook_name}' has no cfg.metadata.hook_name_out: "
+                             "cannot tell which site it predicts. Set it in its cfg.json metadata.")
+    return hook
+
+
+@torch.no_grad()
+def transcoder_matrix(
+    transcoders: dict[str, "SAE"],
+    activations: dict[str, Float[torch.Tensor, "tokens d"]],
+    sites: list[SiteId],
+    options: TransferOptions = TransferOptions(),
+    progress: Callable[[int, int], None] | None = None,
+) -> TransferMatrix:
+    """Every ordered pair of `sites` (source transcoder T_i, target layer j), all on the same tokens:
+    T_i reads layer j's input and its prediction is compared with layer j's output.
+
+    `transcoders[hook]` reads `hook` (its input site; `sites` are the input sites) and predicts
+    `output_hook(transcoder)`; `activations` holds the held-out activations of every input and output
+    hook, row t of each being the same token. Scale matching multiplies x_in_j by
+    rho_in = E||x_in_i|| / E||x_in_j|| and divides the prediction by rho_out = E||y_i|| / E||y_j||.
+    Persistence compares the output sites: y_i as a prediction of y_j, and, as the dictionary-side
+    baseline, the same scalar map applied to T_i's own prediction on layer i (docs/transfer.md).
+    """
+    in_hooks = [s.hook_name for s in sites]
+    out_hooks = [output_hook(transcoders[h]) for h in in_hooks]
+    _check_transcoder_inputs(transcoders, activations, in_hooks, out_hooks)
+    n = len(in_hooks)
+    xs = [activations[h].to(options.device, torch.float32) for h in in_hooks]
+    ys = [activations[h].to(options.device, torch.float32) for h in out_hooks]
+    n_tokens = xs[0].shape[0]
+    in_norms = [x.norm(dim=-1).double().mean().item() for x in xs]
+    out_norms = [y.norm(dim=-1).double().mean().item() for y in ys]
+    y_means = [y.double().mean(0) for y in ys]
+    centered_gram, raw_gram = _grams(ys, y_means)
+    coders = [_coder(transcoders[h], options.device) for h in in_hooks]
+    target_sums = [[InputSums.of(chunk) for chunk in y.split(options.batch_tokens)] for y in ys]
+    acc: dict[tuple[int, int], _PairAccumulators] = {}
+    total = n * n + (n if options.match_distance else 0)
+    report = progress or (lambda done, total: None)
+    for s, coder in enumerate(coders):
+        d_sae = transcoders[in_hooks[s]].cfg.d_sae
+        P, buffer = torch.empty(2, min(options.batch_tokens, n_tokens), d_sae, device=options.device)
+        buffers = (P, buffer)
+        own = [_predict(coder, x, buffers) for x in xs[s].split(options.batch_tokens)]  # T_i on its own layer
+        for t in range(n):
+            rho_in, rho_out = in_norms[s] / in_norms[t], out_norms[s] / out_norms[t]
+            # the scalar persistence map y_s -> y_t: mean_t + a (y - mean_s)
+            a = (centered_gram[s, t] / centered_gram[s, s]).item() if centered_gram[s, s] > 0 else 0.0
+            shift = (y_means[t] - a * y_means[s]).float()
+            pair = _PairAccumulators(ReconstructionStats(), ReconstructionStats(), ReconstructionStats(),
+                                     torch.zeros(d_sae, dtype=torch.float64), torch.zeros(d_sae, dtype=torch.float64))
+            for c, (x_t, y_t) in enumerate(zip(xs[t].split(options.batch_tokens), ys[t].split(options.batch_tokens))):
+                _accumulate_transcoder(coder, x_t, y_t, rho_in, rho_out, pair, buffers, target_sums[t][c])
+                pair.persistence.add(y_t, torch.add(shift, own[c], alpha=a), x_sums=target_sums[t][c])
+            acc[s, t] = pair
+            report(s * n + t + 1, total)
+
+    persist = {k: v.persistence.compute() for k, v in acc.items()}
+    metrics = _assemble(acc, persist, "persistence_ev_through_source_transcoder", n, centered_gram, raw_gram,
+                        n_tokens, options, [transcoders[h] for h in in_hooks])
+    extras: dict[str, Any] = {}
+    if options.match_distance:
+        _feature_matching(metrics, extras, transcoders, xs, in_hooks, coders, options,
+                          lambda i: report(n * n + i, total))
+    settings = {"n_tokens": n_tokens, **asdict(options), "coder": "transcoder",
+                "hook_name_out": dict(zip(in_hooks, out_hooks)),
+                "scale_matching": "x_in_j * E||x_in_i|| / E||x_in_j|| before T_i, prediction / (E||y_i|| / E||y_j||)",
+                "persistence": "output sites: y_i -> y_j (identity, best scalar map), and that map applied to T_i(x_in_i)",
+                "mean_activation_norm": dict(zip(in_hooks, in_norms)),
+                "mean_output_norm": dict(zip(out_hooks, out_norms))}
+    return TransferMatrix("within_model", sites, sites, metrics, settings, extras)
+
+
+def _predict(coder, x: torch.Tensor, buffers) -> torch.Tensor:
+    """The transcoder's prediction from x."""
+    if not isinstance(coder, LinearCoder):
+        return coder.reconstruct(x)[1]
+    P = torch.mm(x, coder.W_enc, out=buffers[0][:len(x)])
+    return _decode_with_skip(coder, coder.encode(P, 1.0, coder.bias_for(), buffers[1][:len(x)]), coder.skip(x), 1.0)
+
+
+def _decode_with_skip(coder: LinearCoder, latents: SparseLatents, skip: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """The prediction for the input alpha x, given its latents and skip = x W_skip^T (linear in x)."""
+    prediction = coder.decode(latents)
+    return prediction if skip is None else prediction.add_(skip, alpha=alpha)
+
+
+def _accumulate_transcoder(coder, x_t, y_t, rho_in, rho_out, a: _PairAccumulators, buffers, sums_t) -> None:
+    """T_s on layer t against y_t, raw and scale-matched: one encoder matmul and one skip matmul for both."""
+    d_sae = len(a.latent_sum)
+    if isinstance(coder, LinearCoder):
+        P, buffer = buffers[0][:len(x_t)], buffers[1][:len(x_t)]
+        torch.mm(x_t, coder.W_enc, out=P)
+        bias, skip = coder.bias_for(), coder.skip(x_t)
+        latents = coder.encode(P, 1.0, bias, buffer)
+        a.raw.add(y_t, _decode_with_skip(coder, latents, skip, 1.0), x_sums=sums_t)
+        a.raw.add_firing(*latents.firing(d_sae))
+        total, squares = latents.sums(d_sae)
+        scaled = coder.encode(P, rho_in, bias, buffer)
+        a.scaled.add(y_t, _decode_with_skip(coder, scaled, skip, rho_in) / rho_out, x_sums=sums_t)
+        a.scaled.add_firing(*scaled.firing(d_sae))
+    else:
+        lat, prediction = coder.reconstruct(x_t)
+        a.raw.add(y_t, prediction, lat)
+        lat_s, prediction_s = coder.reconstruct(rho_in * x_t)
+        a.scaled.add(y_t, prediction_s / rho_out, lat_s)
+        total, squares = lat.sum(0, dtype=torch.float64), lat.square().sum(0, dtype=torch.float64)
+    a.latent_sum += total.cpu()
+    a.latent_sq_sum += squares.cpu()
+
+
+def _check_transcoder_inputs(transcoders: dict, activations: dict, in_hooks: list[str], out_hooks: list[str]) -> None:
+    if not in_hooks:
+        raise LayerflowError("No sites to compare.")
+    for h, out in zip(in_hooks, out_hooks):
+        if h not in transcoders:
+            raise LayerflowError(f"No transcoder for site '{h}'. Transcoders given for: {', '.join(transcoders) or 'none'}.")
+        cfg = transcoders[h].cfg
+        for hook, width, what in ((h, cfg.d_in, "d_in"), (out, getattr(cfg, "d_out", cfg.d_in), "d_out")):
+            if hook not in activations:
+                raise LayerflowError(f"No held-out activations for '{hook}' (the transcoder of '{h}' "
+                                     f"{'reads' if hook == h else 'predicts'} it). Available: {', '.join(activations) or 'none'}.")
+            if activations[hook].shape[-1] != width:
+                raise LayerflowError(f"The transcoder for '{h}' has {what} {width}, but the activations of '{hook}' "
+                                     f"have width {activations[hook].shape[-1]}.")
+    lengths = {hook: activations[hook].shape[0] for hook in dict.fromkeys(in_hooks + out_hooks)}
+    if len(set(lengths.values())) != 1:
+        raise LayerflowError(f"Sites must share the same tokens, but the token counts differ: {lengths}.")
+    if not next(iter(lengths.values())):
+        raise LayerflowError("No held-out tokens to compare on.")
 
 
 def _coder(sae: "SAE", device: str) -> "LinearCoder | _GenericCoder":
@@ -262,6 +439,8 @@ def _check_inputs(saes: dict, activations: dict, hooks: list[str]) -> None:
             raise LayerflowError(f"No SAE for site '{h}'. SAEs given for: {', '.join(saes) or 'none'}.")
         if h not in activations:
             raise LayerflowError(f"No held-out activations for site '{h}'. Available: {', '.join(activations) or 'none'}.")
+        if is_transcoder(saes[h]):
+            raise LayerflowError(f"The dictionary for '{h}' is a transcoder: use transcoder_matrix (transfer_run picks it).")
         if saes[h].cfg.d_in != activations[h].shape[-1]:
             raise LayerflowError(f"The SAE for '{h}' has d_in {saes[h].cfg.d_in}, but the activations there have "
                                  f"width {activations[h].shape[-1]}.")
@@ -308,7 +487,9 @@ def _accumulate(coder, x_t, x_s, rho, alpha, shift, a: _PairAccumulators, buffer
     a.latent_sq_sum += squares.cpu()
 
 
-def _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, saes) -> dict[str, np.ndarray]:
+def _assemble(acc, persist, persistence_name, n, centered_gram, raw_gram, n_tokens, options, saes) -> dict[str, np.ndarray]:
+    """Every metric of `_PairAccumulators`; `persist[s, t]`: the persistence of the pair (s -> t) through
+    a dictionary, reported as `persistence_name`; the grams are those of the sites compared with."""
     from scipy.stats import spearmanr
 
     from layerflow.matching import decoder_top1_cosine
@@ -316,12 +497,11 @@ def _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, saes) -> dict[
     names = ["transfer_recon_ratio", "transfer_recon_ratio_inverse", "feature_variance_ratio", "top_k_spearman",
              "decoder_similarity", "explained_variance_raw", "explained_variance", "relative_transfer_raw",
              "relative_transfer", "delta_fvu", "persistence_ev_identity", "persistence_ev_scalar",
-             "persistence_ev_through_target_sae", "relative_persistence", "transfer_beyond_persistence",
+             persistence_name, "relative_persistence", "transfer_beyond_persistence",
              "l0", "dead_fraction", "l2_ratio"]
     m = {name: np.full((n, n), np.nan) for name in names}
     raw = {k: v.raw.compute() for k, v in acc.items()}
     scaled = {k: v.scaled.compute() for k, v in acc.items()}
-    persist = {(t, s): v.persistence.compute() for (s, t), v in acc.items()}  # keyed (source, target) of persistence
     variances = {k: (v.latent_sq_sum / n_tokens - (v.latent_sum / n_tokens) ** 2).clamp(min=0) for k, v in acc.items()}
     top = {s: variances[s, s].topk(min(options.top_k, len(variances[s, s]))).indices for s in range(n)}
     decoders = [sae.W_dec.detach().float() for sae in saes]
@@ -341,7 +521,7 @@ def _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, saes) -> dict[
         var_t_total = centered_gram[t, t].item()
         m["persistence_ev_identity"][s, t] = 1 - (raw_gram[t, t] + raw_gram[s, s] - 2 * raw_gram[s, t]).item() / var_t_total
         m["persistence_ev_scalar"][s, t] = (centered_gram[s, t] ** 2 / (centered_gram[s, s] * centered_gram[t, t])).item()
-        m["persistence_ev_through_target_sae"][s, t] = persist[s, t].explained_variance
+        m[persistence_name][s, t] = persist[s, t].explained_variance
         m["relative_persistence"][s, t] = persist[s, t].explained_variance / own
         m["transfer_beyond_persistence"][s, t] = m["relative_transfer"][s, t] - m["relative_persistence"][s, t]
         m["l0"][s, t] = scaled[s, t].l0
@@ -417,22 +597,31 @@ def transfer_run(
 ) -> tuple[TransferMatrix, list[Path]]:
     """The within-model matrix of every SAE under `run` (a training run, or any folder of SAELens
     SAE folders with `store`), on the store's held-out tokens; written to `out_dir`
-    (default `<run>/transfer`). Returns the matrix and the files written (manifest last)."""
+    (default `<run>/transfer`). Returns the matrix and the files written (manifest last).
+
+    A folder of transcoders (`is_transcoder`) gets `transcoder_matrix` instead: the store must hold
+    each transcoder's input and output hooks. A folder mixing SAEs and transcoders is an error."""
     from layerflow.sae_io import load_saes
     from layerflow.store import ActivationStore
     from layerflow.train import run_store
 
     run = Path(run)
     saes = load_saes(run, hooks)
+    transcoders = _folder_of_transcoders(saes, run)
+    if transcoders and options.spliced:
+        raise LayerflowError("--spliced is not available for transcoders yet: it splices SAEs at their own site.")
     activation_store = ActivationStore(store or run_store(run))
-    unknown = [h for h in saes if h not in activation_store.hook_names]
+    needed = {h: [h, output_hook(sae)] if transcoders else [h] for h, sae in saes.items()}
+    unknown = [f"{' -> '.join(hs)}" for hs in needed.values() if any(h not in activation_store.hook_names for h in hs)]
     if unknown:
-        raise LayerflowError(f"SAEs for {', '.join(unknown)} have no activations in the capture at "
-                             f"'{activation_store.root}' (captured: {', '.join(activation_store.hook_names)}).")
+        raise LayerflowError(f"{'Transcoders' if transcoders else 'SAEs'} for {', '.join(unknown)} have no activations "
+                             f"in the capture at '{activation_store.root}' "
+                             f"(captured: {', '.join(activation_store.hook_names)}).")
     sites = sites_of_store(activation_store, list(saes))
-    activations = activation_store.heldout([s.hook_name for s in sites], options.max_tokens,
-                                           options.exclude_special_tokens)
-    matrix = within_model_matrix(saes, activations, sites, options, progress)
+    activations = activation_store.heldout(list(dict.fromkeys(h for s in sites for h in needed[s.hook_name])),
+                                           options.max_tokens, options.exclude_special_tokens)
+    compute = transcoder_matrix if transcoders else within_model_matrix
+    matrix = compute(saes, activations, sites, options, progress)
     if options.spliced:
         from layerflow.models import load_model
 
@@ -441,6 +630,17 @@ def transfer_run(
     matrix.settings["store"] = str(activation_store.root.resolve())
     matrix.settings["saes"] = str(run.resolve())
     return matrix, write_transfer(matrix, Path(out_dir) if out_dir else run / TRANSFER_DIR)
+
+
+def _folder_of_transcoders(saes: dict[str, "SAE"], folder: Path) -> bool:
+    """True when every dictionary is a transcoder, False when none is; a mix is an error."""
+    kinds = {h: is_transcoder(sae) for h, sae in saes.items()}
+    if len(set(kinds.values())) > 1:
+        tcs = [h for h, k in kinds.items() if k]
+        plain = [h for h, k in kinds.items() if not k]
+        raise LayerflowError(f"'{folder}' mixes transcoders ({', '.join(tcs)}) and SAEs ({', '.join(plain)}): a "
+                             "transfer matrix compares one kind. Put them in separate folders, or pass --hooks.")
+    return any(kinds.values())
 
 
 class _ScaleMatched:

@@ -92,8 +92,10 @@ class WithinModelPair:
         "EV of the best least-squares scalar map mean_j + a (x_i - mean_i), fit on the same held-out tokens (one parameter plus means).")
     persistence_ev_through_target_sae: float = _metric(
         "EV on x_j of SAE_j applied to the scalar persistence prediction: persistence passed through the same lossy dictionary that relative transfer is measured against.")
+    persistence_ev_through_source_transcoder: float = _metric(
+        "Transcoder matrices only (for them the persistence metrics compare MLP outputs y_i, y_j): EV on y_j of the scalar persistence map y_i -> y_j applied to T_i's own prediction on layer i, mean_j + a (T_i(x_in_i) - mean_i). Layer i's output as T_i predicts it, carried to layer j; equals EV(T_j on j) on the diagonal.")
     relative_persistence: float = _metric(
-        "persistence_ev_through_target_sae / EV(SAE_j on j). 1 on the diagonal.")
+        "persistence_ev_through_target_sae / EV(SAE_j on j) (transcoders: persistence_ev_through_source_transcoder / EV(T_j on j)). 1 on the diagonal.")
     transfer_beyond_persistence: float = _metric(
         "relative_transfer - relative_persistence: how much better SAE_i explains j than layer i's activations, carried forward through SAE_j, do. 0 on the diagonal; > 0 = feature reuse beyond persistence.")
     # The source SAE's behaviour on the target (scale-matched).
