@@ -169,7 +169,13 @@ class ExperimentConfig:
                                  f"{did_you_mean(self.cross_model.match_pairs, list(MATCH_PAIRS))}")
         if self.transfer.match_distance < 0:
             raise LayerflowError(f"{where}: transfer.match_distance = {self.transfer.match_distance} must be >= 0.")
-        self.train.schedule()  # unknown architectures, hyperparameters and depth bands are refused here
+        schedule = self.train.schedule()  # unknown architectures, hyperparameters and depth bands are refused here
+        from layerflow.schedule import SAE_ARCHITECTURES, is_transcoder
+
+        if is_transcoder(schedule.architecture):
+            raise LayerflowError(f"{where}: train '{schedule.architecture}' is a transcoder; `layerflow run` trains SAEs "
+                                 f"on the residual stream (valid: {', '.join(SAE_ARCHITECTURES)}). Train transcoders with "
+                                 "`layerflow capture --sites mlp_in,mlp_out` then `layerflow train --preset transcoder`.")
 
     def layers(self, model: ModelEntry) -> list[int]:
         from layerflow.sites import parse_layers

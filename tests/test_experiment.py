@@ -70,6 +70,7 @@ def test_quick_keeps_four_spread_layers_and_shrinks_budgets():
     ({"train": {"set": {"kk": 3}}}, r"Unknown hyperparameter 'kk'"),
     ({"train": {"by_depth": [{"k": 3}]}}, r"train.by_depth\[0\] has no 'upper'"),
     ({"train": {"preset": "fast"}}, r"Unknown schedule preset 'fast'"),
+    ({"train": {"preset": "transcoder"}}, r"test.toml: train 'matryoshka_batchtopk_transcoder' is a transcoder.*--preset transcoder"),
     ({"train": {"epochs": True}}, r"train.epochs must be a number, got True"),
     ({"transfer": {"match_distance": -1}}, r"transfer.match_distance = -1 must be >= 0"),
     ({"eval": {"spliced": "yes"}}, r"eval.spliced must be true or false"),
