@@ -309,7 +309,7 @@ def eval_command(
 
 @app.command()
 def transfer(
-    saes: Path = typer.Argument(..., help="A training run directory, or a folder of SAELens SAE folders (with --store)."),
+    saes: Path = typer.Argument(..., help="A training run directory, or a folder of SAELens SAE (or transcoder) folders (with --store)."),
     store: Optional[Path] = typer.Option(None, help="Capture with held-out activations (default: the run's own)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder.", show_default="SAES/transfer"),
     hooks: Optional[str] = typer.Option(None, help="Comma-separated hook names (default: every SAE)."),
@@ -323,6 +323,9 @@ def transfer(
     source: str = typer.Option("default", help="With --cross-model: the text both models read."),
 ) -> None:
     """Apply every site's SAE to every other site's held-out activations: the full transfer matrix and its summaries.
+
+    Transcoders (e.g. a `layerflow train --preset transcoder` run): transcoder i reads layer j's input site and is
+    scored against layer j's target (mlp_out): how well layer i's MLP function predicts layer j's (docs/transfer.md).
 
     With --cross-model, apply each SAE of one model to the other model's sites through an affine stitch."""
     from layerflow.transfer import TransferOptions, transfer_run
