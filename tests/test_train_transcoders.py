@@ -166,3 +166,20 @@ def test_cli_trains_compares_and_shows_samples(tmp_path_factory, tmp_path):
                           (("samples", str(run), "--step", "3"), "Recorded steps: 2, 4")):
         bad = run_cli(*args)
         assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_matryoshka_saes_get_the_same_prefix_evals(tmp_path_factory, tmp_path):
+    """SAELens' own matryoshka_batchtopk SAE, from the same schedule machinery: per-prefix FVU too."""
+    store = _store("gpt2-twin", tmp_path_factory)
+    schedule = LayerSchedule("matryoshka_batchtopk", {"expansion_factor": 4, "k": 8, "lr": 1e-3,
+                                                      "matryoshka_fractions": [0.25, 1.0]})
+    manifest = train(TrainConfig(str(store.root), hooks=["blocks.1.hook_mlp_out"], schedule=schedule, steps=6,
+                                 batch_tokens=256), tmp_path, model_eval=False)
+    site = manifest.sites[0]
+    sae = SAE.load_from_disk(tmp_path / site.folder)
+    x = store.activations(site.hook_name, "heldout")[~store.special_mask("heldout")]
+    with torch.no_grad():
+        latents = sae.encode(x)
+        coarse = _fvu(x, latents[:, :64] @ sae.W_dec[:64] + sae.b_dec)
+    assert site.evals["hook_name_out"] is None and site.evals["prefix_widths"] == [64, 256]
+    assert site.evals["prefix_fvu"] == pytest.approx([coarse, _fvu(x, sae(x))], rel=1e-4)
