@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 
+from layerflow.descriptions import FeatureDescription
 from layerflow.errors import LayerflowError, did_you_mean
 from layerflow.evals import _attention_mask, _next_token_nll
 from layerflow.results import RunResults
@@ -168,6 +169,7 @@ class InterventionResult:
     kl_at_token: float | None = None
     kl_prompt_mean: float | None = None
     heldout: HeldoutEffect | None = None
+    descriptions: dict[str, dict[int, FeatureDescription]] = field(default_factory=dict)  # hook -> feature -> description
 
     @property
     def logit_difference(self) -> tuple[float, float] | None:
@@ -181,6 +183,7 @@ class InterventionResult:
         d = asdict(self)
         d["heldout"] = None if self.heldout is None else {**asdict(self.heldout), "delta_ce": self.heldout.delta_ce}
         d["logit_difference"] = self.logit_difference
+        d["descriptions"] = {h: {str(f): asdict(x) for f, x in fs.items()} for h, fs in self.descriptions.items()}
         for layer in d["downstream"]:
             for c in layer["changes"]:
                 c["delta"] = c["edited"] - c["clean"]
@@ -209,12 +212,14 @@ def intervene(
     top_n: int = 5,
     model: str | None = None,
     load: Loader | None = None,
+    describe: bool = True,
 ) -> InterventionResult:
     """Edit `features` of the SAE at `layer` (a layer number or hook name) and measure what changes.
 
     `prompt` (text or token ids): downstream features, the logits of `tokens` (strings that are
     one token each) and KL at position `token`. `heldout_tokens`: CE and KL on that many of the
-    run's held-out tokens (whole sequences; 0 = none).
+    run's held-out tokens (whole sequences; 0 = none). `describe`: descriptions of the edited and
+    the most changed downstream features (the run's descriptions cache).
     """
     run_saes = run if isinstance(run, RunSAEs) else RunSAEs.open(run, model)
     hook = run_saes.hook_at(layer)
@@ -234,6 +239,12 @@ def intervene(
         raise LayerflowError("--tokens needs a --prompt: the logits are read at a token of the prompt.")
     if heldout_tokens > 0:
         result.heldout = heldout_effects(run_saes, hook, [edits], heldout_tokens)[0]
+    if describe:
+        wanted = {hook: [e.feature for e in edits]}
+        for layer in result.downstream:
+            wanted[layer.hook] = [c.feature for c in layer.changes]
+        stats = run_saes.feature_stats([h for h, fs in wanted.items() if fs])
+        result.descriptions = {h: run_saes.describe(h, sorted(set(fs)), stats[h]) for h, fs in wanted.items() if fs}
     return result
 
 
@@ -352,6 +363,7 @@ class RankedFeature:
     density: float  # selectivity: firing fraction on held-out tokens (lower = more selective)
     prompt_activation: float | None  # at the chosen token, when ranked on a prompt
     effect: HeldoutEffect  # of ablating it alone
+    description: FeatureDescription | None = None
 
 
 @dataclass
@@ -425,8 +437,9 @@ def rank_features(
             chosen = [f for f in density.topk(min(n, density.numel())).indices.tolist() if density[f] > 0]
         report = (lambda done, total, hook=hook: progress(hook, done, total)) if progress else None
         effects = heldout_effects(run_saes, hook, [[FeatureEdit(f)] for f in chosen], heldout_tokens, on_batch=report)
-        ranked = [RankedFeature(f, float(density[f]), float(on_prompt[hook][f]) if prompt is not None else None, e)
-                  for f, e in zip(chosen, effects)]
+        described = run_saes.describe(hook, chosen, stats[hook])
+        ranked = [RankedFeature(f, float(density[f]), float(on_prompt[hook][f]) if prompt is not None else None, e,
+                                described[f]) for f, e in zip(chosen, effects)]
         ranked.sort(key=lambda r: -r.effect.kl_mean)
 
         def correlation(values: list[float]) -> float | None:

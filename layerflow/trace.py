@@ -11,7 +11,8 @@ adjacent sites). Feature f at site i links to g at site i+1 when g is f's signif
 (beats the null) under either matching and g is active at this token; when both matchings
 give an active partner, the one firing more is taken. Every top-k feature is followed back to
 the earliest site it can be traced to and then forward to where the chain ends: at the last
-site, where no significant partner exists, or where the partner is silent at this token.
+site, where no significant partner exists, where the partner is silent at this token, or where
+it joins a chain already listed (chains are disjoint, so a shared tail is listed once).
 
 Features come with descriptions (`descriptions.py`: top held-out contexts, cached in the run
 folder, and logit-lens promoted tokens).
@@ -64,6 +65,7 @@ class TrajectoryStep:
 class Trajectory:
     steps: list[TrajectoryStep]
     end: str  # why the chain stops
+    joins: tuple[str, int] | None = None  # (hook, feature) of the listed chain this one runs into
 
     @property
     def persists(self) -> bool:
@@ -268,9 +270,17 @@ def chain_features(hooks: list[str], layers: list[int], acts: dict[str, torch.Te
                 s, f = s - 1, back[0]
             if (s, f) not in starts:
                 starts.append((s, f))
+    # Chains are disjoint: one that reaches a feature already on an earlier chain stops there
+    # ("joins"), so shared tails are listed once. Earlier-starting, stronger chains claim first.
+    starts.sort(key=lambda sf: (sf[0], -float(acts[hooks[sf[0]]][sf[1]])))
+    claimed: dict[tuple[int, int], int] = {}
     trajectories = []
     for s, f in starts:
+        if (s, f) in claimed:
+            continue
         steps = [TrajectoryStep(hooks[s], layers[s], f, float(acts[hooks[s]][f]), ranks[hooks[s]][f])]
+        claimed[s, f] = len(trajectories)
+        joins = None
         while True:
             if s + 1 == len(hooks):
                 end = "last SAE site"
@@ -287,15 +297,12 @@ def chain_features(hooks: list[str], layers: list[int], acts: dict[str, torch.Te
             if nxt is None:
                 end = f"matched feature {', '.join(map(str, partners))} at L{layers[s + 1]} is silent here"
                 break
+            if (s + 1, nxt[0]) in claimed:
+                end = f"joins the chain through L{layers[s + 1]}:{nxt[0]}"
+                joins = (hooks[s + 1], nxt[0])
+                break
             s, (f, link) = s + 1, nxt
             steps.append(TrajectoryStep(hooks[s], layers[s], f, float(acts[hooks[s]][f]), ranks[hooks[s]][f], link))
-        trajectories.append(Trajectory(steps, end))
-    # a chain that is the tail of a longer one (reached again from another start) is dropped
-    seen: set[tuple[str, int]] = set()
-    kept = []
-    for t in sorted(trajectories, key=lambda t: (-len(t.steps), -sum(s.activation for s in t.steps))):
-        key = (t.steps[0].hook, t.steps[0].feature)
-        if key not in seen:
-            kept.append(t)
-        seen.update((s.hook, s.feature) for s in t.steps)
-    return kept
+            claimed[s, f] = len(trajectories)
+        trajectories.append(Trajectory(steps, end, joins))
+    return sorted(trajectories, key=lambda t: (-len(t.steps), -sum(s.activation for s in t.steps)))
