@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 
 from layerflow.descriptions import FeatureDescription
 from layerflow.errors import LayerflowError, did_you_mean

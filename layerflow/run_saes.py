@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Int
 
 from layerflow.errors import LayerflowError, did_you_mean
-from layerflow.results import SAES_DIR, RunResults, ModelResults
+from layerflow.results import ACTIVATIONS_DIR, SAES_DIR, ModelResults, RunResults
 
 Loader = Callable[[str], Any]  # zoo name -> models.LoadedModel
 
@@ -47,6 +47,7 @@ class RunSAEs:
     loaded: Any = None  # models.LoadedModel, after load()
     saes: dict[str, Any] = field(default_factory=dict)  # hook -> SAELens SAE, after load()
     store: Any = None  # store.ActivationStore, after load()
+    heldout_token_ids: Any = None  # [seqs, ctx] held-out token ids, after load() (feature contexts point into them)
 
     @classmethod
     def open(cls, run: str | Path | RunResults, model: str | None = None) -> "RunSAEs":
@@ -135,7 +136,8 @@ class RunSAEs:
             for sae in self.saes.values():
                 sae.eval()
             prepare_hooks(self.loaded.model, sorted({h for h in self.hooks} | {self.output_hook(h) for h in self.hooks}))
-            self.store = ActivationStore(self.results.root / "activations" / self.name)
+            self.store = ActivationStore(self.results.root / ACTIVATIONS_DIR / self.name)
+            self.heldout_token_ids = self.store.tokens("heldout")
         return self
 
     @property
@@ -180,10 +182,8 @@ class RunSAEs:
     def describe(self, hook: str, features: list[int], stats: Any) -> dict[int, Any]:
         from layerflow.descriptions import describe, promoted_tokens
 
-        if not hasattr(self, "_heldout_tokens"):
-            self._heldout_tokens = self.store.tokens("heldout")
         promoted = promoted_tokens(self.saes[hook], self.tl_model, features)
-        return describe(stats, features, self._heldout_tokens, self.tl_model.tokenizer, promoted)
+        return describe(stats, features, self.heldout_token_ids, self.tl_model.tokenizer, promoted)
 
     @torch.no_grad()
     def encode(self, hook: str, acts: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,6 @@ from conftest import run_cli, tiny_twin
 from layerflow.descriptions import cache_path, decoder_directions, promoted_tokens
 from layerflow.errors import LayerflowError
 from layerflow.experiment import ExperimentConfig
-from layerflow.feature_contexts import TopActivations
 from layerflow.matching import FeatureMatching
 from layerflow.pipeline import run_experiment
 from layerflow.plots import trace_flow
