@@ -453,8 +453,8 @@ def trace_flow(trace: Any, stem: Path, position: int = -1, chains: int = FLOW_CH
     layouts = [_flow_layout(m.positions[position], k, chains) for m in panels]
     columns = max(k + extra for _, _, extra in layouts)
     n_sites = max(len(m.positions[position].layers) for m in panels)
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.55 * columns * len(panels) + 1.5, 0.3 * n_sites + 2.4),
-                             squeeze=False)
+    height = 0.3 * n_sites + 2.4
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.55 * columns * len(panels) + 1.5, height), squeeze=False)
     cmap = plt.get_cmap("viridis")
     chain_colors = plt.get_cmap("tab10").colors
     for ax, m, (place, highlighted, _) in zip(axes[0], panels, layouts):
@@ -501,7 +501,7 @@ def trace_flow(trace: Any, stem: Path, position: int = -1, chains: int = FLOW_CH
                      f"{persisting} trajectories persist over 2+ sites; the {len(highlighted)} longest in colour",
                      fontsize=8.5)
         if highlighted:
-            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.05), ncol=3,
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.55 / (0.77 * height)), ncol=3,
                       fontsize=6.5, frameon=False, title="trajectories (layer:feature, first -> last)",
                       title_fontsize=7)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=colors.Normalize(0, 1))
