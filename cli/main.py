@@ -412,6 +412,183 @@ def report(run_dir: Path = typer.Argument(..., help="A `layerflow run` directory
               f"{written['summary']}; {written['report']}")
 
 
+def _parse_token(text: str) -> int | str:
+    if text == "all":
+        return "all"
+    try:
+        return int(text)
+    except ValueError:
+        raise LayerflowError(f"--token '{text}' is not a position: give an integer (e.g. -1 for the last) or 'all'.") from None
+
+
+def _promoted(description) -> str:
+    return " ".join(repr(t) for t in description.promoted_tokens[:3]) if description else ""
+
+
+@app.command(name="trace")
+def trace_command(
+    run_dir: Path = typer.Option(..., "--run", help="A `layerflow run` directory."),
+    prompt: str = typer.Option(..., help="The text to trace."),
+    token: str = typer.Option("-1", help="Token position to report (negative from the end), or 'all'."),
+    top_k: int = typer.Option(5, min=1, help="Features per layer."),
+    model: list[str] = typer.Option([], "--model", help="Trace only this model of the run (repeatable; default: all)."),
+    out_json: Optional[Path] = typer.Option(None, "--out", help="Write the trace as JSON here."),
+    plot: Optional[Path] = typer.Option(None, help="Draw the layers x features flow here (PNG and PDF)."),
+    chains: int = typer.Option(10, min=0, help="Trajectories listed per token."),
+) -> None:
+    """Follow a prompt's SAE features through the layers: top features per layer with descriptions, and their trajectories."""
+    from layerflow.trace import trace
+
+    with err.status("tracing (the first trace of a run also caches feature descriptions)"):
+        result = trace(run_dir, prompt, _parse_token(token), top_k, model or None)
+    for m in result.models.values():
+        for note in m.notes:
+            err.print(f"[yellow]note:[/yellow] {escape(note)}")
+        for t in m.positions:
+            table = Table(title=f"{m.model}: top {top_k} features per layer at token {t.token!r} (position {t.position})")
+            for col in ("layer", "feature", "act", "density", "top held-out context", "promotes"):
+                table.add_column(col, justify="right" if col in ("layer", "feature", "act", "density") else "left",
+                                 overflow="fold")
+            for layer in t.layers:
+                for i, hit in enumerate(layer.top):
+                    d = m.description(layer.hook, hit.feature)
+                    table.add_row(f"L{layer.layer}" if i == 0 else "", str(hit.feature), f"{hit.activation:.2f}",
+                                  f"{d.density:.2%}" if d else "-", escape(d.snippet() if d else ""), escape(_promoted(d)),
+                                  end_section=i == len(layer.top) - 1)
+            out.print(table)
+            persisting = [c for c in t.trajectories if c.persists]
+            chains_table = Table(title=f"{m.model}: {len(persisting)} of {len(t.trajectories)} trajectories persist "
+                                       f"over 2+ SAE sites (matched features, longest first)")
+            for col in ("sites", "chain (layer:feature)", "ends", "first feature's context"):
+                chains_table.add_column(col, justify="right" if col == "sites" else "left", overflow="fold")
+            for c in persisting[:chains]:
+                first = m.description(c.steps[0].hook, c.steps[0].feature)
+                chains_table.add_row(str(len(c.steps)), c.label(), escape(c.end), escape(first.snippet() if first else ""))
+            out.print(chains_table)
+    if out_json:
+        out.print(f"written: {result.write(out_json)}")
+    if plot:
+        from layerflow.plots import trace_flow
+
+        stem = plot.with_suffix("") if plot.suffix in (".png", ".pdf") else plot
+        for name, m in result.models.items():
+            if len(m.positions) > 1:
+                err.print("[yellow]note:[/yellow] the figure shows the last traced token.")
+                break
+        out.print(f"figure: {', '.join(str(p) for p in trace_flow(result, stem))}")
+
+
+@app.command(name="intervene")
+def intervene_command(
+    run_dir: Path = typer.Option(..., "--run", help="A `layerflow run` directory."),
+    layer: str = typer.Option(..., help="Layer of the SAE to edit (or its hook name); with --batch also 'all' or a list '3,7'."),
+    feature: Optional[str] = typer.Option(None, help="Feature id(s) to edit, comma-separated (not with --batch)."),
+    mode: str = typer.Option("ablate", help="ablate, scale, clamp or steer (adds VALUE x the decoder direction)."),
+    value: Optional[float] = typer.Option(None, help="The factor (scale), the activation (clamp) or the amount (steer)."),
+    prompt: Optional[str] = typer.Option(None, help="Measure downstream features, logits and KL on this text."),
+    tokens: Optional[str] = typer.Option(None, help="Comma-separated tokens whose logits to compare, e.g. ' Paris, London'."),
+    token: int = typer.Option(-1, help="Token position of the prompt to measure at."),
+    batch: Optional[int] = typer.Option(None, help="Ablate each of the top N features at the layer(s) and rank them by effect."),
+    heldout_tokens: int = typer.Option(1024, min=0, help="Held-out tokens for the CE/KL change (0: none)."),
+    top_n: int = typer.Option(5, min=1, help="Downstream features listed per layer."),
+    model: Optional[str] = typer.Option(None, help="The model of the run (needed when it holds several)."),
+    out_json: Optional[Path] = typer.Option(None, "--out", help="Write the result as JSON here."),
+) -> None:
+    """Ablate, scale, clamp or steer SAE features (the SAE's error term kept) and measure what changes downstream."""
+    from layerflow.intervene import intervene, rank_features, write_json
+    from layerflow.run_saes import RunSAEs
+
+    run_saes = RunSAEs.open(run_dir, model)
+    if batch is not None:
+        if feature is not None:
+            raise LayerflowError("--batch picks the features itself: leave out --feature.")
+        layers = run_saes.hooks if layer == "all" else [p.strip() for p in layer.split(",") if p.strip()]
+        with Progress(TextColumn("ablating [{task.fields[hook]}]"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("batches"), console=err, transient=True) as bar:
+            task = bar.add_task("rank", total=None, hook="")
+            ranking = rank_features(run_saes, layers, batch, prompt, token, heldout_tokens,
+                                    progress=lambda hook, done, total: bar.update(task, completed=done, total=total,
+                                                                                   hook=hook))
+        _print_ranking(ranking)
+        if out_json:
+            out.print(f"written: {write_json(ranking.to_dict(), out_json)}")
+        return
+    if feature is None:
+        raise LayerflowError("Give --feature (the id(s) to edit), or --batch N to rank the top N features.")
+    try:
+        features = [int(f) for f in feature.split(",") if f.strip()]
+    except ValueError:
+        raise LayerflowError(f"--feature '{feature}' is not a comma-separated list of integer ids.") from None
+    strings = [t for t in tokens.split(",") if t] if tokens else None
+    with err.status("intervening"):
+        result = intervene(run_saes, layer, features, mode, value, prompt, strings, token, heldout_tokens, top_n)
+    _print_intervention(result)
+    if out_json:
+        out.print(f"written: {write_json(result.to_dict(), out_json)}")
+
+
+def _print_intervention(r) -> None:
+    edits = ", ".join(f"{e.mode} {e.feature}" + (f" ({e.value:g})" if e.value is not None else "") for e in r.edits)
+    out.print(f"[bold]{r.model}[/bold] L{r.layer} ({r.hook}): {edits}, through the SAE with its error term kept")
+    for e in r.edits:
+        d = r.descriptions.get(r.hook, {}).get(e.feature)
+        active = f"; activation {r.clean_activation[e.feature]:.3f} at token {r.token!r}" if e.feature in r.clean_activation else ""
+        if d:
+            out.print(f"  feature {e.feature}: density {d.density:.2%}{active}; {escape(d.snippet(60))}; promotes "
+                      f"{escape(_promoted(d))}")
+    if r.prompt is not None:
+        if r.clean_activation and all(v == 0 for v in r.clean_activation.values()) and all(e.mode in ("ablate", "scale") for e in r.edits):
+            out.print(f"  [yellow]the edited feature(s) are inactive at token {r.token!r}: nothing changes there[/yellow]")
+        table = Table(title=f"downstream features at token {r.token!r} (position {r.position}), largest |change| first")
+        for col in ("layer", "features changed", "sum |change|", "largest changes (feature: clean -> edited)"):
+            table.add_column(col, justify="left" if col.startswith("largest") else "right", overflow="fold")
+        for layer in r.downstream:
+            described = r.descriptions.get(layer.hook, {})
+            changes = "; ".join(f"{c.feature}: {c.clean:.2f} -> {c.edited:.2f}"
+                                + (f" {_promoted(described.get(c.feature))}" if described.get(c.feature) else "")
+                                for c in layer.changes[:3])
+            table.add_row(f"L{layer.layer}", str(layer.n_changed), f"{layer.total_abs_change:.3f}", escape(changes))
+        out.print(table)
+        if r.logits:
+            logits = Table(title=f"logits at token {r.token!r}")
+            for col in ("token", "clean", "edited", "change"):
+                logits.add_column(col, justify="left" if col == "token" else "right")
+            for t in r.logits:
+                logits.add_row(escape(repr(t.token)), f"{t.clean:.3f}", f"{t.edited:.3f}", f"{t.edited - t.clean:+.3f}")
+            out.print(logits)
+            if r.logit_difference:
+                (clean, edited), (a, b) = r.logit_difference, r.logits[:2]
+                out.print(f"logit difference {a.token!r} - {b.token!r}: {clean:.3f} -> {edited:.3f} ({edited - clean:+.3f})")
+        out.print(f"KL(clean || edited) of the next token: {r.kl_at_token:.4g} at token {r.token!r}, "
+                  f"{r.kl_prompt_mean:.4g} mean over the prompt")
+    if r.heldout is not None:
+        h = r.heldout
+        out.print(f"held-out text ({h.n_tokens} predictions): CE {h.ce_clean:.4f} -> {h.ce_edited:.4f} nats "
+                  f"({h.delta_ce:+.4f}); mean KL {h.kl_mean:.4g}; feature(s) active at {h.active_fraction:.1%} of "
+                  f"positions, KL there {h.kl_when_active:.4g}")
+
+
+def _print_ranking(ranking) -> None:
+    for layer in ranking.layers:
+        table = Table(title=f"{ranking.model} L{layer.layer}: {ranking.selection}, each ablated alone, "
+                            f"ranked by mean held-out KL ({ranking.heldout_tokens} tokens)")
+        for col in ("rank", "feature", "density", "KL mean", "KL when active", "dCE nats", "on prompt", "top held-out context"):
+            table.add_column(col, justify="left" if col == "top held-out context" else "right", overflow="fold")
+        for i, f in enumerate(layer.features):
+            e = f.effect
+            table.add_row(str(i + 1), str(f.feature), f"{f.density:.2%}", f"{e.kl_mean:.3g}", f"{e.kl_when_active:.3g}",
+                          f"{e.delta_ce:+.4f}", "-" if f.prompt_activation is None else f"{f.prompt_activation:.2f}",
+                          escape(f.description.snippet() if f.description else ""))
+        out.print(table)
+
+        def rho(value) -> str:
+            return "n/a (fewer than 3 features, or constant)" if value is None else f"{value:+.2f}"
+
+        out.print(f"L{layer.layer} selectivity vs importance, Spearman over {len(layer.features)} features: density vs "
+                  f"mean KL {rho(layer.spearman_density_kl)}; density vs KL when active "
+                  f"{rho(layer.spearman_density_kl_when_active)}")
+
+
 def _cross_model_table(matrix) -> Table:
     """Per source site: the target site it explains best (relative transfer), and same-depth figures."""
     import numpy as np

@@ -511,3 +511,93 @@ def make_plots(results: RunResults, folder: Path) -> dict[str, list[Path]]:
             out[f"raw_vs_scale_aware:{m.name}"] = raw_vs_scale_aware(m.transfer,
                                                                      folder / f"raw_vs_scale_aware-{m.name}")
     return out
+
+
+
+FLOW_CHAINS = 6  # trajectories drawn in colour (the longest); the others' links among top features in grey
+
+
+def trace_flow(trace: Any, stem: Path, position: int = -1, chains: int = FLOW_CHAINS) -> list[Path]:
+    """The reasoning tracker's figure (`trace.Trace`): per model a panel with SAE sites down (layer
+    order) and each site's top-k features across (strongest left; colour = activation relative to
+    the site's strongest), labelled with the feature id and its top promoted token. The `chains`
+    longest persisting trajectories are drawn in colour, their steps outside a site's top-k as
+    hollow circles in extra columns on the right; links of the other trajectories between top-k
+    features are thin grey lines. `position` picks the traced token when the trace holds several."""
+    panels = list(trace.models.values())
+    k = trace.top_k
+    prompt = textwrap.shorten(trace.prompt, 80, placeholder="...")
+    layouts = [_flow_layout(m.positions[position], k, chains) for m in panels]
+    columns = max(k + extra for _, _, extra in layouts)
+    n_sites = max(len(m.positions[position].layers) for m in panels)
+    height = 0.3 * n_sites + 2.4
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.55 * columns * len(panels) + 1.5, height), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    chain_colors = plt.get_cmap("tab10").colors
+    for ax, m, (place, highlighted, _) in zip(axes[0], panels, layouts):
+        token = m.positions[position]
+        row = {layer.hook: i for i, layer in enumerate(token.layers)}
+        for t in token.trajectories:
+            if t in highlighted:
+                continue
+            points = [place.get((s.hook, s.feature)) for s in t.steps]
+            for a, b in zip(points, points[1:]):
+                if a is not None and b is not None:
+                    ax.plot(*zip(a, b), "-", color="0.75", lw=0.6, zorder=1)
+        for layer in token.layers:
+            strongest = layer.top[0].activation if layer.top else 1.0
+            for hit in layer.top:
+                ax.scatter(*place[layer.hook, hit.feature], s=70, color=cmap(hit.activation / strongest),
+                           edgecolor="black", lw=0.4, zorder=3)
+        for c, t in enumerate(highlighted):
+            color = chain_colors[c % len(chain_colors)]
+            points = [place[s.hook, s.feature] for s in t.steps]
+            if t.joins and t.joins in place:
+                points.append(place[t.joins])
+            ax.plot(*zip(*points), "-", color=color, lw=1.6, alpha=0.85, zorder=2,
+                    label=f"{t.steps[0].layer}:{t.steps[0].feature} -> {t.steps[-1].layer}:{t.steps[-1].feature} "
+                          f"({len(t.steps)} sites)")
+            for step in t.steps:
+                if step.rank >= k:
+                    ax.scatter(*place[step.hook, step.feature], s=45, facecolor="white", edgecolor=color, lw=1.1, zorder=3)
+        for (hook, feature), (x, y) in place.items():
+            d = m.description(hook, feature)
+            word = repr(d.promoted_tokens[0]) if d and d.promoted_tokens else ""
+            ax.text(x + 0.12, y, f"{feature} {word}", fontsize=5, va="center", ha="left", zorder=4, clip_on=False)
+        ax.set_yticks(range(len(token.layers)), [f"L{layer.layer}" for layer in token.layers],
+                      fontsize=6.5 if len(token.layers) > 16 else 8)
+        ax.set_ylim(len(token.layers) - 0.5, -0.5)
+        ax.set_xlim(-0.4, columns - 0.15)
+        ax.set_xticks(range(columns), [f"#{i + 1}" if i < k else "chain" for i in range(columns)], fontsize=7)
+        ax.set_xlabel("top features at each layer, strongest first (label: feature id, top promoted token)", fontsize=7.5)
+        ax.grid(axis="y", alpha=0.2)
+        for spine in ("top", "right"):
+            ax.spines[spine].set_visible(False)
+        persisting = sum(t.persists for t in token.trajectories)
+        ax.set_title(f"{m.model}: {prompt!r} at token {token.token!r} (position {token.position})\n"
+                     f"{persisting} trajectories persist over 2+ sites; the {len(highlighted)} longest in colour",
+                     fontsize=8.5)
+        if highlighted:
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.55 / (0.77 * height)), ncol=3,
+                      fontsize=6.5, frameon=False, title="trajectories (layer:feature, first -> last)",
+                      title_fontsize=7)
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=colors.Normalize(0, 1))
+    cbar = fig.colorbar(sm, ax=axes[0].tolist(), fraction=0.02, pad=0.02)
+    cbar.set_label("activation / the layer's strongest", fontsize=7)
+    cbar.ax.tick_params(labelsize=6)
+    return _save(fig, stem)
+
+
+def _flow_layout(token: Any, k: int, chains: int) -> tuple[dict[tuple[str, int], tuple[float, float]], list, int]:
+    """Node positions {(hook, feature): (x, y)}, the highlighted trajectories and the extra columns they need."""
+    row = {layer.hook: i for i, layer in enumerate(token.layers)}
+    place = {(layer.hook, hit.feature): (hit.rank, row[layer.hook]) for layer in token.layers for hit in layer.top}
+    highlighted = [t for t in token.trajectories if t.persists][:chains]
+    used: dict[str, int] = {}
+    for t in highlighted:
+        for step in t.steps:
+            if (step.hook, step.feature) not in place:
+                slot = used.get(step.hook, 0)
+                used[step.hook] = slot + 1
+                place[step.hook, step.feature] = (k + slot, row[step.hook])
+    return place, highlighted, max(used.values(), default=0)

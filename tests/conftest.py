@@ -56,3 +56,18 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def quick_run_cli(tmp_path_factory):
+    """`layerflow run --quick` of the real embedded model, run once per session (about a minute):
+    (run folder, the CLI's CompletedProcess). Slow tests share it."""
+    out = tmp_path_factory.mktemp("quick") / "run"
+    return out, run_cli("run", "--quick", "--out", str(out))
+
+
+@pytest.fixture
+def quick_run(quick_run_cli):
+    out, result = quick_run_cli
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

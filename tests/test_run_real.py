@@ -17,9 +17,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
 
 
-def test_quick_run_writes_report_plots_and_resumes(tmp_path):
-    out = tmp_path / "run"
-    result = run_cli("run", "--quick", "--out", str(out))
+def test_quick_run_writes_report_plots_and_resumes(quick_run_cli):
+    out, result = quick_run_cli  # conftest: one quick run per session, shared with test_trace.py
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((out / "run.json").read_text())
     assert [record["stages"][s]["status"] for s in ("capture", "train", "eval", "transfer", "report")] == ["done"] * 5
