@@ -198,7 +198,7 @@ def splice_start(layer: int, kind: str) -> tuple[int, bool]:
     return layer, False
 
 
-def _attention_mask(model: Any, tokens: Int[torch.Tensor, "batch pos"]) -> Int[torch.Tensor, "batch pos"] | None:
+def attention_mask(model: Any, tokens: Int[torch.Tensor, "batch pos"]) -> Int[torch.Tensor, "batch pos"] | None:
     # The mask TransformerLens builds itself from tokens (left-padding tokenizers, e.g. Gemma 3);
     # a pass started mid-model sees no tokens, so both passes get it explicitly.
     from transformer_lens.utils import get_attention_mask
@@ -209,7 +209,7 @@ def _attention_mask(model: Any, tokens: Int[torch.Tensor, "batch pos"]) -> Int[t
     return get_attention_mask(tokenizer, tokens, model.cfg.default_prepend_bos)
 
 
-def _next_token_nll(logp: Float[torch.Tensor, "batch pos vocab"], tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos-1"]:
+def next_token_nll(logp: Float[torch.Tensor, "batch pos vocab"], tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos-1"]:
     return -logp[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
 
 
@@ -245,12 +245,12 @@ def spliced_metrics(
         n = batch.shape[0]
         keep = ~torch.isin(batch, torch.tensor(special_ids, dtype=batch.dtype, device=device))
         keep_ce = keep[:, :-1]  # a prediction counts when made from a non-special position
-        mask = _attention_mask(model, batch)
+        mask = attention_mask(model, batch)
         mask2 = None if mask is None else torch.cat([mask, mask])
         logits, cache = model.run_with_cache(batch, attention_mask=mask, names_filter=lambda name: name in cached)
         clean_logp = logits.log_softmax(-1)
         del logits  # logits are [batch, pos, vocab]: keep one copy per variant at most
-        clean_sum += _next_token_nll(clean_logp, batch)[keep_ce].double().sum().item()
+        clean_sum += next_token_nll(clean_logp, batch)[keep_ce].double().sum().item()
         n_ce += int(keep_ce.sum())
         n_kl += int(keep.sum())
         for hook, sae in saes.items():
@@ -270,7 +270,7 @@ def spliced_metrics(
                                            fwd_hooks=replace)
             logp = out.log_softmax(-1)
             del out
-            nll = _next_token_nll(logp, torch.cat([batch, batch]))
+            nll = next_token_nll(logp, torch.cat([batch, batch]))
             kl = F.kl_div(logp[:n], clean_logp, log_target=True, reduction="none").sum(-1)
             sums[hook] += torch.stack([nll[:n][keep_ce].double().sum(), nll[n:][keep_ce].double().sum(),
                                        kl[keep].double().sum()]).cpu()

@@ -43,7 +43,7 @@ from jaxtyping import Bool, Float
 
 from layerflow.descriptions import FeatureDescription
 from layerflow.errors import LayerflowError, did_you_mean
-from layerflow.evals import _attention_mask, _next_token_nll
+from layerflow.evals import attention_mask, next_token_nll
 from layerflow.results import RunResults
 from layerflow.run_saes import Loader, RunSAEs
 
@@ -326,11 +326,11 @@ def heldout_effects(run_saes: RunSAEs, hook: str, edit_sets: list[list[FeatureEd
         batch = batch.to(model.cfg.device)
         keep = ~torch.isin(batch, specials.to(batch.device))
         keep_ce = keep[:, :-1]
-        mask = _attention_mask(model, batch)
+        mask = attention_mask(model, batch)
         logits, cache = model.run_with_cache(batch, attention_mask=mask, names_filter=lambda n: n == resid)
         clean_logp = logits.log_softmax(-1)
         del logits
-        clean_sum += _next_token_nll(clean_logp, batch)[keep_ce].double().sum().item()
+        clean_sum += next_token_nll(clean_logp, batch)[keep_ce].double().sum().item()
         n_ce += int(keep_ce.sum())
         n_kl += int(keep.sum())
         for i, edits in enumerate(edit_sets):
@@ -344,7 +344,7 @@ def heldout_effects(run_saes: RunSAEs, hook: str, edit_sets: list[list[FeatureEd
             del out
             kl = F.kl_div(logp, clean_logp, log_target=True, reduction="none").sum(-1)
             active = keep & (seen["latents"][..., [e.feature for e in edits]] > 0).any(-1).to(keep.device)
-            sums[i] += torch.stack([_next_token_nll(logp, batch)[keep_ce].double().sum(), kl[keep].double().sum(),
+            sums[i] += torch.stack([next_token_nll(logp, batch)[keep_ce].double().sum(), kl[keep].double().sum(),
                                     kl[active].double().sum(), active.sum().double()]).cpu()
         if on_batch:
             on_batch(b + 1, len(batches))

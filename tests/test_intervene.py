@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import run_cli, tiny_twin
 from layerflow.descriptions import decoder_directions
 from layerflow.errors import LayerflowError
-from layerflow.evals import _next_token_nll
+from layerflow.evals import next_token_nll
 from layerflow.experiment import ExperimentConfig
 from layerflow.intervene import FeatureEdit, edit_hooks, edited, heldout_effects, intervene, rank_features
 from layerflow.pipeline import run_experiment
@@ -155,8 +155,8 @@ def test_heldout_effects_equal_a_full_forward_from_the_tokens(loaded):
     with model.hooks(fwd_hooks=edit_hooks(loaded.saes[L1], L1, L1, [FeatureEdit(f)], keep)):
         new = model(tokens).log_softmax(-1)
     assert effect.n_tokens == int(keep[:, :-1].sum())
-    assert effect.ce_clean == pytest.approx(float(_next_token_nll(clean, tokens)[keep[:, :-1]].mean()), rel=1e-5)
-    assert effect.ce_edited == pytest.approx(float(_next_token_nll(new, tokens)[keep[:, :-1]].mean()), rel=1e-5)
+    assert effect.ce_clean == pytest.approx(float(next_token_nll(clean, tokens)[keep[:, :-1]].mean()), rel=1e-5)
+    assert effect.ce_edited == pytest.approx(float(next_token_nll(new, tokens)[keep[:, :-1]].mean()), rel=1e-5)
     kl = F.kl_div(new, clean, log_target=True, reduction="none").sum(-1)
     assert effect.kl_mean == pytest.approx(float(kl[keep].mean()), rel=1e-3)
     active = keep & (loaded.encode(L1, model.run_with_cache(tokens, names_filter=L1)[1][L1])[..., f] > 0)
