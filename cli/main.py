@@ -180,6 +180,8 @@ def train(
     samples_every: int = typer.Option(0, min=0, help="Every N steps, keep each latent's top-activating held-out tokens "
                                       "(see `layerflow samples`); 0: never."),
     target_site: str = typer.Option("mlp_out", help="Transcoders: the site kind each input site's transcoder predicts."),
+    dead_feature_window: int = typer.Option(1000, min=1, help="Steps without firing before a latent counts as dead "
+                                            "(TopK-family AuxK revives dead latents only after this many steps)."),
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False, help="Replace a different run already in --out."),
     model_eval: bool = typer.Option(True, help="Also splice the SAEs into the model for CE/KL at the end."),
@@ -220,7 +222,8 @@ def train(
     out_dir = out_dir or store.parent / "train"
     cfg = TrainConfig(str(store), hooks.split(",") if hooks else None, schedule, steps, epochs, batch_tokens,
                       exclude_special_tokens=not include_special_tokens, checkpoint_every=checkpoint_every, seed=seed,
-                      online=online_cfg, transcoder_target=target_site, samples_every=samples_every)
+                      online=online_cfg, transcoder_target=target_site, samples_every=samples_every,
+                      dead_feature_window=dead_feature_window)
     loaded = None
     if model_eval or online:
         from layerflow.models import load_model
