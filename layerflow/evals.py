@@ -213,6 +213,62 @@ def next_token_nll(logp: Float[torch.Tensor, "batch pos vocab"], tokens: Int[tor
     return -logp[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
 
 
+@dataclass
+class CleanBatch:
+    """A batch of held-out sequences run once, clean: what each patched pass is compared with."""
+
+    tokens: Int[torch.Tensor, "batch pos"]
+    keep: torch.Tensor  # [batch, pos] bool: non-special positions (patched and counted)
+    mask: Int[torch.Tensor, "batch pos"] | None  # attention mask (left-padding tokenizers)
+    logp: Float[torch.Tensor, "batch pos vocab"]
+    cache: Any  # the activations asked for
+
+    @property
+    def keep_ce(self) -> torch.Tensor:
+        return self.keep[:, :-1]  # a prediction counts when made from a non-special position
+
+    def nll_sum(self, logp: Float[torch.Tensor, "batch pos vocab"]) -> float:
+        """Summed next-token loss of `logp` (one copy of the batch) over the counted predictions."""
+        return next_token_nll(logp, self.tokens)[self.keep_ce].double().sum().item()
+
+    def kl(self, logp: Float[torch.Tensor, "batch pos vocab"]) -> Float[torch.Tensor, "batch pos"]:
+        """KL(clean || patched) of the next-token distributions, per position."""
+        return F.kl_div(logp, self.logp, log_target=True, reduction="none").sum(-1)
+
+
+def clean_batches(model: Any, tokens: Int[torch.Tensor, "seqs ctx"], special_ids: list[int], batch_size: int,
+                  names: set[str]) -> Iterator[CleanBatch]:
+    """Run `tokens` clean, `batch_size` sequences at a time, caching the hooks in `names`."""
+    device = model.cfg.device
+    for batch in tokens.split(batch_size):
+        batch = batch.to(device)
+        keep = ~torch.isin(batch, torch.tensor(special_ids, dtype=batch.dtype, device=device))
+        mask = attention_mask(model, batch)
+        logits, cache = model.run_with_cache(batch, attention_mask=mask, names_filter=lambda name: name in names)
+        logp = logits.log_softmax(-1)
+        del logits  # logits are [batch, pos, vocab]: keep one copy per variant at most
+        yield CleanBatch(batch, keep, mask, logp, cache)
+
+
+def patched_logp(model: Any, clean: CleanBatch, start: int, fwd_hooks: list, copies: int = 1,
+                 resid: torch.Tensor | None = None) -> Float[torch.Tensor, "copies*batch pos vocab"]:
+    """Log-probs of `copies` stacked copies of the batch, re-run from block `start` with `fwd_hooks`.
+
+    The run starts from `resid` (the residual entering block `start`, [copies * batch, pos, d]), by
+    default the cached clean one (`blocks.{start}.hook_resid_pre` must be cached), so the blocks
+    below are not recomputed. A shortformer model re-runs from the tokens: start_at_layer would
+    drop the positional embedding TransformerLens passes to every block.
+    """
+    mask = None if clean.mask is None else clean.mask.repeat(copies, 1)
+    if model.cfg.positional_embedding_type == "shortformer":
+        out = model.run_with_hooks(clean.tokens.repeat(copies, 1), attention_mask=mask, fwd_hooks=fwd_hooks)
+    else:
+        if resid is None:
+            resid = clean.cache[f"blocks.{start}.hook_resid_pre"].repeat(copies, 1, 1)
+        out = model.run_with_hooks(resid, start_at_layer=start, attention_mask=mask, fwd_hooks=fwd_hooks)
+    return out.log_softmax(-1)
+
+
 @torch.no_grad()
 def spliced_metrics(
     saes: dict[str, "SAE"],
@@ -229,51 +285,29 @@ def spliced_metrics(
     `saes` are keyed by the hook they read. Each replaces `targets[hook]` (default: that same hook;
     a transcoder's target, e.g. `hook_mlp_out`) with its prediction from the clean activation.
     `starts[hook]` is `splice_start(layer, kind)` of the replaced site; `special_ids` are never
-    spliced or counted.
+    spliced or counted. Each site's spliced and zero-ablated variants run as one doubled batch.
     """
     targets = {h: (targets or {}).get(h, h) for h in saes}
     prepare_hooks(model, list(saes) + list(targets.values()))
-    # start_at_layer drops the shortformer positional embedding (TL passes it to every block).
-    from_tokens = model.cfg.positional_embedding_type == "shortformer"
     cached = set(saes) | set(targets.values()) | {f"blocks.{layer}.hook_resid_pre" for layer, is_input in starts.values()
                                                   if not is_input}
     sums = {h: torch.zeros(3, dtype=torch.float64) for h in saes}  # CE spliced, CE zero-ablated, KL
     clean_sum, n_ce, n_kl = 0.0, 0, 0
-    device = model.cfg.device
-    for b, batch in enumerate(tokens.split(batch_size)):
-        batch = batch.to(device)
-        n = batch.shape[0]
-        keep = ~torch.isin(batch, torch.tensor(special_ids, dtype=batch.dtype, device=device))
-        keep_ce = keep[:, :-1]  # a prediction counts when made from a non-special position
-        mask = attention_mask(model, batch)
-        mask2 = None if mask is None else torch.cat([mask, mask])
-        logits, cache = model.run_with_cache(batch, attention_mask=mask, names_filter=lambda name: name in cached)
-        clean_logp = logits.log_softmax(-1)
-        del logits  # logits are [batch, pos, vocab]: keep one copy per variant at most
-        clean_sum += next_token_nll(clean_logp, batch)[keep_ce].double().sum().item()
-        n_ce += int(keep_ce.sum())
+    for b, clean in enumerate(clean_batches(model, tokens, special_ids, batch_size, cached)):
+        n, keep = clean.tokens.shape[0], clean.keep
+        clean_sum += clean.nll_sum(clean.logp)
+        n_ce += int(clean.keep_ce.sum())
         n_kl += int(keep.sum())
         for hook, sae in saes.items():
-            x_in, act = cache[hook], cache[targets[hook]]
+            x_in, act = clean.cache[hook], clean.cache[targets[hook]]
             x_in = x_in.to(sae.device, sae.dtype)
             recon = predict(sae, x_in, sae.encode(x_in)).to(act.device, act.dtype)
             both = torch.cat([torch.where(keep.unsqueeze(-1), recon, act), torch.zeros_like(act)])
             start, is_input = starts[hook]
             replace = [(targets[hook], lambda a, hook, both=both: both)]
-            if from_tokens:
-                out = model.run_with_hooks(torch.cat([batch, batch]), attention_mask=mask2, fwd_hooks=replace)
-            elif is_input:
-                out = model(both, start_at_layer=start, attention_mask=mask2)
-            else:
-                resid = cache[f"blocks.{start}.hook_resid_pre"]
-                out = model.run_with_hooks(torch.cat([resid, resid]), start_at_layer=start, attention_mask=mask2,
-                                           fwd_hooks=replace)
-            logp = out.log_softmax(-1)
-            del out
-            nll = next_token_nll(logp, torch.cat([batch, batch]))
-            kl = F.kl_div(logp[:n], clean_logp, log_target=True, reduction="none").sum(-1)
-            sums[hook] += torch.stack([nll[:n][keep_ce].double().sum(), nll[n:][keep_ce].double().sum(),
-                                       kl[keep].double().sum()]).cpu()
+            logp = patched_logp(model, clean, start, replace, copies=2, resid=both if is_input else None)
+            sums[hook] += torch.tensor([clean.nll_sum(logp[:n]), clean.nll_sum(logp[n:]),
+                                        clean.kl(logp[:n])[keep].double().sum().item()], dtype=torch.float64)
         if on_batch:
             on_batch(b + 1)
     clean = clean_sum / max(n_ce, 1)

@@ -43,7 +43,7 @@ from jaxtyping import Bool, Float
 
 from layerflow.descriptions import FeatureDescription
 from layerflow.errors import LayerflowError, did_you_mean
-from layerflow.evals import attention_mask, next_token_nll
+from layerflow.evals import clean_batches, patched_logp
 from layerflow.results import RunResults
 from layerflow.run_saes import Loader, RunSAEs
 
@@ -313,41 +313,27 @@ def heldout_effects(run_saes: RunSAEs, hook: str, edit_sets: list[list[FeatureEd
     sae = run_saes.saes[hook]
     tokens = run_saes.store.tokens("heldout")
     tokens = tokens[:max(1, math.ceil(max_tokens / tokens.shape[1]))]
-    specials = torch.tensor(run_saes.special_ids, dtype=torch.long)
     output_hook = run_saes.output_hook(hook)
     start = min(run_saes.layer(hook), run_saes.layer(output_hook))
-    resid = f"blocks.{start}.hook_resid_pre"
-    from_tokens = model.cfg.positional_embedding_type == "shortformer"  # start_at_layer drops its positional input
     n_sets = len(edit_sets)
     sums = torch.zeros(n_sets, 4, dtype=torch.float64)  # CE edited, KL, KL where active, active positions
     clean_sum, n_ce, n_kl = 0.0, 0, 0
-    batches = tokens.split(batch_size)
-    for b, batch in enumerate(batches):
-        batch = batch.to(model.cfg.device)
-        keep = ~torch.isin(batch, specials.to(batch.device))
-        keep_ce = keep[:, :-1]
-        mask = attention_mask(model, batch)
-        logits, cache = model.run_with_cache(batch, attention_mask=mask, names_filter=lambda n: n == resid)
-        clean_logp = logits.log_softmax(-1)
-        del logits
-        clean_sum += next_token_nll(clean_logp, batch)[keep_ce].double().sum().item()
-        n_ce += int(keep_ce.sum())
+    n_batches = math.ceil(len(tokens) / batch_size)
+    names = {f"blocks.{start}.hook_resid_pre"}
+    for b, clean in enumerate(clean_batches(model, tokens, run_saes.special_ids, batch_size, names)):
+        keep = clean.keep
+        clean_sum += clean.nll_sum(clean.logp)
+        n_ce += int(clean.keep_ce.sum())
         n_kl += int(keep.sum())
         for i, edits in enumerate(edit_sets):
             seen: dict = {}
-            hooks = edit_hooks(sae, hook, output_hook, edits, keep, seen)
-            if from_tokens:
-                out = model.run_with_hooks(batch, attention_mask=mask, fwd_hooks=hooks)
-            else:
-                out = model.run_with_hooks(cache[resid], start_at_layer=start, attention_mask=mask, fwd_hooks=hooks)
-            logp = out.log_softmax(-1)
-            del out
-            kl = F.kl_div(logp, clean_logp, log_target=True, reduction="none").sum(-1)
+            logp = patched_logp(model, clean, start, edit_hooks(sae, hook, output_hook, edits, keep, seen))
+            kl = clean.kl(logp)
             active = keep & (seen["latents"][..., [e.feature for e in edits]] > 0).any(-1).to(keep.device)
-            sums[i] += torch.stack([next_token_nll(logp, batch)[keep_ce].double().sum(), kl[keep].double().sum(),
-                                    kl[active].double().sum(), active.sum().double()]).cpu()
+            sums[i] += torch.tensor([clean.nll_sum(logp), kl[keep].double().sum().item(),
+                                     kl[active].double().sum().item(), active.sum().item()], dtype=torch.float64)
         if on_batch:
-            on_batch(b + 1, len(batches))
+            on_batch(b + 1, n_batches)
     clean = clean_sum / max(n_ce, 1)
     return [HeldoutEffect(n_ce, clean, s[0].item() / max(n_ce, 1), s[1].item() / max(n_kl, 1),
                           s[2].item() / s[3].item() if s[3] > 0 else math.nan, s[3].item() / max(n_kl, 1))
