@@ -266,3 +266,54 @@ def test_bad_input_through_the_cli(case, run, broken_runs):
     assert done.returncode != 0
     assert expected in " ".join(done.stderr.split()), done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def transcoder_run(tmp_path_factory):
+    """A run whose dictionaries are transcoders (mlp_in -> mlp_out), trained into its SAE folder."""
+    from layerflow.schedule import get_preset
+    from layerflow.train import TrainConfig, train
+
+    folder = tmp_path_factory.mktemp("tc-run")
+    cfg = ExperimentConfig.from_dict({
+        "name": "tiny", "models": [{"name": MODEL, "layers": [0, 1]}],
+        "capture": {"tokens": 1600, "context_size": 32, "source": "random", "holdout": 0.2,
+                    "sites": ["mlp_in", "mlp_out"]}})
+    run_experiment(cfg, folder, load=tiny_twin, until="capture")
+    schedule = get_preset("transcoder").with_overrides(base={"expansion_factor": 2, "k": 8, "lr": 1e-3})
+    train(TrainConfig(str(folder / "activations" / MODEL), schedule=schedule, steps=12, batch_tokens=128),
+          folder / "saes" / MODEL, sae_subdir="", evaluate=False)
+    return folder
+
+
+@torch.no_grad()
+def test_transcoders_are_traced_at_their_input_and_edited_at_their_output(transcoder_run):
+    from layerflow.trace import trace
+
+    hook_in, hook_out = "blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"
+    loaded = RunSAEs.open(transcoder_run).load(tiny_twin)
+    tc = loaded.saes[hook_in]
+    assert loaded.output_hook(hook_in) == hook_out
+    tokens = torch.tensor([PROMPT])
+    _, cache = loaded.tl_model.run_with_cache(tokens, names_filter=[hook_in, hook_out])
+    x_in, x_out = cache[hook_in][0], cache[hook_out][0]
+    # trace: the latents are the transcoder's encoding of the MLP input
+    traced = trace(transcoder_run, PROMPT, top_k=3, load=tiny_twin).models[MODEL]
+    layer = [entry for entry in traced.positions[0].layers if entry.hook == hook_in][0]
+    values, features = tc.encode(x_in[-1]).topk(3)
+    assert [h.feature for h in layer.top] == features.tolist()
+    assert [h.activation for h in layer.top] == pytest.approx(values.tolist())
+    # an ablation moves the MLP output (not the input) by -a_f W_dec[f], and only where f fires
+    latents = tc.encode(x_in)
+    active = (latents > 0).sum(0)
+    f = int(((active > 0) & (active < len(PROMPT))).nonzero()[0])
+    new, _ = edited(tc, x_in, x_out, [FeatureEdit(f)])
+    torch.testing.assert_close(new, x_out - latents[:, f:f + 1] * tc.W_dec[f], rtol=0, atol=1e-5)
+    silent = latents[:, f] == 0
+    assert torch.equal(new[silent], x_out[silent])
+    seen = {}
+    edits = [FeatureEdit(int(((active == 0)).nonzero()[0]))]  # a feature silent on the whole prompt
+    clean = loaded.tl_model(tokens)
+    with loaded.tl_model.hooks(fwd_hooks=edit_hooks(tc, hook_in, hook_out, edits, None, seen)):
+        assert torch.equal(loaded.tl_model(tokens), clean)
+    assert torch.equal(seen["latents"], latents.unsqueeze(0))
