@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from layerflow.feature_contexts import TopActivations, contexts, heldout_batches
+from layerflow.feature_contexts import TopActivations, contexts, heldout_batches, token_text
 
 FEATURES_DIR = "features"
 TOP_K = 10  # contexts kept per latent
@@ -176,9 +176,5 @@ def describe(stats: FeatureStats, features: list[int], heldout_tokens: Int[Tenso
     for f in features:
         found = contexts(stats.top, f, heldout_tokens, tokenizer)[:n_contexts]
         out[f] = FeatureDescription(f, float(stats.density[f]), float(stats.top.values[f, 0]),
-                                    [c.text() for c in found], [_token_text(tokenizer, t) for t in promoted.get(f, [])])
+                                    [c.text() for c in found], [token_text(tokenizer, t) for t in promoted.get(f, [])])
     return out
-
-
-def _token_text(tokenizer: Any, token_id: int) -> str:
-    return tokenizer.decode([token_id]) if tokenizer is not None else f"<{token_id}>"

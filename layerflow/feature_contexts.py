@@ -125,11 +125,12 @@ def contexts(top: TopActivations, feature: int, tokens: Int[Tensor, "seqs ctx"],
             break
         start = max(position - before, position - position % ctx)
         end = min(position + after + 1, position - position % ctx + ctx)
-        pieces = [_token_text(tokenizer, t) for t in flat[start:end]]
+        pieces = [token_text(tokenizer, t) for t in flat[start:end]]
         i = position - start
         out.append(Context(value, position, pieces[:i], pieces[i], pieces[i + 1:]))
     return out
 
 
-def _token_text(tokenizer: Any, token_id: int) -> str:
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """A token as text; `<id>` when there is no tokenizer (random-init twins)."""
     return tokenizer.decode([token_id]) if tokenizer is not None else f"<{token_id}>"

@@ -168,9 +168,9 @@ class RunSAEs:
         return tokens.to(model.cfg.device)
 
     def token_texts(self, tokens: Int[torch.Tensor, "1 pos"]) -> list[str]:
-        tokenizer = self.tl_model.tokenizer
-        ids = tokens[0].tolist()
-        return [tokenizer.decode([t]) if tokenizer is not None else f"<{t}>" for t in ids]
+        from layerflow.feature_contexts import token_text
+
+        return [token_text(self.tl_model.tokenizer, t) for t in tokens[0].tolist()]
 
     def feature_stats(self, hooks: list[str] | None = None) -> dict[str, Any]:
         from layerflow.descriptions import feature_stats
