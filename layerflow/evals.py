@@ -147,7 +147,9 @@ def evaluate_saes(
 
 def target_of(sae: "SAE") -> str | None:
     """The hook a transcoder predicts (None for an SAE, which reconstructs its own input)."""
-    return getattr(sae.cfg.metadata, "hook_name_out", None)
+    from layerflow.transfer import is_transcoder, output_hook
+
+    return output_hook(sae) if is_transcoder(sae) else None
 
 
 def matryoshka_widths(sae: "SAE") -> list[int] | None:

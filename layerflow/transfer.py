@@ -194,14 +194,12 @@ class _GenericCoder:
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(latents, output): the reconstruction, or a transcoder's prediction (skip term included,
         as SAELens' SkipTranscoder.forward adds it)."""
+        from layerflow.evals import predict
+
         x = x.to(self.sae.device, self.sae.dtype)
         latents = self.sae.encode(x)
         latents = latents.to_dense() if latents.is_sparse else latents
-        out = self.sae.decode(latents)
-        W_skip = getattr(self.sae, "W_skip", None)
-        if W_skip is not None:
-            out = out + x @ W_skip.T
-        return latents.float(), out.float()
+        return latents.float(), predict(self.sae, x, latents).float()
 
 
 # ---------------------------------------------------------------- the matrix
