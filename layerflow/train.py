@@ -41,7 +41,7 @@ from layerflow.data import TokenPlan
 from layerflow.errors import LayerflowError
 from layerflow.sae_io import SAE_DIR, load_saes, sae_metadata, save_sae
 from layerflow.schedule import LayerSchedule, get_preset, is_transcoder
-from layerflow.sites import Site, SiteKind, parse_hook_name
+from layerflow.sites import Site, parse_hook_name
 from layerflow.sparse_topk import StackedTopKSAEs, group_key, supports_fast_path
 from layerflow.store import ActivationStore
 
