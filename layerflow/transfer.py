@@ -129,25 +129,55 @@ class LinearCoder:
         """Latents of the input alpha x + shift, given P = x W_enc and bias = bias_for(shift).
 
         `buffer` ([tokens, d_sae], reused across calls: allocating it each time costs more than
-        filling it) receives the pre-activations; only the active latents are returned.
+        filling it) receives the pre-activations when torch computes them; only the active
+        latents are returned.
         """
+        return self.encode_variants(P, [(alpha, bias)], buffer)[0]
+
+    def encode_variants(self, P: torch.Tensor, variants: list[tuple[float, torch.Tensor]],
+                        buffer: torch.Tensor) -> list["SparseLatents"]:
+        """`encode(P, alpha, bias, buffer)` for each (alpha, bias): in one pass over P with the C
+        kernel of `fused_encode` when it is available (same latents, several times faster on a
+        CPU), else with torch ops."""
+        from layerflow import fused_encode
+
+        if not fused_encode.accepts(P):
+            return [self._encode_torch(P, alpha, bias, buffer) for alpha, bias in variants]
+        alphas, biases = [alpha for alpha, _ in variants], torch.stack([bias for _, bias in variants])
+        if self.activation == "topk":
+            values, indices = fused_encode.topk(P, alphas, biases, self.pre_scale, self.k)
+            return [SparseLatents(indices[v], values[v], P.shape[0]) for v in range(len(variants))]
+        cut = self.threshold if self.activation == "jumprelu" else None
+        return [SparseLatents(cols, values, P.shape[0], offsets)
+                for offsets, cols, values in fused_encode.threshold(P, alphas, biases, self.pre_scale, cut)]
+
+    def _encode_torch(self, P: torch.Tensor, alpha: float, bias: torch.Tensor, buffer: torch.Tensor) -> "SparseLatents":
         torch.add(bias, P, alpha=alpha, out=buffer)
         if self.pre_scale is not None:
             buffer.mul_(self.pre_scale)
         if self.activation == "topk":
             values, indices = buffer.topk(self.k, dim=-1, sorted=False)
-            return SparseLatents(None, indices, values.relu_(), P.shape[0])
+            return SparseLatents(indices, values.relu_(), P.shape[0])
         cut = self.threshold if self.activation == "jumprelu" else 0.0
         rows, cols = (buffer > cut).nonzero(as_tuple=True)
-        return SparseLatents(rows, cols, buffer[rows, cols], P.shape[0])
+        offsets = F.pad(torch.bincount(rows, minlength=P.shape[0]).cumsum(0), (1, 0))
+        return SparseLatents(cols, buffer[rows, cols], P.shape[0], offsets)
+
+    def decode_variants(self, latents: list["SparseLatents"]) -> list[torch.Tensor]:
+        """`decode` of each latent set (of the same tokens): in one pass with `fused_encode`'s C
+        kernel when it is available, so that decoder rows used by several sets are read once."""
+        from layerflow import fused_encode
+
+        if not (self.W_dec.device.type == "cpu" and fused_encode.available()):
+            return [self.decode(lat) for lat in latents]
+        return list(fused_encode.decode(self.W_dec, self.b_dec,
+                                        [(lat.token_offsets(), lat.indices, lat.values) for lat in latents]))
 
     def decode(self, latents: "SparseLatents") -> torch.Tensor:
-        if latents.rows is None:
+        if latents.offsets is None:
             out = F.embedding_bag(latents.indices, self.W_dec, mode="sum", per_sample_weights=latents.values)
         else:
-            offsets = torch.zeros(latents.n_tokens, dtype=torch.long, device=latents.values.device)
-            offsets[1:] = torch.bincount(latents.rows, minlength=latents.n_tokens).cumsum(0)[:-1]
-            out = F.embedding_bag(latents.indices, self.W_dec, offsets, mode="sum",
+            out = F.embedding_bag(latents.indices, self.W_dec, latents.offsets[:-1], mode="sum",
                                   per_sample_weights=latents.values)
         return out + self.b_dec
 
@@ -158,18 +188,25 @@ class LinearCoder:
 
 @dataclass
 class SparseLatents:
-    """Active latents of a batch: TopK gives k (index, value) per token (`rows` None, values may be
-    0 after the ReLU); other activations give (row, index, value) triples, rows ascending."""
+    """Active latents of a batch. TopK: `indices` and `values` are [tokens, k] and `offsets` is
+    None (values may be 0 after the ReLU). Other activations: flat [nnz] entries, token t's at
+    offsets[t]:offsets[t + 1], indices ascending within a token, values > 0."""
 
-    rows: torch.Tensor | None
     indices: torch.Tensor
     values: torch.Tensor
     n_tokens: int
+    offsets: torch.Tensor | None = None  # [n_tokens + 1]
+
+    def token_offsets(self) -> torch.Tensor:
+        """[n_tokens + 1]: token t's entries are indices/values (flattened) [offsets[t]:offsets[t + 1]]."""
+        if self.offsets is None:
+            return torch.arange(self.n_tokens + 1, device=self.indices.device) * self.indices.shape[-1]
+        return self.offsets
 
     def firing(self, d_sae: int) -> tuple[torch.Tensor, int]:
         """(tokens each latent fired on [d_sae], total active (token, latent) pairs)."""
-        fired = self.indices[self.values != 0]
-        return torch.bincount(fired, minlength=d_sae), fired.numel()
+        fired = self.indices if self.offsets is not None else self.indices[self.values != 0]
+        return torch.bincount(fired.reshape(-1), minlength=d_sae), fired.numel()
 
     def sums(self, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per latent, float64 sums over tokens of the activation and of its square."""
@@ -178,9 +215,10 @@ class SparseLatents:
 
     def dense(self, d_sae: int) -> torch.Tensor:
         out = torch.zeros(self.n_tokens, d_sae, dtype=self.values.dtype, device=self.values.device)
-        if self.rows is None:
+        if self.offsets is None:
             return out.scatter_(-1, self.indices, self.values)
-        out[self.rows, self.indices] = self.values
+        rows = torch.arange(self.n_tokens, device=self.indices.device).repeat_interleave(self.offsets.diff())
+        out[rows, self.indices] = self.values
         return out
 
 
@@ -367,13 +405,13 @@ def _predict(coder, x: torch.Tensor, buffers) -> torch.Tensor:
     if not isinstance(coder, LinearCoder):
         return coder.reconstruct(x)[1]
     P = torch.mm(x, coder.W_enc, out=buffers[0][:len(x)])
-    return _decode_with_skip(coder, coder.encode(P, 1.0, coder.bias_for(), buffers[1][:len(x)]), coder.skip(x), 1.0)
+    return _with_skip(coder.decode(coder.encode(P, 1.0, coder.bias_for(), buffers[1][:len(x)])), coder.skip(x), 1.0)
 
 
-def _decode_with_skip(coder: LinearCoder, latents: SparseLatents, skip: torch.Tensor | None, alpha: float) -> torch.Tensor:
-    """The prediction for the input alpha x, given its latents and skip = x W_skip^T (linear in x)."""
-    prediction = coder.decode(latents)
-    return prediction if skip is None else prediction.add_(skip, alpha=alpha)
+def _with_skip(decoded: torch.Tensor, skip: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """The prediction for the input alpha x, given its decoded latents and skip = x W_skip^T
+    (linear in x)."""
+    return decoded if skip is None else decoded.add_(skip, alpha=alpha)
 
 
 def _accumulate_transcoder(coder, x_t, y_t, rho_in, rho_out, a: _PairAccumulators, buffers, sums_t) -> None:
@@ -383,12 +421,12 @@ def _accumulate_transcoder(coder, x_t, y_t, rho_in, rho_out, a: _PairAccumulator
         P, buffer = buffers[0][:len(x_t)], buffers[1][:len(x_t)]
         torch.mm(x_t, coder.W_enc, out=P)
         bias, skip = coder.bias_for(), coder.skip(x_t)
-        latents = coder.encode(P, 1.0, bias, buffer)
-        a.raw.add(y_t, _decode_with_skip(coder, latents, skip, 1.0), x_sums=sums_t)
+        latents, scaled = coder.encode_variants(P, [(1.0, bias), (rho_in, bias)], buffer)
+        raw_hat, scaled_hat = coder.decode_variants([latents, scaled])
+        a.raw.add(y_t, _with_skip(raw_hat, skip, 1.0), x_sums=sums_t)
         a.raw.add_firing(*latents.firing(d_sae))
         total, squares = latents.sums(d_sae)
-        scaled = coder.encode(P, rho_in, bias, buffer)
-        a.scaled.add(y_t, _decode_with_skip(coder, scaled, skip, rho_in) / rho_out, x_sums=sums_t)
+        a.scaled.add(y_t, _with_skip(scaled_hat, skip, rho_in) / rho_out, x_sums=sums_t)
         a.scaled.add_firing(*scaled.firing(d_sae))
     else:
         lat, prediction = coder.reconstruct(x_t)
@@ -465,15 +503,15 @@ def _accumulate(coder, x_t, x_s, rho, alpha, shift, a: _PairAccumulators, buffer
         P, buffer = buffers
         torch.mm(x_t, coder.W_enc, out=P)
         bias = coder.bias_for()
-        latents = coder.encode(P, 1.0, bias, buffer)
-        a.raw.add(x_t, coder.decode(latents), x_sums=sums_t)
+        latents, scaled, persisted = coder.encode_variants(
+            P, [(1.0, bias), (rho, bias), (alpha, coder.bias_for(shift))], buffer)
+        raw_hat, scaled_hat, persisted_hat = coder.decode_variants([latents, scaled, persisted])
+        a.raw.add(x_t, raw_hat, x_sums=sums_t)
         a.raw.add_firing(*latents.firing(d_sae))
         total, squares = latents.sums(d_sae)
-        scaled = coder.encode(P, rho, bias, buffer)
-        a.scaled.add(x_t, coder.decode(scaled) / rho, x_sums=sums_t)
+        a.scaled.add(x_t, scaled_hat / rho, x_sums=sums_t)
         a.scaled.add_firing(*scaled.firing(d_sae))
-        persisted = coder.decode(coder.encode(P, alpha, coder.bias_for(shift), buffer))
-        a.persistence.add(x_s, persisted, x_sums=sums_s)
+        a.persistence.add(x_s, persisted_hat, x_sums=sums_s)
     else:
         lat, recon = coder.reconstruct(x_t)
         a.raw.add(x_t, recon, lat)
