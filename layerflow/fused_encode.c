@@ -30,7 +30,6 @@
 
 #define BLOCK 16
 #define CHUNK 1024 /* latents of a row computed for every variant in turn, while they are in L1 */
-#define DECODE_TILE 64 /* output floats summed in registers */
 #define PREFETCH_AHEAD 512 /* floats: 2 KiB ahead, so the next page's lines are on their way */
 
 /* Bitmask of z[j] > thr[j * thr_step], j < 16. */
@@ -242,56 +241,4 @@ int64_t threshold_variants(const float *P, int64_t ld, int64_t T, int64_t F, int
         }
     }
     return widest;
-}
-
-/* acc[0..width) += sum over entries of value * W_dec[index][0..width), for a width that fits in
-   registers (the decoder rows are read 64 floats at a time, the sums never leave registers). */
-static inline void decode_tile(const float *W_dec, int64_t d, const int64_t *idx, const float *val,
-                               int64_t begin, int64_t end, int64_t col, float *acc) {
-#if defined(__AVX512F__)
-    __m512 a0 = _mm512_loadu_ps(acc), a1 = _mm512_loadu_ps(acc + 16);
-    __m512 a2 = _mm512_loadu_ps(acc + 32), a3 = _mm512_loadu_ps(acc + 48);
-    for (int64_t e = begin; e < end; e++) {
-        const float *w = W_dec + idx[e] * d + col;
-        __m512 a = _mm512_set1_ps(val[e]);
-        a0 = _mm512_fmadd_ps(a, _mm512_loadu_ps(w), a0);
-        a1 = _mm512_fmadd_ps(a, _mm512_loadu_ps(w + 16), a1);
-        a2 = _mm512_fmadd_ps(a, _mm512_loadu_ps(w + 32), a2);
-        a3 = _mm512_fmadd_ps(a, _mm512_loadu_ps(w + 48), a3);
-    }
-    _mm512_storeu_ps(acc, a0); _mm512_storeu_ps(acc + 16, a1);
-    _mm512_storeu_ps(acc + 32, a2); _mm512_storeu_ps(acc + 48, a3);
-#else
-    float sum[DECODE_TILE];
-    memcpy(sum, acc, sizeof sum);
-    for (int64_t e = begin; e < end; e++) {
-        const float *w = W_dec + idx[e] * d + col;
-        for (int i = 0; i < DECODE_TILE; i++) sum[i] = fmaf(val[e], w[i], sum[i]);
-    }
-    memcpy(acc, sum, sizeof sum);
-#endif
-}
-
-/* Decode rows [row_begin, row_end) of m sparse latent sets through one decoder:
-   out[v, r] = b_dec + sum over (index, value) of row r of value * W_dec[index], W_dec [F, d].
-   Set v's row r holds entries offsets[v * (T + 1) + r] .. offsets[v * (T + 1) + r + 1] of
-   indices_v / values_v (pointers in `indices`, `values`). The sets of a row are decoded one
-   after another, so the decoder rows they share are still in cache. */
-void decode_variants(const float *W_dec, const float *b_dec, int64_t d, int64_t T, int64_t row_begin,
-                     int64_t row_end, int64_t m, const int64_t *const *indices, const float *const *values,
-                     const int64_t *offsets, float *out) {
-    for (int64_t r = row_begin; r < row_end; r++) {
-        for (int64_t v = 0; v < m; v++) {
-            float *acc = out + (v * T + r) * d;
-            const int64_t *idx = indices[v];
-            const float *val = values[v];
-            int64_t begin = offsets[v * (T + 1) + r], end = offsets[v * (T + 1) + r + 1], col = 0;
-            memcpy(acc, b_dec, sizeof(float) * d);
-            for (; col + DECODE_TILE <= d; col += DECODE_TILE) decode_tile(W_dec, d, idx, val, begin, end, col, acc + col);
-            for (int64_t e = begin; e < end && col < d; e++) {
-                const float *w = W_dec + idx[e] * d;
-                for (int64_t i = col; i < d; i++) acc[i] = fmaf(val[e], w[i], acc[i]);
-            }
-        }
-    }
 }

@@ -116,32 +116,6 @@ def threshold(
     return out
 
 
-def decode(
-    W_dec: Float[Tensor, "d_sae d"], b_dec: Float[Tensor, " d"],
-    sets: Sequence[tuple[Int64[Tensor, " rows_plus_1"], Int64[Tensor, " nnz"], Float[Tensor, " nnz"]]],
-) -> Float[Tensor, "variants tokens d"]:
-    """b_dec + sum of value * W_dec[index] over each token's entries, for each latent set given
-    as (offsets, indices, values) with token t's entries at offsets[t]:offsets[t + 1]. All sets
-    must have the same number of tokens; a token's sets are decoded together, so the decoder
-    rows they share are read from cache."""
-    lib = _require()
-    T = len(sets[0][0]) - 1
-    if any(len(offsets) - 1 != T for offsets, _, _ in sets):
-        raise ValueError("every latent set must have the same number of tokens")
-    W_dec, b_dec = W_dec.detach().float().contiguous(), b_dec.detach().float().contiguous()
-    d, m = W_dec.shape[1], len(sets)
-    offsets = torch.stack([o.to(torch.int64) for o, _, _ in sets]).contiguous()
-    indices = [i.reshape(-1).to(torch.int64).contiguous() for _, i, _ in sets]
-    values = [v.reshape(-1).float().contiguous() for _, _, v in sets]
-    index_ptrs = (ctypes.c_void_p * m)(*[i.data_ptr() for i in indices])
-    value_ptrs = (ctypes.c_void_p * m)(*[v.data_ptr() for v in values])
-    out = torch.empty(m, T, d)
-    _over_rows(T, lambda begin, end: lib.decode_variants(
-        W_dec.data_ptr(), b_dec.data_ptr(), d, T, begin, end, m, index_ptrs, value_ptrs, offsets.data_ptr(),
-        out.data_ptr()) or 0)
-    return out
-
-
 _threshold_cap: dict[int, int] = {}
 
 
@@ -222,8 +196,6 @@ def _library() -> ctypes.CDLL | None:
     lib.topk_variants.restype = i64
     lib.threshold_variants.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr]
     lib.threshold_variants.restype = i64
-    lib.decode_variants.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
-    lib.decode_variants.restype = None
     return lib
 
 

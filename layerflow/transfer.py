@@ -163,16 +163,6 @@ class LinearCoder:
         offsets = F.pad(torch.bincount(rows, minlength=P.shape[0]).cumsum(0), (1, 0))
         return SparseLatents(cols, buffer[rows, cols], P.shape[0], offsets)
 
-    def decode_variants(self, latents: list["SparseLatents"]) -> list[torch.Tensor]:
-        """`decode` of each latent set (of the same tokens): in one pass with `fused_encode`'s C
-        kernel when it is available, so that decoder rows used by several sets are read once."""
-        from layerflow import fused_encode
-
-        if not (self.W_dec.device.type == "cpu" and fused_encode.available()):
-            return [self.decode(lat) for lat in latents]
-        return list(fused_encode.decode(self.W_dec, self.b_dec,
-                                        [(lat.token_offsets(), lat.indices, lat.values) for lat in latents]))
-
     def decode(self, latents: "SparseLatents") -> torch.Tensor:
         if latents.offsets is None:
             out = F.embedding_bag(latents.indices, self.W_dec, mode="sum", per_sample_weights=latents.values)
@@ -196,12 +186,6 @@ class SparseLatents:
     values: torch.Tensor
     n_tokens: int
     offsets: torch.Tensor | None = None  # [n_tokens + 1]
-
-    def token_offsets(self) -> torch.Tensor:
-        """[n_tokens + 1]: token t's entries are indices/values (flattened) [offsets[t]:offsets[t + 1]]."""
-        if self.offsets is None:
-            return torch.arange(self.n_tokens + 1, device=self.indices.device) * self.indices.shape[-1]
-        return self.offsets
 
     def firing(self, d_sae: int) -> tuple[torch.Tensor, int]:
         """(tokens each latent fired on [d_sae], total active (token, latent) pairs)."""
@@ -422,11 +406,10 @@ def _accumulate_transcoder(coder, x_t, y_t, rho_in, rho_out, a: _PairAccumulator
         torch.mm(x_t, coder.W_enc, out=P)
         bias, skip = coder.bias_for(), coder.skip(x_t)
         latents, scaled = coder.encode_variants(P, [(1.0, bias), (rho_in, bias)], buffer)
-        raw_hat, scaled_hat = coder.decode_variants([latents, scaled])
-        a.raw.add(y_t, _with_skip(raw_hat, skip, 1.0), x_sums=sums_t)
+        a.raw.add(y_t, _with_skip(coder.decode(latents), skip, 1.0), x_sums=sums_t)
         a.raw.add_firing(*latents.firing(d_sae))
         total, squares = latents.sums(d_sae)
-        a.scaled.add(y_t, _with_skip(scaled_hat, skip, rho_in) / rho_out, x_sums=sums_t)
+        a.scaled.add(y_t, _with_skip(coder.decode(scaled), skip, rho_in) / rho_out, x_sums=sums_t)
         a.scaled.add_firing(*scaled.firing(d_sae))
     else:
         lat, prediction = coder.reconstruct(x_t)
@@ -505,13 +488,12 @@ def _accumulate(coder, x_t, x_s, rho, alpha, shift, a: _PairAccumulators, buffer
         bias = coder.bias_for()
         latents, scaled, persisted = coder.encode_variants(
             P, [(1.0, bias), (rho, bias), (alpha, coder.bias_for(shift))], buffer)
-        raw_hat, scaled_hat, persisted_hat = coder.decode_variants([latents, scaled, persisted])
-        a.raw.add(x_t, raw_hat, x_sums=sums_t)
+        a.raw.add(x_t, coder.decode(latents), x_sums=sums_t)
         a.raw.add_firing(*latents.firing(d_sae))
         total, squares = latents.sums(d_sae)
-        a.scaled.add(x_t, scaled_hat / rho, x_sums=sums_t)
+        a.scaled.add(x_t, coder.decode(scaled) / rho, x_sums=sums_t)
         a.scaled.add_firing(*scaled.firing(d_sae))
-        a.persistence.add(x_s, persisted_hat, x_sums=sums_s)
+        a.persistence.add(x_s, coder.decode(persisted), x_sums=sums_s)
     else:
         lat, recon = coder.reconstruct(x_t)
         a.raw.add(x_t, recon, lat)

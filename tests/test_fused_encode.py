@@ -99,26 +99,6 @@ def test_threshold_grows_its_capacity_for_dense_rows():
     assert torch.equal(cols, expected_cols) and torch.equal(values, P[rows, expected_cols])
 
 
-@pytest.mark.parametrize("d", [64, 100, 576])
-def test_decode_equals_dense_reconstruction(d):
-    g = torch.Generator().manual_seed(d)
-    T, d_sae, k = 90, 300, 12
-    W_dec, b_dec = torch.randn(d_sae, d, generator=g), torch.randn(d, generator=g)
-    topk_values = torch.randn(T, k, generator=g).relu()
-    topk_indices = torch.rand(T, d_sae, generator=g).argsort(-1)[:, :k]  # distinct latents per token, as top-k gives
-    mask = torch.rand(T, d_sae, generator=g) < 0.05
-    mask[3] = False  # a token with nothing active decodes to b_dec
-    rows, cols = mask.nonzero(as_tuple=True)
-    csr_values = torch.rand(len(rows), generator=g)
-    sets = [SparseLatents(topk_indices, topk_values, T),
-            SparseLatents(cols, csr_values, T, F.pad(torch.bincount(rows, minlength=T).cumsum(0), (1, 0)))]
-    out = fused_encode.decode(W_dec, b_dec, [(s.token_offsets(), s.indices, s.values) for s in sets])
-    for decoded, latents in zip(out, sets):
-        expected = latents.dense(d_sae).double() @ W_dec.double() + b_dec.double()
-        torch.testing.assert_close(decoded.double(), expected, rtol=1e-5, atol=1e-4)
-    assert torch.equal(out[1][3], b_dec)
-
-
 def _topk_and_jumprelu_saes(d: int, d_sae: int, n: int):
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig
 
