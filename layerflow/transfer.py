@@ -273,10 +273,12 @@ def within_model_matrix(
             shift = (means[s] - alpha * means[t]).float()
             a = _PairAccumulators(ReconstructionStats(), ReconstructionStats(), ReconstructionStats(),
                                   torch.zeros(d_sae, dtype=torch.float64), torch.zeros(d_sae, dtype=torch.float64))
+            # the biases of the three encodings (raw, scale-matched, persistence), once per pair
+            biases = (coder.bias_for(), coder.bias_for(shift)) if isinstance(coder, LinearCoder) else None
             for c, start in enumerate(range(0, n_tokens, options.batch_tokens)):
                 x_t = xs[t][start:start + options.batch_tokens]
                 x_s = xs[s][start:start + options.batch_tokens]
-                _accumulate(coder, x_t, x_s, rho, alpha, shift, a, (P[:len(x_t)], buffer[:len(x_t)]),
+                _accumulate(coder, x_t, x_s, rho, alpha, shift, biases, a, (P[:len(x_t)], buffer[:len(x_t)]),
                             input_sums[t][c], input_sums[s][c])
             acc[s, t] = a
             done += 1
@@ -480,14 +482,14 @@ def _grams(xs: list[torch.Tensor], means: list[torch.Tensor]) -> tuple[torch.Ten
     return centered, raw
 
 
-def _accumulate(coder, x_t, x_s, rho, alpha, shift, a: _PairAccumulators, buffers, sums_t, sums_s) -> None:
+def _accumulate(coder, x_t, x_s, rho, alpha, shift, biases, a: _PairAccumulators, buffers, sums_t, sums_s) -> None:
     d_sae = len(a.latent_sum)
     if isinstance(coder, LinearCoder):
         P, buffer = buffers
         torch.mm(x_t, coder.W_enc, out=P)
-        bias = coder.bias_for()
+        bias, persistence_bias = biases
         latents, scaled, persisted = coder.encode_variants(
-            P, [(1.0, bias), (rho, bias), (alpha, coder.bias_for(shift))], buffer)
+            P, [(1.0, bias), (rho, bias), (alpha, persistence_bias)], buffer)
         a.raw.add(x_t, coder.decode(latents), x_sums=sums_t)
         a.raw.add_firing(*latents.firing(d_sae))
         total, squares = latents.sums(d_sae)
