@@ -18,7 +18,9 @@
         floats, counting with vectorisable loops, and the k largest are kept.
    The result is exact whatever the guess; ties at the k-th value go to the lower indices.
 
-   Row ranges are processed by separate calls, one thread each (ctypes drops the GIL). */
+   Rows are split between threads with OpenMP when the library is built with it (it then uses
+   torch's own OpenMP runtime and threads); otherwise fused_encode.py calls it on row ranges
+   from a thread pool (ctypes drops the GIL). */
 
 #include <math.h>
 #include <stdint.h>
@@ -147,60 +149,81 @@ static float keep_top(const float *cv, const int64_t *ci, int64_t n, int64_t k, 
     return from_order_key(K);
 }
 
+/* Work space of one thread: candidates of each variant, and its threshold guess. */
+typedef struct {
+    float *values, *guess;
+    int64_t *indices, *count;
+    uint32_t *keys;
+} TopkWork;
+
+/* Row r's top-k for every variant. */
+static void topk_row(const float *p, int64_t r, int64_t T, int64_t F, int64_t m, const float *alphas,
+                     const float *biases, const float *scale, int64_t k, TopkWork *w, float *out_values,
+                     int64_t *out_indices) {
+    int64_t room = F + BLOCK, *n = w->count;
+    float t[m];
+    /* candidates: z above a little less than the previous row's k-th value (all z at first) */
+    for (int64_t v = 0; v < m; v++) {
+        n[v] = 0;
+        t[v] = isnan(w->guess[v]) ? -INFINITY : w->guess[v] - (0.1f * fabsf(w->guess[v]) + 1e-6f);
+    }
+    for (int64_t c0 = 0; c0 < F; c0 += CHUNK) {
+        int64_t c1 = c0 + CHUNK < F ? c0 + CHUNK : F;
+        for (int64_t v = 0; v < m; v++)
+            n[v] = append_above(p, biases + v * F, scale, alphas[v], t[v], c0, c1, w->values + v * room,
+                                w->indices + v * room, n[v]);
+    }
+    for (int64_t v = 0; v < m; v++) {
+        float *cv = w->values + v * room, step = 0.1f * fabsf(w->guess[v]) + 1e-6f;
+        int64_t *ci = w->indices + v * room;
+        while (n[v] < k) {  /* the guess was too high: lower it (rare), at last to -inf */
+            step *= 4;
+            t[v] = isfinite(t[v] - step) && step < 1e30f ? t[v] - step : -INFINITY;
+            n[v] = append_above(p, biases + v * F, scale, alphas[v], t[v], 0, F, cv, ci, 0);
+            if (isinf(t[v])) break;
+        }
+        w->guess[v] = keep_top(cv, ci, n[v], k, w->keys, out_values + (v * T + r) * k, out_indices + (v * T + r) * k);
+    }
+}
+
 /* Top-k of m variants for rows [row_begin, row_end) of P (row stride ld).
    alphas [m]; biases [m, F]; scale [F]; out_values, out_indices [m, T, k] (T = rows of P).
-   Returns 0, or -1 if the work buffers could not be allocated. */
+   Returns 0, or -1 if the work space could not be allocated. */
 int64_t topk_variants(const float *P, int64_t ld, int64_t T, int64_t F, int64_t row_begin, int64_t row_end,
                       int64_t m, const float *alphas, const float *biases, const float *scale, int64_t k,
                       float *out_values, int64_t *out_indices) {
-    int64_t room = F + BLOCK;
-    float *cv = malloc(sizeof(float) * room * m), *guess = malloc(sizeof(float) * m * 2);
-    int64_t *ci = malloc(sizeof(int64_t) * room * m), *n = malloc(sizeof(int64_t) * m);
-    uint32_t *keys = malloc(sizeof(uint32_t) * room);
-    if (!cv || !guess || !ci || !n || !keys) { free(cv); free(guess); free(ci); free(n); free(keys); return -1; }
-    float *t = guess + m;
-    for (int64_t v = 0; v < m; v++) guess[v] = NAN;
-    for (int64_t r = row_begin; r < row_end; r++) {
-        const float *p = P + r * ld;
-        /* candidates: z above a little less than the previous row's k-th value (all at first) */
-        for (int64_t v = 0; v < m; v++) {
-            n[v] = 0;
-            t[v] = isnan(guess[v]) ? -INFINITY : guess[v] - (0.1f * fabsf(guess[v]) + 1e-6f);
+    int64_t room = F + BLOCK, status = 0;
+#pragma omp parallel
+    {
+        TopkWork w = {malloc(sizeof(float) * room * m), malloc(sizeof(float) * m),
+                      malloc(sizeof(int64_t) * room * m), malloc(sizeof(int64_t) * m), malloc(sizeof(uint32_t) * room)};
+        int ok = w.values && w.guess && w.indices && w.count && w.keys;
+        if (!ok) {
+#pragma omp atomic write
+            status = -1;
         }
-        for (int64_t c0 = 0; c0 < F; c0 += CHUNK) {
-            int64_t c1 = c0 + CHUNK < F ? c0 + CHUNK : F;
-            for (int64_t v = 0; v < m; v++)
-                n[v] = append_above(p, biases + v * F, scale, alphas[v], t[v], c0, c1, cv + v * room, ci + v * room, n[v]);
-        }
-        for (int64_t v = 0; v < m; v++) {
-            float *vv = cv + v * room;
-            int64_t *vi = ci + v * room;
-            float step = 0.1f * fabsf(guess[v]) + 1e-6f;
-            while (n[v] < k) {  /* the guess was too high: lower it (rare), at last to -inf */
-                step *= 4;
-                t[v] = isfinite(t[v] - step) && step < 1e30f ? t[v] - step : -INFINITY;
-                n[v] = append_above(p, biases + v * F, scale, alphas[v], t[v], 0, F, vv, vi, 0);
-                if (isinf(t[v])) break;
-            }
-            guess[v] = keep_top(vv, vi, n[v], k, keys, out_values + (v * T + r) * k, out_indices + (v * T + r) * k);
-        }
+        for (int64_t v = 0; ok && v < m; v++) w.guess[v] = NAN;
+#pragma omp for schedule(static)  /* contiguous rows per thread: each row's guess comes from the one before */
+        for (int64_t r = row_begin; r < row_end; r++)
+            if (ok) topk_row(P + r * ld, r, T, F, m, alphas, biases, scale, k, &w, out_values, out_indices);
+        free(w.values); free(w.guess); free(w.indices); free(w.count); free(w.keys);
     }
-    free(cv); free(guess); free(ci); free(n); free(keys);
-    return 0;
+    return status;
 }
 
 /* Latents above threshold [F] (the same for every variant) for rows [row_begin, row_end).
    Variant v's rows write at most `cap` (value, index) pairs each into their slots of out_*
    (slot of row r: (v * T + r) * cap); counts[v * T + r] receives the full count. Then each
-   variant's pairs are packed to the start of this call's first slot, rows ascending, unless a
+   variant's pairs are packed to the start of the first row's slot, rows ascending, unless a
    count exceeds cap: the caller then retries with a larger cap. Returns the largest count. */
 int64_t threshold_variants(const float *P, int64_t ld, int64_t T, int64_t F, int64_t row_begin, int64_t row_end,
                            int64_t m, const float *alphas, const float *biases, const float *scale,
                            const float *thresholds, int64_t cap, float *out_values, int64_t *out_indices,
                            int64_t *counts) {
-    float z[BLOCK];
     int64_t widest = 0;
+#pragma omp parallel for schedule(static) reduction(max:widest)
     for (int64_t r = row_begin; r < row_end; r++) {
+        float z[BLOCK];
         const float *p = P + r * ld;
         for (int64_t v = 0; v < m; v++) counts[v * T + r] = 0;
         for (int64_t c0 = 0; c0 < F; c0 += CHUNK) {

@@ -8,9 +8,11 @@ matmul itself. `fused_encode.c` reads each row of P once for all variants and ke
 selected latents; the result equals torch's up to ties at the k-th value (tests check).
 
 The C source is compiled on first use by the system's C compiler into
-$LAYERFLOW_CACHE/kernels (`models.cache_dir`), keyed by the source, the flags and the CPU, and
-runs on row ranges in a thread pool (ctypes releases the GIL). Without a compiler, or with
-LAYERFLOW_FUSED_ENCODE=0, `available()` is False and callers use torch ops instead.
+$LAYERFLOW_CACHE/kernels (`models.cache_dir`), keyed by the source, the flags and the CPU. It is
+built with OpenMP when the compiler can: loaded after torch, it then shares torch's OpenMP
+runtime (libgomp) and threads, with no oversubscription. Without OpenMP it runs on row ranges
+in a thread pool (ctypes releases the GIL). Without a compiler, or with LAYERFLOW_FUSED_ENCODE=0,
+`available()` is False and callers use torch ops instead.
 """
 
 from __future__ import annotations
@@ -143,7 +145,10 @@ def _prepare(P, alphas, biases, scale):
 
 
 def _row_ranges(T: int) -> list[tuple[int, int]]:
-    """About equal row ranges, one per torch thread (at least MIN_ROWS_PER_THREAD rows each)."""
+    """All rows when the kernel splits them itself (OpenMP); else about equal row ranges, one per
+    torch thread (at least MIN_ROWS_PER_THREAD rows each), for the thread pool."""
+    if _library().openmp:
+        return [(0, T)]
     n = max(1, min(torch.get_num_threads(), T // MIN_ROWS_PER_THREAD))
     bounds = [T * i // n for i in range(n + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
@@ -173,24 +178,36 @@ def _require() -> ctypes.CDLL:
     return lib
 
 
+def find_compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     global unavailable_reason
     if os.environ.get("LAYERFLOW_FUSED_ENCODE", "1") == "0":
         unavailable_reason = "turned off by LAYERFLOW_FUSED_ENCODE=0"
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = find_compiler()
     if compiler is None:
         unavailable_reason = "no C compiler (cc, gcc or $CC) on PATH"
         return None
-    try:
-        path = _compiled(compiler)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.CalledProcessError) as error:
-        detail = getattr(error, "stderr", b"") or b""
-        unavailable_reason = f"compiling {SOURCE.name} failed: {error} {detail.decode(errors='replace')[-500:]}"
-        log.info(unavailable_reason)
-        return None
+    errors = []
+    for openmp in (True, False):  # OpenMP shares torch's runtime and threads; without it, a thread pool
+        try:
+            return load(compiler, openmp)
+        except (OSError, subprocess.CalledProcessError) as error:
+            detail = getattr(error, "stderr", b"") or b""
+            errors.append(f"{error} {detail.decode(errors='replace')[-500:]}")
+    unavailable_reason = f"compiling {SOURCE.name} failed: " + " | ".join(errors)
+    log.info(unavailable_reason)
+    return None
+
+
+def load(compiler: str, openmp: bool) -> ctypes.CDLL:
+    """The kernel library built with or without OpenMP (tests load both)."""
+    lib = ctypes.CDLL(str(_compiled(compiler, openmp)))
+    lib.openmp = openmp
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.topk_variants.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
     lib.topk_variants.restype = i64
@@ -199,19 +216,19 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-def _compiled(compiler: str) -> Path:
+def _compiled(compiler: str, openmp: bool) -> Path:
     """The shared library for this source, compiler, flags and CPU (-march=native), built once."""
     from layerflow.models import cache_dir
 
-    source = SOURCE.read_bytes()
-    identity = "\n".join([compiler, *FLAGS, platform.machine(), _cpu_identity()]).encode()
-    key = hashlib.sha256(source + identity).hexdigest()[:16]
+    flags = FLAGS + (("-fopenmp",) if openmp else ())
+    identity = "\n".join([compiler, *flags, platform.machine(), _cpu_identity()]).encode()
+    key = hashlib.sha256(SOURCE.read_bytes() + identity).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"fused_encode-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f"{target.stem}.{os.getpid()}.partial.so")
         try:
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial), "-lm"], check=True, capture_output=True)
+            subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial), "-lm"], check=True, capture_output=True)
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)

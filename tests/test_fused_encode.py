@@ -22,13 +22,26 @@ def torch_variant(P, alpha, bias, scale=None):
     return z * scale if scale is not None else z
 
 
+@pytest.fixture(params=["openmp", "thread pool"])
+def kernel_build(request, monkeypatch):
+    """Run a test with the library built with OpenMP (the default where the compiler has it) and
+    without (rows split by fused_encode.py's thread pool)."""
+    try:
+        lib = fused_encode.load(fused_encode.find_compiler(), request.param == "openmp")
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"this compiler cannot build the {request.param} variant")
+    monkeypatch.setattr(fused_encode, "_library", lambda: lib)
+    monkeypatch.setattr(fused_encode, "MIN_ROWS_PER_THREAD", 16)  # several ranges even for small tests
+    return request.param
+
+
 def test_kernel_is_available_with_a_compiler():
     assert fused_encode.available(), fused_encode.unavailable_reason
 
 
 @pytest.mark.parametrize("T,F,k", [(5, 64, 1), (37, 100, 7), (300, 512, 32), (130, 48, 48)])
 @pytest.mark.parametrize("with_scale", [False, True])
-def test_topk_equals_torch_topk(T, F, k, with_scale):
+def test_topk_equals_torch_topk(T, F, k, with_scale, kernel_build):
     g = torch.Generator().manual_seed(T + F + k)
     wide = torch.randn(T, F + 9, generator=g)
     P = wide[:, 4:4 + F]  # rows with a stride larger than F
@@ -44,7 +57,7 @@ def test_topk_equals_torch_topk(T, F, k, with_scale):
         assert torch.equal(values[v], z.gather(-1, indices[v]).relu())
 
 
-def test_topk_is_exact_when_rows_differ_wildly_in_scale():
+def test_topk_is_exact_when_rows_differ_wildly_in_scale(kernel_build):
     """The threshold guess comes from the previous row; rows 1000x larger or smaller must not fool it."""
     g = torch.Generator().manual_seed(1)
     T, F, k = 400, 1024, 16
@@ -72,7 +85,7 @@ def test_topk_with_ties_keeps_k_of_the_largest():
 
 
 @pytest.mark.parametrize("with_cut", [False, True])
-def test_threshold_equals_torch_nonzero(with_cut):
+def test_threshold_equals_torch_nonzero(with_cut, kernel_build):
     g = torch.Generator().manual_seed(3)
     T, d_sae = 300, 200
     P = torch.randn(T, d_sae, generator=g)
@@ -88,7 +101,7 @@ def test_threshold_equals_torch_nonzero(with_cut):
         assert torch.equal(values, z[rows, expected_cols])
 
 
-def test_threshold_grows_its_capacity_for_dense_rows():
+def test_threshold_grows_its_capacity_for_dense_rows(kernel_build):
     g = torch.Generator().manual_seed(4)
     T, d_sae = 150, 1500
     P = torch.randn(T, d_sae, generator=g)
