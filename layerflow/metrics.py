@@ -77,22 +77,19 @@ class ReconstructionStats:
         when the same x is compared with many reconstructions."""
         if x.shape != x_hat.shape:
             raise ValueError(f"x has shape {tuple(x.shape)} but x_hat has {tuple(x_hat.shape)}")
-        # Sums over tokens accumulate in float64. E||x||^2 is squared in float64 too: the
-        # variance is E||x||^2 - ||E x||^2, a difference of two large numbers when the mean is
-        # large. The per-token sums over d (||x - x_hat||^2, ||x_hat||^2, <x, x_hat>) are taken
-        # in float32 or wider: their terms have no such cancellation, and a float64 copy of
-        # every batch would cost more than the rest of the evaluation.
+        # Every sum accumulates in float64. E||x||^2 is squared in float64 too: the variance is
+        # E||x||^2 - ||E x||^2, a difference of two large numbers when the mean is large. The
+        # per-token reductions read float32 inputs and accumulate in float64 (no float64 copy
+        # of the batch, which would cost more than the rest of the evaluation).
         f64 = torch.float64
         x_sums = x_sums or InputSums.of(x)
-        wide = torch.promote_types(x.dtype, torch.float32)
-        x, x_hat = x.to(wide), x_hat.to(wide)
-        residual_norm = torch.linalg.vector_norm(x - x_hat, dim=-1)
-        hat_norm = torch.linalg.vector_norm(x_hat, dim=-1)
+        residual_norm = torch.linalg.vector_norm(x - x_hat, dim=-1, dtype=f64)
+        hat_norm = torch.linalg.vector_norm(x_hat, dim=-1, dtype=f64)
         self.sum_x = x_sums.sum_x if self.sum_x is None else self.sum_x + x_sums.sum_x
         self.sum_sq_norm += x_sums.sum_sq_norm
-        self.sum_sq_residual += residual_norm.double().square().sum().item()
-        self.sum_sq_norm_hat += hat_norm.double().square().sum().item()
-        self.sum_dot += (x * x_hat).sum(-1).sum(dtype=f64).item()
+        self.sum_sq_residual += residual_norm.square().sum().item()
+        self.sum_sq_norm_hat += hat_norm.square().sum().item()
+        self.sum_dot += (x * x_hat).sum(-1, dtype=f64).sum().item()
         ok = x_sums.norm >= SMALL_NORM
         self.sum_l2_ratio += (hat_norm[ok] / x_sums.norm[ok]).sum(dtype=f64).item()
         self.n_l2_ratio += int(ok.sum())

@@ -14,8 +14,9 @@ this computes every field of `transfer_types.WithinModelPair`:
 
 Speed. Each source SAE's encoder matmul P = x_j W_enc is shared by three encodings: raw
 (P + c), scale-matched (rho P + c) and persistence through SAE_i of the pair (j -> i)
-(a P + c'), because each is an affine function of x_j. Decoding touches only active latents
-(`embedding_bag`). `LinearCoder` holds exactly SAELens' inference math for its standard, topk
+(a P + c'), because each is an affine function of x_j. On a CPU the three encodings are
+selected together by the C kernel of `fused_encode` (same latents as torch, bit for bit; torch
+ops where it is unavailable). Decoding touches only active latents (`embedding_bag`). `LinearCoder` holds exactly SAELens' inference math for its standard, topk
 and jumprelu SAEs (BatchTopK saves as jumprelu); any other SAE goes through its own
 encode/decode (slower, same numbers: a test checks both paths agree).
 
