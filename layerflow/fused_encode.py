@@ -62,7 +62,11 @@ _disabled = False
 
 def accepts(P: Tensor) -> bool:
     """Whether the kernel can take this pre-activation matrix (else use torch ops)."""
-    return P.device.type == "cpu" and P.dtype == torch.float32 and P.stride(-1) == 1 and available()
+    return _is_kernel_input(P) and available()
+
+
+def _is_kernel_input(P: Tensor) -> bool:
+    return P.device.type == "cpu" and P.dtype == torch.float32 and P.stride(-1) == 1
 
 
 def topk(
@@ -79,7 +83,7 @@ def topk(
     m = len(alpha)
     values = torch.empty(m, T, k)
     indices = torch.empty(m, T, k, dtype=torch.int64)
-    _over_rows(T, lambda begin, end: lib.topk_variants(
+    _over_rows(_row_ranges(T), lambda begin, end: lib.topk_variants(
         P.data_ptr(), P.stride(0), T, F, begin, end, m, alpha.data_ptr(), biases.data_ptr(), scale.data_ptr(), k,
         values.data_ptr(), indices.data_ptr()))
     return values, indices
@@ -98,10 +102,11 @@ def threshold(
     cut = torch.zeros(F) if cut is None else cut.detach().float().contiguous()
     m = len(alpha)
     counts = torch.empty(m, T, dtype=torch.int64)
+    ranges = _row_ranges(T)
     while True:
         cap = _threshold_cap.get(F, min(F, 256))
         values, indices = _workspace(m * T * cap)
-        widest = _over_rows(T, lambda begin, end: lib.threshold_variants(
+        widest = _over_rows(ranges, lambda begin, end: lib.threshold_variants(
             P.data_ptr(), P.stride(0), T, F, begin, end, m, alpha.data_ptr(), biases.data_ptr(), scale.data_ptr(),
             cut.data_ptr(), cap, values.data_ptr(), indices.data_ptr(), counts.data_ptr()))
         if widest <= cap:
@@ -111,8 +116,8 @@ def threshold(
     offsets = torch.nn.functional.pad(counts.cumsum(1), (1, 0))
     out = []
     for v in range(m):
-        starts = [(v * T + begin) * cap for begin, _ in _row_ranges(T)]
-        sizes = [int(offsets[v, end] - offsets[v, begin]) for begin, end in _row_ranges(T)]
+        starts = [(v * T + begin) * cap for begin, _ in ranges]
+        sizes = [int(offsets[v, end] - offsets[v, begin]) for begin, end in ranges]
         out.append((offsets[v], *(torch.cat([t[start:start + size] for start, size in zip(starts, sizes)])
                                   for t in (indices, values))))
     return out
@@ -134,7 +139,7 @@ _local = threading.local()
 
 
 def _prepare(P, alphas, biases, scale):
-    if P.dtype != torch.float32 or P.device.type != "cpu" or P.stride(1) != 1:
+    if not _is_kernel_input(P):
         raise ValueError("P must be a float32 CPU tensor with contiguous rows")
     F = P.shape[1]
     biases = biases.detach().float().contiguous()
@@ -154,9 +159,8 @@ def _row_ranges(T: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _over_rows(T: int, run) -> int:
-    """max of run(begin, end) over `_row_ranges(T)`, run in parallel."""
-    ranges = _row_ranges(T)
+def _over_rows(ranges: list[tuple[int, int]], run) -> int:
+    """max of run(begin, end) over the row ranges, run in parallel."""
     if len(ranges) == 1:
         results = [run(*ranges[0])]
     else:

@@ -28,7 +28,7 @@ an output factor, and persistence compares the output sites (docs/transfer.md, "
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -123,8 +123,13 @@ class LinearCoder:
 
     def bias_for(self, shift: torch.Tensor | None = None) -> torch.Tensor:
         """The c with hidden_pre(alpha x + shift) = alpha (x W_enc) + c, for any alpha (before a TopK rescale)."""
-        u = -self.b_in if shift is None else shift - self.b_in
-        return u @ self.W_enc + self.b_enc
+        if shift is None:
+            return self._unshifted_bias
+        return (shift - self.b_in) @ self.W_enc + self.b_enc
+
+    @functools.cached_property
+    def _unshifted_bias(self) -> torch.Tensor:  # every batch needs it; computing it reads all of W_enc
+        return -self.b_in @ self.W_enc + self.b_enc
 
     def encode(self, P: torch.Tensor, alpha: float, bias: torch.Tensor, buffer: torch.Tensor) -> "SparseLatents":
         """Latents of the input alpha x + shift, given P = x W_enc and bias = bias_for(shift).
@@ -274,12 +279,11 @@ def within_model_matrix(
             shift = (means[s] - alpha * means[t]).float()
             a = _PairAccumulators(ReconstructionStats(), ReconstructionStats(), ReconstructionStats(),
                                   torch.zeros(d_sae, dtype=torch.float64), torch.zeros(d_sae, dtype=torch.float64))
-            # the biases of the three encodings (raw, scale-matched, persistence), once per pair
-            biases = (coder.bias_for(), coder.bias_for(shift)) if isinstance(coder, LinearCoder) else None
+            persistence_bias = coder.bias_for(shift) if isinstance(coder, LinearCoder) else None  # once per pair
             for c, start in enumerate(range(0, n_tokens, options.batch_tokens)):
                 x_t = xs[t][start:start + options.batch_tokens]
                 x_s = xs[s][start:start + options.batch_tokens]
-                _accumulate(coder, x_t, x_s, rho, alpha, shift, biases, a, (P[:len(x_t)], buffer[:len(x_t)]),
+                _accumulate(coder, x_t, x_s, rho, alpha, shift, persistence_bias, a, (P[:len(x_t)], buffer[:len(x_t)]),
                             input_sums[t][c], input_sums[s][c])
             acc[s, t] = a
             done += 1
@@ -483,12 +487,13 @@ def _grams(xs: list[torch.Tensor], means: list[torch.Tensor]) -> tuple[torch.Ten
     return centered, raw
 
 
-def _accumulate(coder, x_t, x_s, rho, alpha, shift, biases, a: _PairAccumulators, buffers, sums_t, sums_s) -> None:
+def _accumulate(coder, x_t, x_s, rho, alpha, shift, persistence_bias, a: _PairAccumulators, buffers, sums_t,
+                sums_s) -> None:
     d_sae = len(a.latent_sum)
     if isinstance(coder, LinearCoder):
         P, buffer = buffers
         torch.mm(x_t, coder.W_enc, out=P)
-        bias, persistence_bias = biases
+        bias = coder.bias_for()
         latents, scaled, persisted = coder.encode_variants(
             P, [(1.0, bias), (rho, bias), (alpha, persistence_bias)], buffer)
         a.raw.add(x_t, coder.decode(latents), x_sums=sums_t)
