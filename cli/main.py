@@ -257,7 +257,8 @@ def samples(
     from layerflow.feature_contexts import contexts
     from layerflow.models import load_tokenizer
     from layerflow.store import ActivationStore
-    from layerflow.train import read_samples, run_store
+    from layerflow.files import run_store
+    from layerflow.train import read_samples
 
     step, tops = read_samples(run_dir, step, [hook] if hook else None)
     store = ActivationStore(run_store(run_dir))
@@ -501,7 +502,8 @@ def intervene_command(
     out_json: Optional[Path] = typer.Option(None, "--out", help="Write the result as JSON here."),
 ) -> None:
     """Ablate, scale, clamp or steer SAE features (the SAE's error term kept) and measure what changes downstream."""
-    from layerflow.intervene import intervene, rank_features, write_json
+    from layerflow.files import write_json
+    from layerflow.intervene import intervene, rank_features
     from layerflow.run_saes import RunSAEs
 
     run_saes = RunSAEs.open(run_dir, model)
@@ -517,7 +519,7 @@ def intervene_command(
                                                                                    hook=hook))
         _print_ranking(ranking)
         if out_json:
-            out.print(f"written: {write_json(ranking.to_dict(), out_json)}")
+            out.print(f"written: {write_json(out_json, ranking.to_dict(), indent=1)}")
         return
     if feature is None:
         raise LayerflowError("Give --feature (the id(s) to edit), or --batch N to rank the top N features.")
@@ -530,7 +532,7 @@ def intervene_command(
         result = intervene(run_saes, layer, features, mode, value, prompt, strings, token, heldout_tokens, top_n)
     _print_intervention(result)
     if out_json:
-        out.print(f"written: {write_json(result.to_dict(), out_json)}")
+        out.print(f"written: {write_json(out_json, result.to_dict(), indent=1)}")
 
 
 def _print_intervention(r) -> None:

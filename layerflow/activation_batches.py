@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from layerflow.files import TOKENS_KEY
 from layerflow.store import ActivationStore, _read
 
 BUFFER_BYTES = 1 << 30  # mixing buffer: about 1 GiB of activations
@@ -25,8 +26,6 @@ BUFFER_BYTES = 1 << 30  # mixing buffer: about 1 GiB of activations
 
 def store_chunks(store: ActivationStore, hooks: list[str], seed: int) -> Iterator[tuple[Tensor, Tensor]]:
     """(activations [hooks, tokens, d], token ids [tokens]) per train shard, epoch after epoch."""
-    from layerflow.capture import TOKENS_KEY
-
     shards = store.shards("train")
     epoch = 0
     while True:

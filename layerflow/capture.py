@@ -15,10 +15,8 @@ Layout of a capture directory:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import queue
 import shutil
 import threading
@@ -33,14 +31,11 @@ import xxhash
 from layerflow import __version__
 from layerflow.data import TokenPlan, describe_source, make_sequences, source_fingerprint, special_token_ids
 from layerflow.errors import LayerflowError
+from layerflow.files import CAPTURE_MANIFEST, PLAN_FILE, SHARD_DIR, TOKENS_KEY, atomic, atomic_write_text, file_checksum
 from layerflow.models import LoadedModel, load_model
 from layerflow.sites import Site, SiteKind, prepare_hooks, resolve
 
 SCHEMA_VERSION = 1
-PLAN_FILE = "plan.json"
-MANIFEST_FILE = "capture.json"
-SHARD_DIR = "shards"
-TOKENS_KEY = "tokens"
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHARD_BYTES = 64 * 2**20  # target size of one shard
 
@@ -105,12 +100,6 @@ class CaptureManifest:
         return cls(**data)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _plan_dict(cfg: CaptureConfig, loaded: LoadedModel, sites: list[Site], token_plan: TokenPlan, shard_seqs: int) -> dict:
     return {
         "model": loaded.name,
@@ -144,7 +133,7 @@ def _check_output_dir(out_dir: Path, plan: dict, overwrite: bool) -> str:
         return "fresh"
     old = json.loads(plan_path.read_text())
     if old == plan:
-        return "complete" if (out_dir / MANIFEST_FILE).exists() else "resume"
+        return "complete" if (out_dir / CAPTURE_MANIFEST).exists() else "resume"
     diffs = [f"{k}: {old.get(k)!r} -> {plan.get(k)!r}" for k in sorted(set(old) | set(plan)) if old.get(k) != plan.get(k)]
     raise LayerflowError(f"Output directory '{out_dir}' holds a different capture ({'; '.join(diffs)}). "
                          "Choose another --out, or pass --overwrite to replace it.")
@@ -222,7 +211,7 @@ def capture(
     plan = _plan_dict(cfg, loaded, sites, token_plan, shard_seqs)
     state = _check_output_dir(out_dir, plan, overwrite)
     if state == "complete":
-        return CaptureManifest.from_json((out_dir / MANIFEST_FILE).read_text())
+        return CaptureManifest.from_json((out_dir / CAPTURE_MANIFEST).read_text())
 
     tokens, n_train, n_heldout = split_sequences(cfg, token_plan, loaded)
     n_seqs = n_train + n_heldout
@@ -294,7 +283,7 @@ def capture(
         mean_norm={h: sum(r.norm_sums[h] for r in shard_records) / max(count, 1) for h in hook_names},
         seconds=round(time.perf_counter() - started, 3),
     )
-    atomic_write_text(out_dir / MANIFEST_FILE, manifest.to_json())
+    atomic_write_text(out_dir / CAPTURE_MANIFEST, manifest.to_json())
     return manifest
 
 
@@ -326,11 +315,6 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
             f.write(data)
             digest.update(data)
     return f"xxh3_128:{digest.hexdigest()}"
-
-
-def file_checksum(path: Path) -> str:
-    with open(path, "rb") as f:
-        return f"xxh3_128:{hashlib.file_digest(f, xxhash.xxh3_128).hexdigest()}"
 
 
 def _site_width(cfg: Any, site: Site) -> int:
@@ -423,9 +407,8 @@ class _ShardWriter:
             try:
                 if self.error is None:
                     path = self.shard_dir / record.file
-                    tmp = path.with_name(path.name + ".tmp")
-                    record.checksum = write_safetensors(tmp, tensors)
-                    os.replace(tmp, path)
+                    with atomic(path) as tmp:
+                        record.checksum = write_safetensors(tmp, tensors)
                     atomic_write_text(path.with_suffix(".json"), json.dumps(asdict(record)))
                     self.records.append(record)
             except BaseException as err:  # surfaced in the main thread

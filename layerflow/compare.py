@@ -17,7 +17,8 @@ import torch
 
 from layerflow.errors import LayerflowError
 from layerflow.evals import SiteEval, read_eval_results
-from layerflow.train import CURVES_FILE, MANIFEST_FILE, TrainManifest
+from layerflow.files import CURVES_FILE, TRAIN_MANIFEST
+from layerflow.train import TrainManifest
 
 
 @dataclass
@@ -44,9 +45,9 @@ class LayerComparison:
 def compare_layers(run: str | Path, layers: list[int] | None = None) -> LayerComparison:
     """The sites of a finished training run at `layers` (default: all), in layer order."""
     run = Path(run)
-    if not (run / MANIFEST_FILE).exists():
-        raise LayerflowError(f"'{run}' is not a finished `layerflow train` run (no {MANIFEST_FILE}).")
-    manifest = TrainManifest.from_json((run / MANIFEST_FILE).read_text())
+    if not (run / TRAIN_MANIFEST).exists():
+        raise LayerflowError(f"'{run}' is not a finished `layerflow train` run (no {TRAIN_MANIFEST}).")
+    manifest = TrainManifest.from_json((run / TRAIN_MANIFEST).read_text())
     evals = read_eval_results(run)
     curves = json.loads((run / CURVES_FILE).read_text()) if (run / CURVES_FILE).exists() else {}
     trained = sorted({s.layer for s in manifest.sites})

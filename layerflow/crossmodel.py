@@ -67,11 +67,11 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from layerflow.errors import LayerflowError
+from layerflow.files import DEPTH_FILE, MATCHED_FILE, TRANSFER_DIR, atomic_write_text, cross_dir_name, json_safe, run_store
 from layerflow.matching import ActivationCorrelation
 from layerflow.metrics import reconstruction_metrics
 from layerflow.models import LoadedModel
 from layerflow.sites import parse_hook_name, prepare_hooks
-from layerflow.summary import json_safe
 from layerflow.transfer_types import SiteId, TransferMatrix, metric_names
 
 WORD = re.compile(r"\S+")
@@ -634,15 +634,13 @@ def cross_model_runs(
 ) -> tuple[TransferMatrix, list[Path]]:
     """Cross-model matrix between the SAEs of two runs (or SAELens folders with a layerflow store
     for each), on words of `source` read by both models; written to `out_dir` (default
-    `<run_a>/transfer/cross-<model b>`), the matrix JSON last."""
+    `<run_a>/transfer/<model a>~<model b>`), the matrix JSON last."""
     import json
 
-    from layerflow.capture import atomic_write_text
     from layerflow.data import iter_documents
     from layerflow.models import load_model
     from layerflow.sae_io import load_saes
     from layerflow.store import ActivationStore
-    from layerflow.train import run_store
 
     run_a, run_b = Path(run_a), Path(run_b)
     sides = []
@@ -657,12 +655,12 @@ def cross_model_runs(
                               max_words_per_document=max(10, max_words // 20))  # spread over ~20 documents, 4 held out
     matrix = cross_model_matrix(saes_a, saes_b, aligned, **options)
     matrix.settings["source"] = source
-    folder = Path(out_dir) if out_dir else run_a / "transfer" / f"cross-{model_b}"
+    folder = Path(out_dir) if out_dir else run_a / TRANSFER_DIR / cross_dir_name(model_a, model_b)
     folder.mkdir(parents=True, exist_ok=True)
-    matched = folder / "matched_features.json"
+    matched = folder / MATCHED_FILE
     atomic_write_text(matched, json.dumps([{"source": s, "target": t, **m.to_dict()}
                                            for (s, t), m in matrix.extras["matched_features"].items()]))
-    depth = folder / "depth_comparison.json"
+    depth = folder / DEPTH_FILE
     comparisons = {m: json_safe(asdict(compare_same_depth(matrix, m)))
                    for m in ("relative_transfer", "stitched_explained_variance", "cka")}
     atomic_write_text(depth, json.dumps(comparisons, indent=1))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from jaxtyping import Int
 
 from layerflow.errors import LayerflowError
+from layerflow.files import atomic, cache_dir
 
 DEFAULT_SOURCE = "default"
 RANDOM_SOURCE = "random"
@@ -141,16 +141,13 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def _whole_file_tokens(tokenizer: Any, source: str) -> torch.Tensor:
     """All tokens of a file source, cached per (file content, tokenizer) in the layerflow cache."""
-    from layerflow.models import cache_dir
-
     path = cache_dir() / "tokens" / f"{source_fingerprint(source)[:16]}-{_tokenizer_fingerprint(tokenizer)}.pt"
     if path.exists():
         return torch.load(path).long()
     tokens = _token_stream(tokenizer, source, max_tokens=1 << 62)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(tokens.to(torch.int32), tmp)
-    os.replace(tmp, path)
+    with atomic(path, per_process=True) as tmp:
+        torch.save(tokens.to(torch.int32), tmp)
     return tokens
 
 

@@ -22,7 +22,6 @@ ranking and is left out; a LayerNorm's mean subtraction and bias are left out to
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +32,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from layerflow.files import FEATURES_DIR, atomic
 from layerflow.feature_contexts import TopActivations, contexts, heldout_batches, token_text
 
-FEATURES_DIR = "features"
 TOP_K = 10  # contexts kept per latent
 
 
@@ -136,11 +135,10 @@ def _read(path: Path, key: dict[str, str]) -> FeatureStats | None:
 
 def _write(path: Path, stats: FeatureStats, key: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tensors = {"values": stats.top.values.contiguous(), "positions": stats.top.positions.contiguous(),
                "fire_count": stats.fire_count.contiguous()}
-    save_file(tensors, str(tmp), metadata={**key, "n_tokens": str(stats.n_tokens)})
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        save_file(tensors, str(tmp), metadata={**key, "n_tokens": str(stats.n_tokens)})
 
 
 @torch.no_grad()

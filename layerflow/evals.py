@@ -42,8 +42,8 @@ from jaxtyping import Float, Int
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from layerflow.capture import atomic_write_text
 from layerflow.errors import LayerflowError, did_you_mean
+from layerflow.files import EVAL_CSV, EVAL_JSON, FREQUENCY_FILE, atomic, atomic_write_text
 from layerflow.feature_contexts import heldout_batches
 from layerflow.metrics import ReconstructionMetrics, ReconstructionStats
 from layerflow.sites import prepare_hooks
@@ -54,7 +54,6 @@ if TYPE_CHECKING:
 
     from layerflow.models import LoadedModel
 
-EVAL_JSON, EVAL_CSV, FREQUENCY_FILE = "evals.json", "evals.csv", "feature_frequency.safetensors"
 SCHEMA_VERSION = 1
 
 
@@ -334,8 +333,8 @@ def write_eval_results(results: dict[str, SiteEval], folder: str | Path) -> tupl
     json_path, csv_path = folder / EVAL_JSON, folder / EVAL_CSV
     frequencies = {h: r.frequency.contiguous() for h, r in results.items() if r.frequency is not None}
     if frequencies:
-        save_file(frequencies, str(folder / (FREQUENCY_FILE + ".tmp")))
-        (folder / (FREQUENCY_FILE + ".tmp")).replace(folder / FREQUENCY_FILE)
+        with atomic(folder / FREQUENCY_FILE) as tmp:
+            save_file(frequencies, str(tmp))
     atomic_write_text(json_path, json.dumps({"schema_version": SCHEMA_VERSION, "sites": rows}, indent=2))
     atomic_write_text(csv_path, text.getvalue())
     return json_path, csv_path

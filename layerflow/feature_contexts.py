@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from layerflow.capture import TOKENS_KEY
+from layerflow.files import TOKENS_KEY, atomic
 
 
 @dataclass
@@ -61,9 +61,8 @@ class TopActivations:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"values": self.values.contiguous(), "positions": self.positions.contiguous()}, str(tmp))
-        tmp.replace(path)
+        with atomic(path) as tmp:
+            save_file({"values": self.values.contiguous(), "positions": self.positions.contiguous()}, str(tmp))
         return path
 
     @classmethod

@@ -8,7 +8,7 @@ matmul itself. `fused_encode.c` reads each row of P once for all variants and ke
 selected latents; the result equals torch's up to ties at the k-th value (tests check).
 
 The C source is compiled on first use by the system's C compiler into
-$LAYERFLOW_CACHE/kernels (`models.cache_dir`), keyed by the source, the flags and the CPU. It is
+$LAYERFLOW_CACHE/kernels (`files.cache_dir`), keyed by the source, the flags and the CPU. It is
 built with OpenMP when the compiler can: loaded after torch, it then shares torch's OpenMP
 runtime (libgomp) and threads, with no oversubscription. Without OpenMP it runs on row ranges
 in a thread pool (ctypes releases the GIL). Without a compiler, or with LAYERFLOW_FUSED_ENCODE=0,
@@ -34,6 +34,8 @@ from typing import Iterator, Sequence
 import torch
 from jaxtyping import Float, Int64
 from torch import Tensor
+
+from layerflow.files import cache_dir
 
 SOURCE = Path(__file__).with_name("fused_encode.c")
 FLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC")
@@ -222,8 +224,6 @@ def load(compiler: str, openmp: bool) -> ctypes.CDLL:
 
 def _compiled(compiler: str, openmp: bool) -> Path:
     """The shared library for this source, compiler, flags and CPU (-march=native), built once."""
-    from layerflow.models import cache_dir
-
     flags = FLAGS + (("-fopenmp",) if openmp else ())
     identity = "\n".join([compiler, *flags, platform.machine(), _cpu_identity()]).encode()
     key = hashlib.sha256(SOURCE.read_bytes() + identity).hexdigest()[:16]

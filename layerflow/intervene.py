@@ -31,7 +31,6 @@ positions where the feature fires ("KL when active") is reported and correlated 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from jaxtyping import Bool, Float
 from layerflow.descriptions import FeatureDescription
 from layerflow.errors import LayerflowError, did_you_mean
 from layerflow.evals import clean_batches, patched_logp
+from layerflow.files import json_safe
 from layerflow.results import RunResults
 from layerflow.run_saes import Loader, RunSAEs
 
@@ -187,13 +187,7 @@ class InterventionResult:
         for layer in d["downstream"]:
             for c in layer["changes"]:
                 c["delta"] = c["edited"] - c["clean"]
-        return _json_safe(d)
-
-
-def _json_safe(value: Any) -> Any:
-    from layerflow.summary import json_safe
-
-    return json_safe(value)
+        return json_safe(d)
 
 
 # ------------------------------------------------------------------ the API
@@ -373,7 +367,7 @@ class FeatureRanking:
         for layer, ranked in zip(d["layers"], self.layers):
             for f, r in zip(layer["features"], ranked.features):
                 f["effect"]["delta_ce"] = r.effect.delta_ce
-        return _json_safe(d)
+        return json_safe(d)
 
 
 def rank_features(
@@ -439,12 +433,3 @@ def rank_features(
                                      correlation([r.effect.kl_when_active for r in ranked])))
     selection = "top activations at the prompt's token" if prompt is not None else "most frequently firing on held-out text"
     return FeatureRanking(run_saes.name, f"top {n}: {selection}", heldout_tokens, rankings)
-
-
-def write_json(data: dict[str, Any], path: str | Path) -> Path:
-    from layerflow.capture import atomic_write_text
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(data, indent=1))
-    return path

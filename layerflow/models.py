@@ -18,8 +18,6 @@ import hashlib
 import importlib.util
 import io
 import json
-import os
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from importlib import resources
@@ -29,6 +27,7 @@ from typing import Any, Iterator
 import torch
 
 from layerflow.errors import LayerflowError
+from layerflow.files import atomic, cache_dir
 from layerflow.zoo import HUB, OFFLINE, OFFLINE_MODELS, TWIN, TWIN_SUFFIX, ModelSpec, get_spec
 
 # What SAELens should pass to HookedTransformer.from_pretrained to see the same activations.
@@ -65,14 +64,6 @@ class LoadedModel:
         if self.tokenizer is not None:
             return self.tokenizer.bos_token_id
         return self.twin_bos_token_id
-
-
-def cache_dir() -> Path:
-    """Where dequantized weights are cached ($LAYERFLOW_CACHE, else the user cache dir)."""
-    if env := os.environ.get("LAYERFLOW_CACHE"):
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "layerflow"
 
 
 def load_model(
@@ -288,19 +279,17 @@ class GGUFPackage:
         if target.exists() and sha256_file(target) == expected:
             return target, expected
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         digest = hashlib.sha256()
-        with open(tmp, "wb") as out:
-            for path in paths:
-                with open(path, "rb") as part:
-                    while block := part.read(1 << 22):
-                        digest.update(block)
-                        out.write(block)
-        if expected is not None and digest.hexdigest() != expected:
-            tmp.unlink()
-            raise LayerflowError(f"Assembled {self.filename} has SHA-256 {digest.hexdigest()}, expected {expected}. "
-                                 f"Reinstall the packages. {self.install_hint}")
-        os.replace(tmp, target)
+        with atomic(target, per_process=True) as tmp:
+            with open(tmp, "wb") as out:
+                for path in paths:
+                    with open(path, "rb") as part:
+                        while block := part.read(1 << 22):
+                            digest.update(block)
+                            out.write(block)
+            if expected is not None and digest.hexdigest() != expected:
+                raise LayerflowError(f"Assembled {self.filename} has SHA-256 {digest.hexdigest()}, expected {expected}. "
+                                     f"Reinstall the packages. {self.install_hint}")
         return target, digest.hexdigest()
 
 
@@ -316,17 +305,14 @@ def dequantized_cache(spec: ModelSpec, gguf_path: Path, sha: str) -> Path:
     target = cache_dir() / "models" / f"{spec.name}-{sha[:12]}"
     if (target / "layerflow_source.json").exists():
         return target
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     hf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     _strip_quantization(hf_model)
-    hf_model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    source = {"gguf": str(gguf_path), "sha256": sha, "model": spec.official_name}
-    (tmp / "layerflow_source.json").write_text(json.dumps(source, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with atomic(target, per_process=True) as tmp:
+        hf_model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        source = {"gguf": str(gguf_path), "sha256": sha, "model": spec.official_name}
+        (tmp / "layerflow_source.json").write_text(json.dumps(source, indent=2))
     return target
 
 

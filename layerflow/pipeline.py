@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 from layerflow.errors import LayerflowError, did_you_mean
 from layerflow.experiment import ExperimentConfig
-from layerflow.results import (ACTIVATIONS_DIR, PLOTS_DIR, REPORT_FILE, RUN_FILE, SAES_DIR, TRANSFER_DIR,
-                               cross_dir_name)
+from layerflow.files import (ACTIVATIONS_DIR, CAPTURE_MANIFEST, EVAL_JSON, MATRIX_JSON, PLOTS_DIR, REPORT_FILE,
+                             RUN_FILE, SAE_DIR, SUMMARY_FILE, TRAIN_MANIFEST, TRANSFER_DIR, cross_dir_name, write_json)
 
 STAGES = ("capture", "train", "eval", "transfer", "cross_model", "report")
 SCHEMA_VERSION = 1
@@ -86,9 +86,9 @@ def _open_run(root: Path, cfg: ExperimentConfig, overwrite: bool) -> dict[str, A
             diffs = _diff(old["config"], json.loads(json.dumps(config)))
             raise LayerflowError(f"'{root}' holds a run with a different config ({'; '.join(diffs[:5])}). "
                                  "Choose another --out, or pass --overwrite to start it again.")
-        for folder in (ACTIVATIONS_DIR, SAES_DIR, TRANSFER_DIR, PLOTS_DIR):
+        for folder in (ACTIVATIONS_DIR, SAE_DIR, TRANSFER_DIR, PLOTS_DIR):
             shutil.rmtree(root / folder, ignore_errors=True)
-        for name in (REPORT_FILE, "summary.json", RUN_FILE):
+        for name in (REPORT_FILE, SUMMARY_FILE, RUN_FILE):
             (root / name).unlink(missing_ok=True)
     elif root.exists() and any(root.iterdir()):
         raise LayerflowError(f"Output folder '{root}' is not empty and holds no layerflow run ({RUN_FILE}). "
@@ -101,9 +101,7 @@ def _open_run(root: Path, cfg: ExperimentConfig, overwrite: bool) -> dict[str, A
 
 
 def _write_record(root: Path, record: dict) -> None:
-    from layerflow.capture import atomic_write_text
-
-    atomic_write_text(root / RUN_FILE, json.dumps(record, indent=1))
+    write_json(root / RUN_FILE, record, indent=1)
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -134,11 +132,9 @@ def _provenance(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def _weight_sources(root: Path, cfg: ExperimentConfig) -> dict[str, str]:
-    from layerflow.capture import MANIFEST_FILE
-
     sources = {}
     for m in cfg.models:
-        manifest = root / ACTIVATIONS_DIR / m.name / MANIFEST_FILE
+        manifest = root / ACTIVATIONS_DIR / m.name / CAPTURE_MANIFEST
         if manifest.exists():
             sources[m.name] = json.loads(manifest.read_text())["model"]["weights_source"]
     return sources
@@ -172,20 +168,15 @@ class _ModelCache:
 def _stage_work(stage: str, cfg: ExperimentConfig, root: Path, models: _ModelCache,
                 report: Progress) -> list[tuple[str, Callable[[], Any], bool]]:
     """[(item, do_it, finished)] for one stage: one item per model (or ordered model pair)."""
-    from layerflow.capture import MANIFEST_FILE as CAPTURE_MANIFEST
-    from layerflow.evals import EVAL_JSON
-    from layerflow.train import MANIFEST_FILE as TRAIN_MANIFEST
-    from layerflow.transfer_types import MATRIX_JSON
-
     names = [m.name for m in cfg.models]
     if stage == "capture":
         return [(m.name, lambda m=m: _capture(cfg, m, root, models, report),
                  (root / ACTIVATIONS_DIR / m.name / CAPTURE_MANIFEST).exists()) for m in cfg.models]
     if stage == "train":
         return [(n, lambda n=n: _train(cfg, n, root, models, report),
-                 (root / SAES_DIR / n / TRAIN_MANIFEST).exists()) for n in names]
+                 (root / SAE_DIR / n / TRAIN_MANIFEST).exists()) for n in names]
     if stage == "eval":
-        return [(n, lambda n=n: _evaluate(cfg, n, root, models), (root / SAES_DIR / n / EVAL_JSON).exists())
+        return [(n, lambda n=n: _evaluate(cfg, n, root, models), (root / SAE_DIR / n / EVAL_JSON).exists())
                 for n in names]
     if stage == "transfer":
         return [(n, lambda n=n: _transfer(cfg, n, root, models, report),
@@ -216,14 +207,14 @@ def _train(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache, re
     train_cfg = TrainConfig(str((root / ACTIVATIONS_DIR / name).resolve()), schedule=t.schedule(), steps=t.steps,
                             epochs=t.epochs, batch_tokens=t.batch_tokens, checkpoint_every=t.checkpoint_every,
                             seed=cfg.seed)
-    train(train_cfg, root / SAES_DIR / name, evaluate=False, sae_subdir="",
+    train(train_cfg, root / SAE_DIR / name, evaluate=False, sae_subdir="",
           progress=lambda done, total: report("train", name, done, total))
 
 
 def _evaluate(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache) -> None:
     from layerflow.train import evaluate_run
 
-    evaluate_run(root / SAES_DIR / name, model_eval=cfg.eval.spliced, spliced_max_tokens=cfg.eval.spliced_tokens,
+    evaluate_run(root / SAE_DIR / name, model_eval=cfg.eval.spliced, spliced_max_tokens=cfg.eval.spliced_tokens,
                  loaded=models.get(name) if cfg.eval.spliced else None)
 
 
@@ -231,7 +222,7 @@ def _transfer(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache,
     from layerflow.transfer import transfer_run
 
     options = cfg.transfer.options(cfg.seed, cfg.device)
-    transfer_run(root / SAES_DIR / name, out_dir=root / TRANSFER_DIR / name, options=options,
+    transfer_run(root / SAE_DIR / name, out_dir=root / TRANSFER_DIR / name, options=options,
                  loaded=models.get(name) if options.spliced else None,
                  progress=lambda done, total: report("transfer", name, done, total))
 
@@ -239,7 +230,7 @@ def _transfer(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache,
 def _cross_model(cfg: ExperimentConfig, a: str, b: str, root: Path, models: _ModelCache) -> None:
     from layerflow.crossmodel import cross_model_runs
 
-    cross_model_runs(root / SAES_DIR / a, root / SAES_DIR / b, out_dir=root / TRANSFER_DIR / cross_dir_name(a, b),
+    cross_model_runs(root / SAE_DIR / a, root / SAE_DIR / b, out_dir=root / TRANSFER_DIR / cross_dir_name(a, b),
                      source=cfg.cross_model.source, max_words=cfg.cross_model.words,
                      context_size=cfg.capture.context_size, loaded=models.get(a, b), seed=cfg.seed,
                      match_pairs=cfg.cross_model.match_pairs)

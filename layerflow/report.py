@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
-from layerflow.capture import atomic_write_text
 from layerflow.crossmodel import compare_same_depth, same_depth_pairs
-from layerflow.results import PLOTS_DIR, REPORT_FILE, SUMMARY_FILE, CrossModelResults, ModelResults, RunResults
-from layerflow.summary import BANDS, band, json_safe, summarize
+from layerflow.files import PLOTS_DIR, REPORT_FILE, SUMMARY_FILE, atomic_write_text, json_safe
+from layerflow.results import CrossModelResults, ModelResults, RunResults
+from layerflow.summary import BANDS, band, summarize
 from layerflow.transfer_types import TransferMatrix
 
 SCHEMA = "layerflow.run_summary"

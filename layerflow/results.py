@@ -22,20 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from layerflow.errors import LayerflowError
-
-RUN_FILE = "run.json"
-ACTIVATIONS_DIR = "activations"
-SAES_DIR = "saes"
-TRANSFER_DIR = "transfer"
-PLOTS_DIR = "plots"
-REPORT_FILE = "report.md"
-SUMMARY_FILE = "summary.json"
-CROSS_SEPARATOR = "~"  # transfer/<model_a>~<model_b>: model names never hold it
-
-
-def cross_dir_name(model_a: str, model_b: str) -> str:
-    return f"{model_a}{CROSS_SEPARATOR}{model_b}"
-
+from layerflow.files import (ACTIVATIONS_DIR, CAPTURE_MANIFEST, CROSS_SEPARATOR, DEPTH_FILE, EVAL_JSON, MATRIX_JSON,
+                             RUN_FILE, SAE_DIR, SUMMARY_FILE, TRAIN_MANIFEST, TRANSFER_DIR)
 
 @dataclass
 class ModelResults:
@@ -75,12 +63,10 @@ class RunResults:
 
     @classmethod
     def load(cls, root: str | Path) -> "RunResults":
-        from layerflow.capture import MANIFEST_FILE as CAPTURE_MANIFEST
         from layerflow.capture import CaptureManifest
-        from layerflow.evals import EVAL_JSON, read_eval_results
-        from layerflow.train import MANIFEST_FILE as TRAIN_MANIFEST
+        from layerflow.evals import read_eval_results
         from layerflow.train import TrainManifest
-        from layerflow.transfer_types import MATRIX_JSON, TransferMatrix
+        from layerflow.transfer_types import TransferMatrix
 
         root = Path(root)
         if not (root / RUN_FILE).exists():
@@ -95,7 +81,7 @@ class RunResults:
                 continue
             capture = CaptureManifest.from_json(capture_file.read_text())
             result = ModelResults(name, int(capture.model["n_layers"]), capture)
-            saes = root / SAES_DIR / name
+            saes = root / SAE_DIR / name
             if (saes / TRAIN_MANIFEST).exists():
                 result.train = TrainManifest.from_json((saes / TRAIN_MANIFEST).read_text())
             if (saes / EVAL_JSON).exists():
@@ -110,6 +96,6 @@ class RunResults:
         for folder in sorted((root / TRANSFER_DIR).glob(f"*{CROSS_SEPARATOR}*")):
             if (folder / MATRIX_JSON).exists():
                 a, b = folder.name.split(CROSS_SEPARATOR)
-                depth = json.loads((folder / "depth_comparison.json").read_text())
+                depth = json.loads((folder / DEPTH_FILE).read_text())
                 cross.append(CrossModelResults(a, b, TransferMatrix.read(folder), depth))
         return cls(root, run, models, cross)

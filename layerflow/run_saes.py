@@ -17,7 +17,8 @@ import torch
 from jaxtyping import Int
 
 from layerflow.errors import LayerflowError, did_you_mean
-from layerflow.results import ACTIVATIONS_DIR, SAES_DIR, ModelResults, RunResults
+from layerflow.files import ACTIVATIONS_DIR, SAE_DIR
+from layerflow.results import ModelResults, RunResults
 
 Loader = Callable[[str], Any]  # zoo name -> models.LoadedModel
 
@@ -57,7 +58,7 @@ class RunSAEs:
             raise LayerflowError(f"The run at '{results.root}' holds several models ({', '.join(names)}): "
                                  "choose one with --model.")
         name = names[0]
-        folder = results.root / SAES_DIR / name
+        folder = results.root / SAE_DIR / name
         configs, folders = {}, {}
         for cfg_file in sorted(folder.rglob("cfg.json")) if folder.is_dir() else []:
             cfg = json.loads(cfg_file.read_text())
@@ -132,7 +133,7 @@ class RunSAEs:
             if self.loaded.name != self.name:
                 raise LayerflowError(f"The run at '{self.results.root}' is of '{self.name}', "
                                      f"but the model loaded is '{self.loaded.name}'.")
-            self.saes = load_saes(self.results.root / SAES_DIR / self.name, self.hooks)
+            self.saes = load_saes(self.results.root / SAE_DIR / self.name, self.hooks)
             for sae in self.saes.values():
                 sae.eval()
             prepare_hooks(self.loaded.model, sorted({h for h in self.hooks} | {self.output_hook(h) for h in self.hooks}))

@@ -10,8 +10,6 @@ Folders are written to a temporary name and renamed, so a crash never leaves hal
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,7 @@ from sae_lens.constants import SPARSITY_FILENAME
 
 from layerflow.capture import CaptureManifest
 from layerflow.errors import LayerflowError
-
-SAE_DIR = "saes"  # where a training run keeps its SAE folders
+from layerflow.files import SAE_DIR, atomic
 
 
 def sae_metadata(manifest: CaptureManifest, hook_name: str, exclude_special_tokens: bool = True) -> dict[str, Any]:
@@ -67,13 +64,9 @@ def save_sae(
             sae.fold_activation_norm_scaling_factor(scaling_factor)
     for key, value in metadata.items():
         setattr(sae.cfg.metadata, key, value)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    sae.save_model(tmp) if transcoder else sae.save_inference_model(tmp)
-    save_file({"sparsity": log_feature_sparsity.detach().float().cpu().contiguous()}, tmp / SPARSITY_FILENAME)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    with atomic(folder, per_process=True) as tmp:
+        sae.save_model(tmp) if transcoder else sae.save_inference_model(tmp)
+        save_file({"sparsity": log_feature_sparsity.detach().float().cpu().contiguous()}, tmp / SPARSITY_FILENAME)
     return folder
 
 

@@ -8,8 +8,9 @@ import torch
 from jaxtyping import Float, Int
 from safetensors import safe_open
 
-from layerflow.capture import MANIFEST_FILE, SHARD_DIR, TOKENS_KEY, CaptureManifest
+from layerflow.capture import CaptureManifest
 from layerflow.errors import LayerflowError
+from layerflow.files import CAPTURE_MANIFEST, SHARD_DIR, TOKENS_KEY
 
 SPLITS = ("train", "heldout")
 
@@ -17,9 +18,9 @@ SPLITS = ("train", "heldout")
 class ActivationStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        manifest = self.root / MANIFEST_FILE
+        manifest = self.root / CAPTURE_MANIFEST
         if not manifest.exists():
-            raise LayerflowError(f"'{self.root}' is not a finished capture (no {MANIFEST_FILE}). "
+            raise LayerflowError(f"'{self.root}' is not a finished capture (no {CAPTURE_MANIFEST}). "
                                  "Run `layerflow capture` (it resumes an interrupted one).")
         self.manifest = CaptureManifest.from_json(manifest.read_text())
 

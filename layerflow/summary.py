@@ -63,11 +63,11 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 
 from layerflow.errors import LayerflowError
+from layerflow.files import json_safe
 
 BANDS = ((0.9, "HIGH"), (0.6, "MODERATE"), (0.4, "LOW"), (-math.inf, "SPECIALISED"))
 NOT_AVAILABLE = "N/A"
@@ -223,14 +223,3 @@ def _validated(M, layers, n_layers, hub_fraction) -> tuple[np.ndarray, list[int]
     if not 0 < hub_fraction <= 1:
         raise LayerflowError(f"hub_fraction must be in (0, 1]; got {hub_fraction}.")
     return M, layers
-
-
-def json_safe(value: Any) -> Any:
-    """For JSON: numpy scalars to Python, NaN/inf to None (null), tuples to lists, keys to str."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (bool, np.bool_, np.integer)):
-        return value.item() if isinstance(value, np.generic) else value
-    return (float(value) if math.isfinite(value) else None) if isinstance(value, (float, np.floating)) else value

@@ -30,10 +30,9 @@ import torch
 from layerflow.descriptions import FeatureDescription
 from layerflow.errors import LayerflowError
 from layerflow.matching import FeatureMatching
-from layerflow.results import TRANSFER_DIR, RunResults
+from layerflow.files import MATCHED_FILE, TRANSFER_DIR, write_json
+from layerflow.results import RunResults
 from layerflow.run_saes import Loader, RunSAEs, model_names, open_run
-
-MATCHED_FILE = "matched_features.json"
 
 
 @dataclass
@@ -117,12 +116,7 @@ class Trace:
         return json.dumps(self.to_dict(), indent=1)
 
     def write(self, path: str | Path) -> Path:
-        from layerflow.capture import atomic_write_text
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, self.to_json())
-        return path
+        return write_json(path, self.to_dict(), indent=1)
 
 
 def trace(

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,17 +35,17 @@ import torch
 
 from layerflow import __version__
 from layerflow.activation_batches import BUFFER_BYTES, mixed_batches, model_chunks, store_chunks
-from layerflow.capture import CaptureConfig, atomic_write_text, capture, split_sequences
+from layerflow.capture import CaptureConfig, capture, split_sequences
 from layerflow.data import TokenPlan
 from layerflow.errors import LayerflowError
-from layerflow.sae_io import SAE_DIR, load_saes, sae_metadata, save_sae
+from layerflow.files import (CHECKPOINT_DIR, CURVES_FILE, PLAN_FILE, SAE_DIR, SAMPLES_DIR, TRAIN_MANIFEST, atomic,
+                             atomic_write_text, run_store, write_json)
+from layerflow.sae_io import load_saes, sae_metadata, save_sae
 from layerflow.schedule import LayerSchedule, get_preset, is_transcoder
 from layerflow.sites import Site, parse_hook_name
 from layerflow.sparse_topk import StackedTopKSAEs, group_key, supports_fast_path
 from layerflow.store import ActivationStore
 
-PLAN_FILE, MANIFEST_FILE, CURVES_FILE = "plan.json", "train.json", "curves.json"
-CHECKPOINT_DIR, SAMPLES_DIR = "checkpoints", "samples"
 NORM_ESTIMATE_BATCHES = 8
 SAMPLES_PER_LATENT = 8  # top-activating tokens kept per latent in the training samples
 EXPLODING_LOSS = 1e4  # a per-site loss above this multiple of its first loss means divergence
@@ -302,7 +301,7 @@ def train(
 
     state = _prepare_out_dir(out_dir, plan, overwrite)
     if state == "complete":
-        return TrainManifest.from_json((out_dir / MANIFEST_FILE).read_text())
+        return TrainManifest.from_json((out_dir / TRAIN_MANIFEST).read_text())
 
     torch.manual_seed(cfg.seed)
     values = {h: cfg.schedule.values(sites[h]["layer"], n_layers) for h in hooks}
@@ -385,7 +384,7 @@ def train(
         layerflow_version=__version__, config=plan, model=manifest.model, steps=steps,
         tokens_per_site=steps * cfg.batch_tokens, seconds=round(time.perf_counter() - started, 3),
         sites=list(results.values()))
-    atomic_write_text(out_dir / MANIFEST_FILE, train_manifest.to_json())
+    atomic_write_text(out_dir / TRAIN_MANIFEST, train_manifest.to_json())
     shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
     return train_manifest
 
@@ -514,12 +513,12 @@ def _prepare_out_dir(out_dir: Path, plan: dict, overwrite: bool) -> str:
                                  f"({'; '.join(diffs)}). Choose another --out, or pass --overwrite to replace it.")
         if old != plan or overwrite:
             shutil.rmtree(out_dir)
-        elif (out_dir / MANIFEST_FILE).exists():
+        elif (out_dir / TRAIN_MANIFEST).exists():
             return "complete"
         else:
             return "resume"
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / PLAN_FILE, json.dumps(plan, indent=2))
+    write_json(out_dir / PLAN_FILE, plan, indent=2)
     return "fresh"
 
 
@@ -530,12 +529,11 @@ def _latest_checkpoint(out_dir: Path) -> Path | None:
 
 def _save_checkpoint(out_dir: Path, step: int, groups, curves, first_loss) -> None:
     folder = out_dir / CHECKPOINT_DIR / f"step-{step:09d}"
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({"step": step, "groups": [g.state_dict() for _, g in groups], "curves": curves,
-                "first_loss": first_loss}, tmp / "state.pt")
-    os.replace(tmp, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with atomic(folder) as tmp:
+        tmp.mkdir()
+        torch.save({"step": step, "groups": [g.state_dict() for _, g in groups], "curves": curves,
+                    "first_loss": first_loss}, tmp / "state.pt")
     for old in (out_dir / CHECKPOINT_DIR).glob("step-*"):
         if old != folder:
             shutil.rmtree(old, ignore_errors=True)
@@ -609,14 +607,6 @@ def read_samples(run: str | Path, step: int | None = None,
     return step, {h: TopActivations.load(files[h]) for h in order}
 
 
-def run_store(run: str | Path) -> str:
-    """The capture store a training run read (its held-out split is what evals and transfer use)."""
-    run = Path(run)
-    if not (run / PLAN_FILE).exists():
-        raise LayerflowError(f"'{run}' is not a layerflow training run: pass --store with held-out activations.")
-    return json.loads((run / PLAN_FILE).read_text())["store"]
-
-
 def evaluate_run(
     run: str | Path,
     store: str | Path | None = None,
@@ -642,11 +632,11 @@ def evaluate_run(
     results = evaluate_saes(saes, activation_store, loaded=loaded if model_eval else None,
                             exclude_special_tokens=exclude_special_tokens, spliced_max_tokens=spliced_max_tokens)
     written = list(write_eval_results(results, Path(out_dir or run)))
-    if (run / MANIFEST_FILE).exists():
-        manifest = TrainManifest.from_json((run / MANIFEST_FILE).read_text())
+    if (run / TRAIN_MANIFEST).exists():
+        manifest = TrainManifest.from_json((run / TRAIN_MANIFEST).read_text())
         for site in manifest.sites:
             if site.hook_name in results:
                 site.evals = results[site.hook_name].to_row()
-        atomic_write_text(run / MANIFEST_FILE, manifest.to_json())
-        written.append(run / MANIFEST_FILE)
+        atomic_write_text(run / TRAIN_MANIFEST, manifest.to_json())
+        written.append(run / TRAIN_MANIFEST)
     return results, written

@@ -29,6 +29,7 @@ an output factor, and persistence compares the output sites (docs/transfer.md, "
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 
 from layerflow.errors import LayerflowError
+from layerflow.files import MATCHED_FILE, SUMMARY_FILE, TRANSFER_DIR, atomic_write_text, run_store, write_json
 from layerflow.metrics import InputSums, ReconstructionStats
 from layerflow.transfer_types import SiteId, TransferMatrix
 
@@ -46,8 +48,6 @@ if TYPE_CHECKING:
     from sae_lens import SAE
 
     from layerflow.store import ActivationStore
-
-TRANSFER_DIR = "transfer"
 
 
 @dataclass(frozen=True)
@@ -629,7 +629,6 @@ def transfer_run(
     each transcoder's input and output hooks. A folder mixing SAEs and transcoders is an error."""
     from layerflow.sae_io import load_saes
     from layerflow.store import ActivationStore
-    from layerflow.train import run_store
 
     run = Path(run)
     saes = load_saes(run, hooks)
@@ -706,16 +705,13 @@ def _add_spliced(matrix: TransferMatrix, saes: dict, store: "ActivationStore", l
 
 def write_transfer(matrix: TransferMatrix, folder: Path) -> list[Path]:
     """transfer_matrix.json/csv, matched_features.json (when matched), summary.json."""
-    import json
-
-    from layerflow.capture import atomic_write_text
     from layerflow.summary import summarize
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     matched = matrix.extras.get("matched_features")
     if matched:
-        path = folder / "matched_features.json"
+        path = folder / MATCHED_FILE
         atomic_write_text(path, json.dumps([
             {"source": s, "target": t, **{kind: m.to_dict() for kind, m in result.items()}}
             for (s, t), result in matched.items()]))
@@ -727,8 +723,7 @@ def write_transfer(matrix: TransferMatrix, folder: Path) -> list[Path]:
             if metric in matrix.metrics:
                 summaries[metric] = summarize(matrix[metric], layers, matrix.sources[0].n_layers, metric).to_dict()
     if summaries:
-        path = folder / "summary.json"
-        atomic_write_text(path, json.dumps({"schema_version": 1, "summaries": summaries}, indent=1))
+        path = write_json(folder / SUMMARY_FILE, {"schema_version": 1, "summaries": summaries}, indent=1)
         written.append(path)
     written.extend(matrix.write(folder)[::-1])  # the matrix JSON is the manifest: written last
     return written

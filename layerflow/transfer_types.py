@@ -27,12 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from layerflow.capture import atomic_write_text
 from layerflow.errors import LayerflowError, did_you_mean
+from layerflow.files import MATRIX_JSON, atomic_write_text, write_json
 
 SCHEMA = "layerflow.transfer_matrix"
 SCHEMA_VERSION = 1
-MATRIX_JSON, MATRIX_CSV = "transfer_matrix.json", "transfer_matrix.csv"
 
 
 def _metric(doc: str) -> Any:
@@ -222,7 +221,7 @@ class TransferMatrix:
         folder.mkdir(parents=True, exist_ok=True)
         json_path, csv_path = folder / f"{stem}.json", folder / f"{stem}.csv"
         atomic_write_text(csv_path, self.to_csv())
-        atomic_write_text(json_path, json.dumps(self.to_dict(), indent=1))
+        write_json(json_path, self.to_dict(), indent=1)
         return json_path, csv_path
 
     @classmethod

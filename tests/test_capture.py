@@ -9,8 +9,10 @@ import torch
 import xxhash
 
 from conftest import run_cli, tiny_twin
-from layerflow.capture import MANIFEST_FILE, PLAN_FILE, CaptureConfig, capture
+from layerflow.capture import CaptureConfig, capture
 from layerflow.errors import LayerflowError
+from layerflow.files import CAPTURE_MANIFEST as MANIFEST_FILE
+from layerflow.files import PLAN_FILE
 from layerflow.sites import SiteKind
 from layerflow.store import ActivationStore
 

@@ -1,0 +1,145 @@
+"""The on-disk contract: every file and folder layerflow writes, and how it writes them.
+
+Each stage hands the next one a folder. A folder holds a plan, written first (what is being made;
+a rerun compares it), and a manifest, written last (its presence means "complete"):
+
+    capture        plan.json, shards/<split>-NNNNN.safetensors (+ a .json sidecar each), capture.json
+    training run   plan.json, checkpoints/step-N/, saes/<hook>/ (SAELens folders), samples/step-N/,
+                   curves.json, evals.json, evals.csv, feature_frequency.safetensors, train.json
+    transfer       matched_features.json, summary.json, depth_comparison.json (cross-model),
+                   transfer_matrix.csv, transfer_matrix.json (the manifest, written last)
+    run            run.json (config, provenance, stages), activations/<model>/ (a capture),
+                   saes/<model>/ (a training run, its SAE folders directly inside),
+                   transfer/<model>/, transfer/<model_a>~<model_b>/, plots/,
+                   features/<model>/<hook>.safetensors, summary.json, report.md
+
+Every file is written to a temporary name beside it and renamed into place (`atomic`), so a
+crash never leaves half a file under the real name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import xxhash
+
+from layerflow.errors import LayerflowError
+
+# --- names ---------------------------------------------------------------------------------------
+
+PLAN_FILE = "plan.json"  # a capture's or a training run's plan
+
+CAPTURE_MANIFEST = "capture.json"
+SHARD_DIR = "shards"
+TOKENS_KEY = "tokens"  # every shard holds the token ids [seqs, ctx] beside one tensor per hook
+
+TRAIN_MANIFEST = "train.json"
+CURVES_FILE = "curves.json"
+CHECKPOINT_DIR = "checkpoints"
+SAMPLES_DIR = "samples"
+SAE_DIR = "saes"  # a training run's SAE folders; in a run folder, one training run per model
+
+EVAL_JSON, EVAL_CSV, FREQUENCY_FILE = "evals.json", "evals.csv", "feature_frequency.safetensors"
+
+TRANSFER_DIR = "transfer"
+MATRIX_JSON, MATRIX_CSV = "transfer_matrix.json", "transfer_matrix.csv"
+MATCHED_FILE = "matched_features.json"
+SUMMARY_FILE = "summary.json"  # a transfer folder's summaries, and a run's summary
+DEPTH_FILE = "depth_comparison.json"
+
+RUN_FILE = "run.json"
+ACTIVATIONS_DIR = "activations"
+PLOTS_DIR = "plots"
+FEATURES_DIR = "features"
+REPORT_FILE = "report.md"
+CROSS_SEPARATOR = "~"  # transfer/<model_a>~<model_b>: model names never hold it
+
+
+def cross_dir_name(model_a: str, model_b: str) -> str:
+    """The folder of model A's dictionaries applied to model B's sites."""
+    return f"{model_a}{CROSS_SEPARATOR}{model_b}"
+
+
+def cache_dir() -> Path:
+    """Where layerflow keeps what it can rebuild (dequantized weights, token streams, compiled
+    kernels): $LAYERFLOW_CACHE, else the user cache dir."""
+    if env := os.environ.get("LAYERFLOW_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "layerflow"
+
+
+def run_store(run: str | Path) -> str:
+    """The capture a training run read (its held-out split is what evals and transfer use)."""
+    run = Path(run)
+    if not (run / PLAN_FILE).exists():
+        raise LayerflowError(f"'{run}' is not a layerflow training run: pass --store with held-out activations.")
+    return json.loads((run / PLAN_FILE).read_text())["store"]
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic(path: str | Path, per_process: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write a file or a folder to; when the block
+    succeeds it replaces `path` (an old folder is removed first), when it fails it is removed.
+
+    `per_process`: the temporary name carries this process's id, for what several processes may
+    write at once (the shared caches).
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + (f".tmp{os.getpid()}" if per_process else ".tmp"))
+    _remove(tmp)
+    try:
+        yield tmp
+        if tmp.is_dir() and path.exists():
+            _remove(path)
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, data: Any, indent: int | None = None) -> Path:
+    """`data` as JSON at `path` (its folder made if needed), atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=indent))
+    return path
+
+
+def json_safe(value: Any) -> Any:
+    """For JSON: numpy scalars to Python, NaN/inf to None (null), tuples to lists, keys to str."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (bool, np.bool_, np.integer)):
+        return value.item() if isinstance(value, np.generic) else value
+    return (float(value) if math.isfinite(value) else None) if isinstance(value, (float, np.floating)) else value
+
+
+def file_checksum(path: str | Path) -> str:
+    """"xxh3_128:<hex>" of a file: the checksum shard records carry."""
+    with open(path, "rb") as f:
+        return f"xxh3_128:{hashlib.file_digest(f, xxhash.xxh3_128).hexdigest()}"
