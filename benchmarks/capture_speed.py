@@ -33,7 +33,7 @@ def _sync(device: str) -> None:
 def measure(args) -> dict:
     from layerflow.capture import CaptureConfig, capture
     from layerflow.data import TokenPlan, make_sequences
-    from layerflow.models import load_model
+    from layerflow.models.load import load_model
 
     loaded = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     model, n_layers = loaded.model, loaded.model.cfg.n_layers
@@ -99,7 +99,7 @@ def peak_rss_mb(args, n_tokens: int) -> float:
     code = (
         "import re, tempfile, torch\n"
         "from layerflow.capture import CaptureConfig, capture\n"
-        "from layerflow.models import load_model\n"
+        "from layerflow.models.load import load_model\n"
         f"loaded = load_model({args.model!r}, device={args.device!r})\n"
         "src = 'random' if loaded.tokenizer is None else 'default'\n"
         f"cfg = CaptureConfig({args.model!r}, list(range(loaded.model.cfg.n_layers)), n_tokens={n_tokens}, "

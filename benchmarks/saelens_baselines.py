@@ -310,7 +310,7 @@ def _smoke() -> None:
     from sae_lens import BatchTopKTrainingSAEConfig
 
     from layerflow.data import TokenPlan, make_sequences, special_token_ids
-    from layerflow.models import load_model
+    from layerflow.models.load import load_model
 
     loaded = load_model("smollm2-135m")
     hooks = ["blocks.3.hook_resid_post", "blocks.10.hook_resid_post"]

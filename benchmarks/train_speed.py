@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
-    from layerflow.models import load_model
+    from layerflow.models.load import load_model
 
     loaded = load_model(args.model, device=args.device)
     results = {"device": args.device if args.device != "cuda" else torch.cuda.get_device_name(),

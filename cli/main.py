@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from layerflow.errors import LayerflowError
-from layerflow.zoo import DEFAULT_MODEL, ZOO
+from layerflow.models.zoo import DEFAULT_MODEL, ZOO
 
 app = typer.Typer(
     help="Study how sparse-dictionary features form and transfer across layers and models.",
@@ -45,8 +45,8 @@ def models() -> None:
 @app.command()
 def sites(model: str = typer.Argument(DEFAULT_MODEL, help="Zoo model name (see `layerflow models`).")) -> None:
     """Show every site kind of a model, the TransformerLens hook it resolves to, or why it is impossible."""
-    from layerflow.models import model_config
-    from layerflow.sites import KIND_DESCRIPTIONS, Site, SiteKind, unavailable_reason
+    from layerflow.models.load import model_config
+    from layerflow.models.sites import KIND_DESCRIPTIONS, Site, SiteKind, unavailable_reason
 
     cfg = model_config(model)
     traits = [f"{cfg.n_layers} layers", f"d_model {cfg.d_model}", f"{cfg.normalization_type} norm"]
@@ -84,9 +84,9 @@ def capture(
     """Capture many layers in one forward pass per batch, streamed to disk in shards (resumable)."""
     from layerflow.capture import CaptureConfig
     from layerflow.capture import capture as run_capture
-    from layerflow.models import load_model
-    from layerflow.sites import parse_kind, parse_layers
-    from layerflow.zoo import get_spec
+    from layerflow.models.load import load_model
+    from layerflow.models.sites import parse_kind, parse_layers
+    from layerflow.models.zoo import get_spec
 
     spec = get_spec(model)
     layer_list = parse_layers(layers, spec.n_layers, model)
@@ -206,13 +206,13 @@ def train(
     online_cfg = None
     if online:
         from layerflow.capture import CaptureConfig
-        from layerflow.sites import parse_layers
-        from layerflow.zoo import get_spec
+        from layerflow.models.sites import parse_layers
+        from layerflow.models.zoo import get_spec
 
         out_dir = out_dir or Path("artifacts") / online / "train-online"
         store = out_dir.parent / (out_dir.name + "-heldout")  # the held-out split only, for the evals
+        from layerflow.models.sites import SiteKind, parse_kind
         from layerflow.schedule import is_transcoder
-        from layerflow.sites import SiteKind, parse_kind
 
         kinds = [SiteKind.mlp_in, parse_kind(target_site)] if is_transcoder(schedule.architecture) else [SiteKind.resid_post]
         online_cfg = CaptureConfig(online, parse_layers(layers, get_spec(online).n_layers, online), kinds, n_tokens=tokens,
@@ -229,7 +229,7 @@ def train(
                       dead_feature_window=dead_feature_window)
     loaded = None
     if model_eval or online:
-        from layerflow.models import load_model
+        from layerflow.models.load import load_model
 
         with err.status(f"loading {model_name}"):
             loaded = load_model(model_name)
@@ -255,9 +255,9 @@ def samples(
 ) -> None:
     """Show the top-activating held-out tokens of latents, as recorded during training."""
     from layerflow.feature_contexts import contexts
-    from layerflow.models import load_tokenizer
-    from layerflow.store import ActivationStore
     from layerflow.files import run_store
+    from layerflow.models.load import load_tokenizer
+    from layerflow.store import ActivationStore
     from layerflow.train import read_samples
 
     step, tops = read_samples(run_dir, step, [hook] if hook else None)

@@ -12,9 +12,9 @@ import dataclasses
 from pathlib import Path
 
 from layerflow.capture import CaptureConfig, capture
-from layerflow.models import load_model
+from layerflow.models.load import load_model
+from layerflow.models.sites import SiteKind
 from layerflow.schedule import get_preset
-from layerflow.sites import SiteKind
 from layerflow.train import TrainConfig, train
 
 

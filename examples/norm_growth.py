@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from layerflow.capture import CaptureConfig, capture
-from layerflow.sites import Site, SiteKind
+from layerflow.models.sites import Site, SiteKind
 
 
 def main() -> None:
@@ -26,7 +26,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("artifacts/examples/norm_growth.png"))
     args = p.parse_args()
 
-    from layerflow.models import load_model
+    from layerflow.models.load import load_model
 
     loaded = load_model(args.model)
     n_layers = loaded.model.cfg.n_layers

@@ -32,8 +32,8 @@ from layerflow import __version__
 from layerflow.data import TokenPlan, describe_source, make_sequences, source_fingerprint, special_token_ids
 from layerflow.errors import LayerflowError
 from layerflow.files import CAPTURE_MANIFEST, PLAN_FILE, SHARD_DIR, TOKENS_KEY, atomic, atomic_write_text, file_checksum
-from layerflow.models import LoadedModel, load_model
-from layerflow.sites import Site, SiteKind, prepare_hooks, resolve
+from layerflow.models.load import LoadedModel, load_model
+from layerflow.models.sites import Site, SiteKind, prepare_hooks, resolve
 
 SCHEMA_VERSION = 1
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -70,8 +70,8 @@ from layerflow.errors import LayerflowError
 from layerflow.files import DEPTH_FILE, MATCHED_FILE, TRANSFER_DIR, atomic_write_text, cross_dir_name, json_safe, run_store
 from layerflow.matching import ActivationCorrelation
 from layerflow.metrics import reconstruction_metrics
-from layerflow.models import LoadedModel
-from layerflow.sites import parse_hook_name, prepare_hooks
+from layerflow.models.load import LoadedModel
+from layerflow.models.sites import parse_hook_name, prepare_hooks
 from layerflow.transfer_types import SiteId, TransferMatrix, metric_names
 
 WORD = re.compile(r"\S+")
@@ -638,7 +638,7 @@ def cross_model_runs(
     import json
 
     from layerflow.data import iter_documents
-    from layerflow.models import load_model
+    from layerflow.models.load import load_model
     from layerflow.sae_io import load_saes
     from layerflow.store import ActivationStore
 

@@ -125,8 +125,8 @@ class ExperimentConfig:
     def validate(self, where: str = "the config") -> None:
         """Semantic checks, each naming the field: models, layers, sites, schedule, budgets."""
         from layerflow.capture import STORE_DTYPES
-        from layerflow.sites import parse_kind
-        from layerflow.zoo import ZOO
+        from layerflow.models.sites import parse_kind
+        from layerflow.models.zoo import ZOO
 
         if not self.models:
             raise LayerflowError(f"{where}: [[models]] is empty; name at least one model, e.g. 'smollm2-135m'.")
@@ -178,8 +178,8 @@ class ExperimentConfig:
                                  "`layerflow capture --sites mlp_in,mlp_out` then `layerflow train --preset transcoder`.")
 
     def layers(self, model: ModelEntry) -> list[int]:
-        from layerflow.sites import parse_layers
-        from layerflow.zoo import get_spec
+        from layerflow.models.sites import parse_layers
+        from layerflow.models.zoo import get_spec
 
         n_layers = get_spec(model.name).n_layers
         spec = model.layers if isinstance(model.layers, str) else ",".join(str(layer) for layer in model.layers)

@@ -147,7 +147,7 @@ class _ModelCache:
     """Loads models on demand and keeps at most two (a cross-model pair) in memory."""
 
     def __init__(self, load: Callable[[str], Any] | None, device: str):
-        from layerflow.models import load_model
+        from layerflow.models.load import load_model
 
         self.load = load or (lambda name: load_model(name, device=device))
         self.loaded: dict[str, Any] = {}
@@ -190,7 +190,7 @@ def _stage_work(stage: str, cfg: ExperimentConfig, root: Path, models: _ModelCac
 
 def _capture(cfg: ExperimentConfig, entry, root: Path, models: _ModelCache, report: Progress) -> None:
     from layerflow.capture import CaptureConfig, capture
-    from layerflow.sites import parse_kind
+    from layerflow.models.sites import parse_kind
 
     c = cfg.capture
     capture_cfg = CaptureConfig(entry.name, cfg.layers(entry), [parse_kind(k) for k in c.sites], n_tokens=c.tokens,

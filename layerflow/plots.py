@@ -38,9 +38,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import colors  # noqa: E402
 
-from layerflow.results import CrossModelResults, ModelResults, RunResults  # noqa: E402
-from layerflow.summary import BANDS, TransferSummary, summarize  # noqa: E402
-from layerflow.transfer_types import SiteId, TransferMatrix, metric_docs  # noqa: E402
+from layerflow.results import CrossModelResults, ModelResults, RunResults
+from layerflow.summary import BANDS, TransferSummary, summarize
+from layerflow.transfer_types import SiteId, TransferMatrix, metric_docs
 
 if TYPE_CHECKING:
     from layerflow.compare import LayerComparison

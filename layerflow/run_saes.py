@@ -84,7 +84,7 @@ class RunSAEs:
         return list(self.folders)
 
     def layer(self, hook: str) -> int:
-        from layerflow.sites import parse_hook_name
+        from layerflow.models.sites import parse_hook_name
 
         return parse_hook_name(hook)[0]
 
@@ -123,9 +123,9 @@ class RunSAEs:
         return feature
 
     def load(self, load: Loader | None = None) -> "RunSAEs":
-        from layerflow.models import load_model
+        from layerflow.models.load import load_model
+        from layerflow.models.sites import prepare_hooks
         from layerflow.sae_io import load_saes
-        from layerflow.sites import prepare_hooks
         from layerflow.store import ActivationStore
 
         if self.loaded is None:

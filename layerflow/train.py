@@ -40,9 +40,9 @@ from layerflow.data import TokenPlan
 from layerflow.errors import LayerflowError
 from layerflow.files import (CHECKPOINT_DIR, CURVES_FILE, PLAN_FILE, SAE_DIR, SAMPLES_DIR, TRAIN_MANIFEST, atomic,
                              atomic_write_text, run_store, write_json)
+from layerflow.models.sites import Site, parse_hook_name
 from layerflow.sae_io import load_saes, sae_metadata, save_sae
 from layerflow.schedule import LayerSchedule, get_preset, is_transcoder
-from layerflow.sites import Site, parse_hook_name
 from layerflow.sparse_topk import StackedTopKSAEs, group_key, supports_fast_path
 from layerflow.store import ActivationStore
 
@@ -401,7 +401,7 @@ def _check_hooks(requested: list[str] | None, store: ActivationStore) -> list[st
 
 
 def _model_layers(manifest) -> int:
-    from layerflow.zoo import ZOO
+    from layerflow.models.zoo import ZOO
 
     return int(manifest.model.get("n_layers") or ZOO[manifest.model["name"]].n_layers)
 
@@ -445,7 +445,7 @@ def _input_statistics(cfg, chunks, store, hooks, specials) -> tuple[dict[str, fl
 
 def _transcoder_targets(cfg: TrainConfig, store: ActivationStore, hooks: list[str], explicit: bool) -> dict[str, str]:
     """{input hook: target hook}: each input site predicts the `transcoder_target` site of its layer."""
-    from layerflow.sites import parse_kind
+    from layerflow.models.sites import parse_kind
 
     kind = parse_kind(cfg.transcoder_target)
     inputs = [h for h in hooks if parse_hook_name(h)[1] != kind]
@@ -626,7 +626,7 @@ def evaluate_run(
     saes = load_saes(run)
     activation_store = ActivationStore(store or run_store(run))
     if model_eval and loaded is None:
-        from layerflow.models import load_model
+        from layerflow.models.load import load_model
 
         loaded = load_model(activation_store.manifest.model["name"])
     results = evaluate_saes(saes, activation_store, loaded=loaded if model_eval else None,

@@ -648,7 +648,7 @@ def transfer_run(
     compute = transcoder_matrix if transcoders else within_model_matrix
     matrix = compute(saes, activations, sites, options, progress)
     if options.spliced:
-        from layerflow.models import load_model
+        from layerflow.models.load import load_model
 
         loaded = loaded or load_model(activation_store.manifest.model["name"])
         _add_spliced(matrix, saes, activation_store, loaded, options)

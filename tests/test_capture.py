@@ -13,7 +13,7 @@ from layerflow.capture import CaptureConfig, capture
 from layerflow.errors import LayerflowError
 from layerflow.files import CAPTURE_MANIFEST as MANIFEST_FILE
 from layerflow.files import PLAN_FILE
-from layerflow.sites import SiteKind
+from layerflow.models.sites import SiteKind
 from layerflow.store import ActivationStore
 
 KINDS = [SiteKind.resid_pre, SiteKind.mlp_in, SiteKind.mlp_hidden, SiteKind.resid_post]

@@ -2,7 +2,7 @@
 
 from typer.testing import CliRunner
 
-from layerflow.zoo import ZOO
+from layerflow.models.zoo import ZOO
 from layerflow_cli.main import app
 
 runner = CliRunner()

@@ -29,7 +29,7 @@ from layerflow.crossmodel import (
 from layerflow.data import iter_documents
 from layerflow.errors import LayerflowError
 from layerflow.files import cache_dir
-from layerflow.models import load_model
+from layerflow.models.load import load_model
 from layerflow.synthetic import planted_layers, true_sae
 from layerflow.transfer_types import SiteId, TransferMatrix
 

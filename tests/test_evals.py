@@ -12,8 +12,8 @@ from conftest import tiny_twin
 from layerflow.capture import CaptureConfig, capture
 from layerflow.errors import LayerflowError
 from layerflow.evals import evaluate_saes, read_eval_results, spliced_metrics, write_eval_results
-from layerflow.models import TINY_SHAPE, load_model
-from layerflow.sites import SiteKind
+from layerflow.models.load import TINY_SHAPE, load_model
+from layerflow.models.sites import SiteKind
 from layerflow.store import ActivationStore
 
 K = SiteKind

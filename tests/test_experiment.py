@@ -20,7 +20,7 @@ def test_default_toml_is_the_default_config():
 def test_shipped_configs_load_and_resolve(name):
     cfg = load_config(CONFIGS / name)
     for model in cfg.models:
-        from layerflow.zoo import get_spec
+        from layerflow.models.zoo import get_spec
 
         assert cfg.layers(model) == list(range(get_spec(model.name).n_layers))  # all layers, as promised
     schedule = cfg.train.schedule()

@@ -5,7 +5,7 @@ import torch
 
 from conftest import TWINS, needs_gemma3, tiny_twin
 from layerflow.errors import LayerflowError
-from layerflow.sites import Site, SiteKind, available_kinds, parse_layers, prepare_hooks, resolve
+from layerflow.models.sites import Site, SiteKind, available_kinds, parse_layers, prepare_hooks, resolve
 
 
 def _independent_norm(x, ln, cfg):

@@ -15,8 +15,8 @@ from layerflow.compare import compare_layers
 from layerflow.errors import LayerflowError
 from layerflow.evals import read_eval_results
 from layerflow.feature_contexts import heldout_batches, top_activations
+from layerflow.models.sites import SiteKind
 from layerflow.schedule import LayerSchedule, get_preset
-from layerflow.sites import SiteKind
 from layerflow.store import ActivationStore
 from layerflow.train import TrainConfig, read_samples, train
 

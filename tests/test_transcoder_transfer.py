@@ -15,7 +15,7 @@ from conftest import run_cli, tiny_twin
 from layerflow.capture import CaptureConfig, capture
 from layerflow.errors import LayerflowError
 from layerflow.metrics import reconstruction_metrics
-from layerflow.sites import SiteKind
+from layerflow.models.sites import SiteKind
 from layerflow.store import ActivationStore
 from layerflow.synthetic import planted_maps, true_transcoder
 from layerflow.transfer import LinearCoder, TransferOptions, transcoder_matrix, transfer_run, within_model_matrix

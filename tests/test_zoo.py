@@ -5,8 +5,8 @@ import torch
 
 from conftest import needs_gemma3
 from layerflow.errors import LayerflowError
-from layerflow.models import load_hf_reference, twin_config
-from layerflow.zoo import HUB, ZOO, get_spec
+from layerflow.models.load import load_hf_reference, twin_config
+from layerflow.models.zoo import HUB, ZOO, get_spec
 
 HUB_MODELS = [n for n, s in ZOO.items() if s.source == HUB]
 

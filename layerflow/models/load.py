@@ -5,7 +5,7 @@ Three weight sources (see `zoo.py`):
   cached as safetensors, then converted to TransformerLens on every load (seconds);
 - hub: TransformerLens' own `from_pretrained` path, for machines that reach the Hugging Face hub;
 - twin: random init with the real architecture, built by TransformerLens' own config converter
-  from the model's real `config.json`, shipped in `layerflow/twin_configs/`.
+  from the model's real `config.json`, shipped in `layerflow/models/twin_configs/`.
 
 Models are loaded without TransformerLens' weight processing (no LayerNorm folding, no centering),
 so every hook sees exactly the activations of the original Hugging Face model.
@@ -28,7 +28,7 @@ import torch
 
 from layerflow.errors import LayerflowError
 from layerflow.files import atomic, cache_dir
-from layerflow.zoo import HUB, OFFLINE, OFFLINE_MODELS, TWIN, TWIN_SUFFIX, ModelSpec, get_spec
+from layerflow.models.zoo import HUB, OFFLINE, OFFLINE_MODELS, TWIN, TWIN_SUFFIX, ModelSpec, get_spec
 
 # What SAELens should pass to HookedTransformer.from_pretrained to see the same activations.
 NO_PROCESSING: dict[str, Any] = {
@@ -115,7 +115,7 @@ def model_config(name: str):
 
 
 def _twin_config_path(zoo_name: str) -> Path:
-    return Path(str(resources.files("layerflow.twin_configs") / f"{zoo_name}.json"))
+    return Path(str(resources.files("layerflow.models.twin_configs") / f"{zoo_name}.json"))
 
 
 def _read_twin_config(zoo_name: str) -> dict[str, Any]:

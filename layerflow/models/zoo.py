@@ -1,6 +1,6 @@
 """The model zoo: which models layerflow knows, their shapes, and where their weights come from.
 
-This module is pure data, so `layerflow models` is instant. Loading lives in `models.py`.
+This module is pure data, so `layerflow models` is instant. Loading lives in `load.py`.
 Shapes are copied from the public model configs (see twin_configs/README.md);
 tests check them against the configs TransformerLens builds.
 """
@@ -64,7 +64,7 @@ def _twin(spec: ModelSpec) -> ModelSpec:
     return ModelSpec(
         spec.name + TWIN_SUFFIX, spec.official_name, spec.family, spec.n_layers, spec.d_model,
         spec.d_mlp, "none (feed token ids)", TWIN,
-        f"random init, architecture from layerflow/twin_configs/{spec.name}.json",
+        f"random init, architecture from layerflow/models/twin_configs/{spec.name}.json",
     )
 
 
