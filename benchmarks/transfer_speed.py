@@ -28,8 +28,8 @@ import time
 import torch
 
 from layerflow import fused_encode
+from layerflow.models.sites import site_at
 from layerflow.transfer import LinearCoder, TransferOptions, dense_latents, within_model_matrix
-from layerflow.transfer_types import SiteId
 
 
 def matmul_flops(tokens: int, d: int, d_sae: int, repeats: int = 15) -> float:
@@ -61,7 +61,7 @@ def synthetic_inputs(n_sites: int, tokens: int, d: int, d_sae: int, l0: int, see
             pre = (x[:1024] - sae.b_dec) @ sae.W_enc
             sae.threshold.copy_(pre.quantile(1 - l0 / d_sae, dim=0).clamp(min=0))
         saes[hook], acts[hook] = sae, x
-        sites.append(SiteId("synthetic", hook, i, n_sites))
+        sites.append(site_at("synthetic", hook, i, n_sites))
     return saes, acts, sites
 
 

@@ -108,9 +108,9 @@ def capture(
     for col in ("site", "hook", "d", "mean ||x||"):
         table.add_column(col, justify="right" if col in ("d", "mean ||x||") else "left")
     for s in manifest.sites:
-        table.add_row(f"L{s['layer']}.{s['kind']}", s["hook_name"], str(s["d"]), f"{manifest.mean_norm[s['hook_name']]:.2f}")
+        table.add_row(str(s), s.hook_name, str(s.d), f"{manifest.mean_norm[s.hook_name]:.2f}")
     out.print(table)
-    norms = [(s["layer"], manifest.mean_norm[s["hook_name"]]) for s in manifest.sites if s["kind"] == "resid_post"]
+    norms = [(s.layer, manifest.mean_norm[s.hook_name]) for s in manifest.sites if s.kind == "resid_post"]
     if len(norms) > 1:
         (first, n_first), (last, n_last) = norms[0], norms[-1]
         out.print(f"resid_post norm grows {n_last / n_first:.1f}x from L{first} to L{last}: compare layers with "

@@ -75,7 +75,7 @@ class CaptureManifest:
     schema_version: int
     layerflow_version: str
     model: dict[str, Any]  # name, official_name, family, weights_source, from_pretrained_kwargs, n_layers
-    sites: list[dict[str, Any]]  # layer, kind, hook_name, d
+    sites: list[Site]  # records (layer, kind, hook_name, d) in the file; read back with the model's name and depth
     layers: list[int]
     d_model: int
     dtype: str
@@ -90,14 +90,22 @@ class CaptureManifest:
     mean_norm: dict[str, float]  # per hook, over non-special tokens of all shards
     seconds: float
 
+    def __post_init__(self) -> None:
+        model = self.model
+        self.sites = [s if isinstance(s, Site) else Site.from_dict(s, model=model["name"], n_layers=model.get("n_layers", 0))
+                      for s in self.sites]
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        return json.dumps(asdict(self) | {"sites": [s.to_dict(SITE_KEYS) for s in self.sites]}, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> "CaptureManifest":
         data = json.loads(text)
         data["shards"] = [ShardRecord(**s) for s in data["shards"]]
         return cls(**data)
+
+
+SITE_KEYS = ("layer", "kind", "hook_name", "d")  # a site in capture.json
 
 
 def _plan_dict(cfg: CaptureConfig, loaded: LoadedModel, sites: list[Site], token_plan: TokenPlan, shard_seqs: int) -> dict:
@@ -200,7 +208,7 @@ def capture(
     sites = resolve(model, layers, cfg.kinds)
     hook_names = [s.hook_name for s in sites]
     prepare_hooks(model, hook_names)
-    widths = {s.hook_name: _site_width(model.cfg, s) for s in sites}
+    widths = {s.hook_name: s.d for s in sites}
 
     tokenizer = model.tokenizer
     bos = loaded.bos_token_id
@@ -266,7 +274,7 @@ def capture(
             "from_pretrained_kwargs": loaded.from_pretrained_kwargs,
             "n_layers": model.cfg.n_layers,
         },
-        sites=[{"layer": s.layer, "kind": s.kind.value, "hook_name": s.hook_name, "d": widths[s.hook_name]} for s in sites],
+        sites=sites,
         layers=layers,
         d_model=model.cfg.d_model,
         dtype=cfg.dtype,
@@ -315,10 +323,6 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
             f.write(data)
             digest.update(data)
     return f"xxh3_128:{digest.hexdigest()}"
-
-
-def _site_width(cfg: Any, site: Site) -> int:
-    return cfg.d_mlp if site.kind == SiteKind.mlp_hidden else cfg.d_model
 
 
 class _ShardWriter:

@@ -49,7 +49,7 @@ Definitions:
   latents are streamed ENCODE_BATCH words at a time into ActivationCorrelation's float64
   [d_sae_A, d_sae_B] sums; the Hungarian step is cubic in the number of live latents.
 - Same depth: each source is paired with the target of nearest relative depth
-  (`SiteId.relative_depth`, ties to the shallower target).
+  (`Site.relative_depth`, ties to the shallower target).
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ from layerflow.files import DEPTH_FILE, MATCHED_FILE, TRANSFER_DIR, atomic_write
 from layerflow.matching import ActivationCorrelation
 from layerflow.metrics import reconstruction_metrics
 from layerflow.models.load import LoadedModel
-from layerflow.models.sites import parse_hook_name, prepare_hooks
-from layerflow.transfer_types import SiteId, TransferMatrix, metric_names
+from layerflow.models.sites import Site, parse_hook_name, prepare_hooks, site_at
+from layerflow.transfer_types import TransferMatrix, metric_names
 
 WORD = re.compile(r"\S+")
 ENCODE_BATCH = 4096
@@ -192,18 +192,12 @@ class AlignedActivations:
     def split(self) -> list[str]:
         return ["heldout" if h else "train" for h in self.heldout.tolist()]
 
-    def site(self, side: str, hook_name: str) -> SiteId:
+    def site(self, side: str, hook_name: str) -> Site:
         model, n_layers, acts = ((self.model_a, self.n_layers_a, self.acts_a) if side == "a"
                                  else (self.model_b, self.n_layers_b, self.acts_b))
         if hook_name not in acts:
             raise LayerflowError(f"No activations of {model} at '{hook_name}'. Captured: {', '.join(acts)}.")
-        return site_id(model, hook_name, n_layers)
-
-
-def site_id(model: str, hook_name: str, n_layers: int) -> SiteId:
-    """SiteId with the layer and kind read from a TransformerLens hook name ('blocks.L.…')."""
-    layer, kind = parse_hook_name(hook_name)
-    return SiteId(model, hook_name, layer, n_layers, kind.value if kind else hook_name.split(".", 2)[2])
+        return site_at(model, hook_name, n_layers=n_layers)
 
 
 @dataclass(frozen=True)
@@ -589,7 +583,7 @@ def _check_inputs(saes_a: dict[str, Any], saes_b: dict[str, Any], aligned: Align
 # --- same depth vs all depths --------------------------------------------------------------------
 
 
-def nearest_depth_pairs(sources: list[SiteId], targets: list[SiteId]) -> list[tuple[int, int]]:
+def nearest_depth_pairs(sources: list[Site], targets: list[Site]) -> list[tuple[int, int]]:
     """(source i, target j) with j the target of nearest relative depth (ties: the shallower)."""
     depths = np.array([t.relative_depth for t in targets])
     return [(i, int(np.argmin(np.abs(depths - s.relative_depth)))) for i, s in enumerate(sources)]
@@ -647,7 +641,7 @@ def cross_model_runs(
     for run, hooks in ((run_a, hooks_a), (run_b, hooks_b)):
         saes = load_saes(run, hooks)
         model = ActivationStore(run_store(run)).manifest.model["name"]
-        sides.append((dict(sorted(saes.items(), key=lambda kv: site_id(model, kv[0], 1).layer)), model))
+        sides.append((dict(sorted(saes.items(), key=lambda kv: parse_hook_name(kv[0])[0])), model))
     (saes_a, model_a), (saes_b, model_b) = sides
     loaded_a, loaded_b = loaded or (load_model(model_a), load_model(model_b))
     aligned = capture_aligned(loaded_a, list(saes_a), loaded_b, list(saes_b), iter_documents(source),

@@ -105,15 +105,15 @@ def evaluate_saes(
     the model, which costs far more than the reconstruction figures). `progress(done, total)`
     counts one unit per site (reconstruction) plus one per batch of sequences (spliced passes).
     """
-    sites = {s["hook_name"]: s for s in store.manifest.sites}
+    sites = {s.hook_name: s for s in store.manifest.sites}
     targets = {hook: target_of(sae) or hook for hook, sae in saes.items()}
     for hook, sae in saes.items():
         if hook not in sites:
             raise LayerflowError(f"SAE for hook '{hook}': that hook is not in the capture at '{store.root}'. "
                                  f"{did_you_mean(hook, list(sites))}")
-        if sae.cfg.d_in != sites[hook]["d"]:
+        if sae.cfg.d_in != sites[hook].d:
             raise LayerflowError(f"SAE for '{hook}' has d_in {sae.cfg.d_in}, but the captured activations there "
-                                 f"have width {sites[hook]['d']}. Use an SAE trained on this site.")
+                                 f"have width {sites[hook].d}. Use an SAE trained on this site.")
         if targets[hook] not in sites:
             raise LayerflowError(f"The transcoder from '{hook}' predicts '{targets[hook]}', which is not in the capture "
                                  f"at '{store.root}'. Capture that site too.")
@@ -137,7 +137,7 @@ def evaluate_saes(
         results[hook] = _reconstruction(hook, sae, pairs, targets[hook] if targets[hook] != hook else None)
         report(i + 1, total)
     if loaded is not None and saes:
-        starts = {h: splice_start(sites[targets[h]]["layer"], sites[targets[h]]["kind"]) for h in saes}
+        starts = {h: splice_start(sites[targets[h]].layer, sites[targets[h]].kind) for h in saes}
         spliced = spliced_metrics(saes, loaded.model, tokens, starts, specials, batch_size,
                                   on_batch=lambda b: report(len(saes) + b, total), targets=targets)
         results = {h: dataclasses.replace(r, **spliced[h]) for h, r in results.items()}

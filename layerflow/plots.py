@@ -38,9 +38,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import colors  # noqa: E402
 
+from layerflow.models.sites import Site
 from layerflow.results import CrossModelResults, ModelResults, RunResults
 from layerflow.summary import BANDS, TransferSummary, summarize
-from layerflow.transfer_types import SiteId, TransferMatrix, metric_docs
+from layerflow.transfer_types import TransferMatrix, metric_docs
 
 if TYPE_CHECKING:
     from layerflow.compare import LayerComparison
@@ -79,7 +80,7 @@ def _save(fig: plt.Figure, stem: Path) -> list[Path]:
     return paths
 
 
-def _labels(sites: Sequence[SiteId]) -> list[str]:
+def _labels(sites: Sequence[Site]) -> list[str]:
     """Layer numbers, with the site kind when one layer has several sites."""
     layers = [s.layer for s in sites]
     return [f"{s.layer} {s.kind}" if layers.count(s.layer) > 1 else str(s.layer) for s in sites]
@@ -245,7 +246,7 @@ def distance_decay(models: Sequence[ModelResults], stem: Path, metric: str = "re
     return _save(fig, stem)
 
 
-def _depth_ticks(ax: plt.Axes, sites: Sequence[SiteId], axis: str) -> None:
+def _depth_ticks(ax: plt.Axes, sites: Sequence[Site], axis: str) -> None:
     stride = max(1, math.ceil(len(sites) / 12))
     shown = sites[::stride]
     ticks, labels = [s.relative_depth for s in shown], [f"{s.relative_depth:.2f}\nL{s.layer}" for s in shown]

@@ -130,7 +130,7 @@ def _metric_summary(M: np.ndarray, layers: list[int], n_layers: int, metric: str
 def _layer_rows(m: ModelResults, transfer: dict[str, dict]) -> list[dict[str, Any]]:
     rows = []
     for site in m.capture.sites:
-        hook, layer = site["hook_name"], site["layer"]
+        hook, layer = site.hook_name, site.layer
         ev = m.evals.get(hook)
         rec = ev.reconstruction if ev is not None else None
         row = {"layer": layer, "hook": hook, "relative_depth": layer / max(m.n_layers - 1, 1),

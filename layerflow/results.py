@@ -40,10 +40,10 @@ class ModelResults:
     @property
     def hooks(self) -> list[str]:
         """Captured hooks in site order (by layer)."""
-        return [s["hook_name"] for s in self.capture.sites]
+        return [s.hook_name for s in self.capture.sites]
 
     def layer_of(self, hook: str) -> int:
-        return next(s["layer"] for s in self.capture.sites if s["hook_name"] == hook)
+        return next(s.layer for s in self.capture.sites if s.hook_name == hook)
 
 
 @dataclass

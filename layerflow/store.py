@@ -26,7 +26,7 @@ class ActivationStore:
 
     @property
     def hook_names(self) -> list[str]:
-        return [s["hook_name"] for s in self.manifest.sites]
+        return [s.hook_name for s in self.manifest.sites]
 
     def shards(self, split: str) -> list[Path]:
         if split not in SPLITS:

@@ -282,7 +282,7 @@ def train(
     store = ActivationStore(cfg.store)
     manifest = store.manifest
     hooks = _check_hooks(cfg.hooks, store)
-    sites = {s["hook_name"]: s for s in manifest.sites}
+    sites = {s.hook_name: s for s in manifest.sites}
     n_layers = _model_layers(manifest)
     transcoding = is_transcoder(cfg.schedule.architecture)
     targets = _transcoder_targets(cfg, store, hooks, explicit=bool(cfg.hooks)) if transcoding else {}
@@ -304,15 +304,15 @@ def train(
         return TrainManifest.from_json((out_dir / TRAIN_MANIFEST).read_text())
 
     torch.manual_seed(cfg.seed)
-    values = {h: cfg.schedule.values(sites[h]["layer"], n_layers) for h in hooks}
+    values = {h: cfg.schedule.values(sites[h].layer, n_layers) for h in hooks}
     saes = {}
     for h in hooks:
         extra = {}
         if transcoding:
-            extra["d_out"] = sites[targets[h]]["d"]
+            extra["d_out"] = sites[targets[h]].d
             if "dead_feature_window" in cfg.schedule.valid_keys() and "dead_feature_window" not in values[h]:
                 extra["dead_feature_window"] = cfg.dead_feature_window
-        sae_cfg = cfg.schedule.sae_config(sites[h]["layer"], n_layers, sites[h]["d"], **extra)
+        sae_cfg = cfg.schedule.sae_config(sites[h].layer, n_layers, sites[h].d, **extra)
         saes[h] = get_sae_training_class(sae_cfg.architecture())[0](sae_cfg)
 
     chunks = lambda seed: _train_chunks(cfg, store, stream, seed, loaded)
@@ -320,7 +320,7 @@ def train(
     norms, means = _input_statistics(cfg, chunks(cfg.seed + 1), store, stream, specials)
 
     def scale(hook: str, normalize: str) -> float:  # SAELens' rule: mean norm sqrt(d) for expected_average_only_in
-        return sites[hook]["d"] ** 0.5 / norms[hook] if normalize == "expected_average_only_in" else 1.0
+        return sites[hook].d ** 0.5 / norms[hook] if normalize == "expected_average_only_in" else 1.0
 
     if transcoding:
         normalize = {h: values[h].get("normalize_activations", "none") for h in hooks}
@@ -414,7 +414,7 @@ def _steps_for_epochs(cfg: TrainConfig, store: ActivationStore, specials: list[i
 
 
 def _buffer_bytes(store: ActivationStore, hooks: list[str]) -> int:
-    widths = {s["hook_name"]: s["d"] for s in store.manifest.sites}
+    widths = {s.hook_name: s.d for s in store.manifest.sites}
     epoch = store.manifest.split["train_tokens"] * sum(widths[h] for h in hooks) * 4
     return min(BUFFER_BYTES, epoch)
 
@@ -541,7 +541,7 @@ def _save_checkpoint(out_dir: Path, step: int, groups, curves, first_loss) -> No
 
 def _save_saes(sae_root, out_dir, store, hooks, saes, groups, values, scales, target_scales, targets, curves,
                cfg) -> dict[str, SiteResult]:
-    sites = {s["hook_name"]: s for s in store.manifest.sites}
+    sites = {s.hook_name: s for s in store.manifest.sites}
     sparsity, scale, target_scale = {}, dict(zip(hooks, scales)), dict(zip(hooks, target_scales))
     for members, group in groups:
         group.sync()
@@ -555,7 +555,7 @@ def _save_saes(sae_root, out_dir, store, hooks, saes, groups, values, scales, ta
         save_sae(saes[h], folder, metadata, sparsity[h], scale[h], target_scale[h] if h in targets else None)
         losses = curves[h]["loss"]
         tail = losses[-max(1, len(losses) // 10):]
-        results[h] = SiteResult(h, sites[h]["layer"], str(folder.relative_to(out_dir)), values[h], scale[h],
+        results[h] = SiteResult(h, sites[h].layer, str(folder.relative_to(out_dir)), values[h], scale[h],
                                 losses[0], sum(tail) / len(tail), hook_name_out=targets.get(h),
                                 target_scaling_factor=target_scale[h] if h in targets else None)
     return results

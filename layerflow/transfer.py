@@ -42,7 +42,8 @@ from jaxtyping import Float
 from layerflow.errors import LayerflowError
 from layerflow.files import MATCHED_FILE, SUMMARY_FILE, TRANSFER_DIR, atomic_write_text, run_store, write_json
 from layerflow.metrics import InputSums, ReconstructionStats
-from layerflow.transfer_types import SiteId, TransferMatrix
+from layerflow.models.sites import Site
+from layerflow.transfer_types import TransferMatrix
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -246,7 +247,7 @@ class _PairAccumulators:
 def within_model_matrix(
     saes: dict[str, "SAE"],
     activations: dict[str, Float[torch.Tensor, "tokens d"]],
-    sites: list[SiteId],
+    sites: list[Site],
     options: TransferOptions = TransferOptions(),
     progress: Callable[[int, int], None] | None = None,
 ) -> TransferMatrix:
@@ -327,7 +328,7 @@ def output_hook(sae: "SAE") -> str:
 def transcoder_matrix(
     transcoders: dict[str, "SAE"],
     activations: dict[str, Float[torch.Tensor, "tokens d"]],
-    sites: list[SiteId],
+    sites: list[Site],
     options: TransferOptions = TransferOptions(),
     progress: Callable[[int, int], None] | None = None,
 ) -> TransferMatrix:
@@ -603,13 +604,10 @@ def dense_latents(coder, x: torch.Tensor, batch_tokens: int) -> torch.Tensor:
 # ---------------------------------------------------------------- runs and files
 
 
-def sites_of_store(store: "ActivationStore", hooks: list[str]) -> list[SiteId]:
-    """SiteIds for `hooks` in the store's site order (by layer, then site kind)."""
-    model = store.manifest.model
-    by_hook = {s["hook_name"]: s for s in store.manifest.sites}
-    ids = [SiteId(model["name"], h, by_hook[h]["layer"], model["n_layers"], by_hook[h]["kind"]) for h in hooks]
-    order = {s["hook_name"]: i for i, s in enumerate(store.manifest.sites)}
-    return sorted(ids, key=lambda s: (s.layer, order[s.hook_name]))
+def sites_of_store(store: "ActivationStore", hooks: list[str]) -> list[Site]:
+    """The captured sites of `hooks`, in the store's site order (by layer, then site kind)."""
+    order = {s.hook_name: i for i, s in enumerate(store.manifest.sites)}
+    return sorted((s for s in store.manifest.sites if s.hook_name in hooks), key=lambda s: (s.layer, order[s.hook_name]))
 
 
 def transfer_run(

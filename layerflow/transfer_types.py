@@ -9,7 +9,7 @@ JSON schema (`schema_version` 1):
 
     {"schema": "layerflow.transfer_matrix", "schema_version": 1,
      "kind": "within_model" | "cross_model",
-     "sources": [SiteId...], "targets": [SiteId...],     # SiteId: model, hook_name, layer, n_layers, kind
+     "sources": [site...], "targets": [site...],         # site: model, hook_name, layer, n_layers, kind
      "metrics": {name: [[value per target] per source]},  # NaN written as null
      "metric_docs": {name: text},
      "settings": {...}}                                    # how it was computed (tokens, options)
@@ -21,7 +21,7 @@ import csv
 import io
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,11 @@ import numpy as np
 
 from layerflow.errors import LayerflowError, did_you_mean
 from layerflow.files import MATRIX_JSON, atomic_write_text, write_json
+from layerflow.models.sites import Site
 
 SCHEMA = "layerflow.transfer_matrix"
 SCHEMA_VERSION = 1
+SITE_KEYS = ("model", "hook_name", "layer", "n_layers", "kind")  # a source or target site in the JSON
 
 
 def _metric(doc: str) -> Any:
@@ -39,29 +41,11 @@ def _metric(doc: str) -> Any:
 
 
 @dataclass(frozen=True)
-class SiteId:
-    model: str  # zoo name, or the SAE's metadata model_name
-    hook_name: str
-    layer: int
-    n_layers: int
-    kind: str = "resid_post"
-
-    @property
-    def relative_depth(self) -> float:
-        """Layer position in [0, 1]: 0 = first block, 1 = last; compares models of different depth."""
-        return self.layer / max(self.n_layers - 1, 1)
-
-    @property
-    def label(self) -> str:
-        return f"{self.model}:{self.hook_name}"
-
-
-@dataclass(frozen=True)
 class WithinModelPair:
     """SAE trained at `source`, applied to the held-out activations of `target` (same tokens)."""
 
-    source: SiteId
-    target: SiteId
+    source: Site
+    target: Site
     # The notes' metrics, kept for continuity (raw units; confounded by norm growth).
     transfer_recon_ratio: float = _metric(
         "Notes file 001: source loss / target loss = MSE(SAE_i on i) / MSE(SAE_i on j). Higher is better; 1 on the diagonal. Raw MSEs: falls with residual norm growth even when features are shared.")
@@ -118,8 +102,8 @@ class WithinModelPair:
 class CrossModelPair:
     """SAE of model A's `source` site applied to model B's `target` site through an affine stitch."""
 
-    source: SiteId
-    target: SiteId
+    source: Site
+    target: Site
     stitched_explained_variance: float = _metric(
         "EV on x_B (held-out words) of: map x_B into A's space (affine, fit on the train split), encode/decode with SAE_A, map back. Higher is better.")
     stitch_only_explained_variance: float = _metric(
@@ -148,8 +132,8 @@ def metric_docs(kind: str) -> dict[str, str]:
 @dataclass
 class TransferMatrix:
     kind: str  # "within_model" or "cross_model"
-    sources: list[SiteId]
-    targets: list[SiteId]
+    sources: list[Site]
+    targets: list[Site]
     metrics: dict[str, np.ndarray]  # name -> float64 [len(sources), len(targets)]; NaN = not computed
     settings: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. matched feature pairs; not serialized here
@@ -185,7 +169,7 @@ class TransferMatrix:
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "kind": self.kind,
-            "sources": [asdict(s) for s in self.sources], "targets": [asdict(s) for s in self.targets],
+            "sources": [s.to_dict(SITE_KEYS) for s in self.sources], "targets": [s.to_dict(SITE_KEYS) for s in self.targets],
             "metrics": {n: [[_to_float(v) for v in row] for row in m] for n, m in self.metrics.items()},
             "metric_docs": {n: d for n, d in metric_docs(self.kind).items() if n in self.metrics},
             "settings": self.settings,
@@ -200,7 +184,7 @@ class TransferMatrix:
                                  f"(this layerflow reads version {SCHEMA_VERSION}).")
         metrics = {n: np.array([[np.nan if v is None else v for v in row] for row in m], dtype=np.float64)
                    for n, m in data["metrics"].items()}
-        return cls(data["kind"], [SiteId(**s) for s in data["sources"]], [SiteId(**s) for s in data["targets"]],
+        return cls(data["kind"], [Site.from_dict(s) for s in data["sources"]], [Site.from_dict(s) for s in data["targets"]],
                    metrics, data.get("settings", {}))
 
     def to_csv(self) -> str:

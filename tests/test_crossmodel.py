@@ -30,8 +30,9 @@ from layerflow.data import iter_documents
 from layerflow.errors import LayerflowError
 from layerflow.files import cache_dir
 from layerflow.models.load import load_model
+from layerflow.models.sites import site_at as SiteId
 from layerflow.synthetic import planted_layers, true_sae
-from layerflow.transfer_types import SiteId, TransferMatrix
+from layerflow.transfer_types import TransferMatrix
 
 R0, R1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 

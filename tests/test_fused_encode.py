@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from layerflow import fused_encode
+from layerflow.models.sites import site_at as SiteId
 from layerflow.transfer import LinearCoder, SparseLatents, TransferOptions, within_model_matrix
-from layerflow.transfer_types import SiteId
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                 reason="no C compiler: layerflow uses torch ops instead")

@@ -14,9 +14,10 @@ from layerflow.evals import SiteEval
 from layerflow.metrics import ReconstructionMetrics
 from layerflow.plots import (BAND_EDGES, NOT_COMPUTED, UNDER, band_colormap, draw_band_heatmap, make_plots,
                              transfer_heatmap, universality_bars)
+from layerflow.models.sites import site_at as SiteId
 from layerflow.results import CrossModelResults, ModelResults, RunResults
 from layerflow.summary import band
-from layerflow.transfer_types import SiteId, TransferMatrix
+from layerflow.transfer_types import TransferMatrix
 
 pytestmark = [pytest.mark.filterwarnings("error"),  # e.g. no "mean of empty slice" on NaN rows
               pytest.mark.filterwarnings("ignore:The 'utils' module has been deprecated")]  # transformer_lens

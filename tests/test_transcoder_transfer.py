@@ -16,10 +16,11 @@ from layerflow.capture import CaptureConfig, capture
 from layerflow.errors import LayerflowError
 from layerflow.metrics import reconstruction_metrics
 from layerflow.models.sites import SiteKind
+from layerflow.models.sites import site_at as SiteId
 from layerflow.store import ActivationStore
 from layerflow.synthetic import planted_maps, true_transcoder
 from layerflow.transfer import LinearCoder, TransferOptions, transcoder_matrix, transfer_run, within_model_matrix
-from layerflow.transfer_types import SiteId, TransferMatrix
+from layerflow.transfer_types import TransferMatrix
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,11 +15,12 @@ from conftest import run_cli, tiny_twin
 from layerflow.capture import CaptureConfig, capture
 from layerflow.errors import LayerflowError
 from layerflow.evals import read_eval_results
+from layerflow.models.sites import site_at as SiteId
 from layerflow.schedule import LayerSchedule
 from layerflow.synthetic import planted_layers, true_sae
 from layerflow.train import TrainConfig, train
 from layerflow.transfer import LinearCoder, TransferOptions, transfer_run, within_model_matrix
-from layerflow.transfer_types import SiteId, TransferMatrix
+from layerflow.transfer_types import TransferMatrix
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

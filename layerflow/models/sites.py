@@ -1,4 +1,4 @@
-"""Sites: a typed name for "this activation at this layer", resolved to a TransformerLens hook.
+"""Sites: a typed name for "this activation at this layer of this model", resolved to a TransformerLens hook.
 
 Resolution reads the architecture's traits from the model config (parallel attention/MLP,
 attention-only, mixture-of-experts), never a per-model table, so a new model that TransformerLens
@@ -14,8 +14,7 @@ SAELens exactly like a native hook (it is also TransformerLens 4's canonical nam
 from __future__ import annotations
 
 import re
-
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -55,16 +54,52 @@ _HOOK_TEMPLATES: dict[SiteKind, str] = {
 
 @dataclass(frozen=True, order=True)
 class Site:
+    """One activation: a layer, a site kind, and the TransformerLens hook that holds it.
+
+    `Site(12, SiteKind.resid_post)` names it. The sites a model resolves (`resolve`), which a
+    capture manifest records and every later stage reads back, transfer matrices included, also
+    carry the model, its depth and the activation's width. `site_at` builds one from a hook name.
+    """
+
     layer: int
-    kind: SiteKind
+    kind: str  # a SiteKind value; for a hook outside layerflow's kinds, its name inside the block
+    model: str = ""  # zoo name; "" when the site is not tied to a model
+    n_layers: int = 0  # the model's depth; 0 when unknown
+    hook_name: str = ""  # the TransformerLens hook; derived from layer and kind when not given
+    d: int = field(default=0, compare=False)  # the activation's width; 0 when unknown
+
+    def __post_init__(self) -> None:
+        kind = self.kind.value if isinstance(self.kind, SiteKind) else str(self.kind)
+        object.__setattr__(self, "kind", kind)
+        if not self.hook_name:
+            object.__setattr__(self, "hook_name", _HOOK_TEMPLATES[parse_kind(kind)].format(L=self.layer))
 
     def __str__(self) -> str:
-        return f"L{self.layer}.{self.kind.value}"
+        return f"L{self.layer}.{self.kind}"
+
+    def __getitem__(self, key: str) -> Any:
+        """A site read from a manifest also answers to the manifest's keys: `site["hook_name"]`."""
+        if key not in SITE_FIELDS:
+            raise KeyError(key)
+        return getattr(self, key)
 
     @property
-    def hook_name(self) -> str:
-        """The TransformerLens hook name (valid once `resolve` has accepted the site)."""
-        return _HOOK_TEMPLATES[self.kind].format(L=self.layer)
+    def relative_depth(self) -> float:
+        """Layer position in [0, 1]: 0 = first block, 1 = last; compares models of different depth."""
+        return self.layer / max(self.n_layers - 1, 1)
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}:{self.hook_name}"
+
+    def to_dict(self, keys: tuple[str, ...]) -> dict[str, Any]:
+        """The fields `keys`, in that order: each file that lists sites writes the ones it needs."""
+        return {key: getattr(self, key) for key in keys}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **known: Any) -> "Site":
+        """A site from a file's record; `known` fills the fields the record leaves to its context."""
+        return cls(**{key: value for key, value in {**known, **data}.items() if key in SITE_FIELDS})
 
     @classmethod
     def parse(cls, text: str) -> "Site":
@@ -75,6 +110,20 @@ class Site:
         return cls(int(layer[1:]), parse_kind(kind))
 
 
+SITE_FIELDS = ("layer", "kind", "model", "n_layers", "hook_name", "d")
+
+
+def site_at(model: str, hook_name: str, layer: int | None = None, n_layers: int = 0, kind: str | None = None,
+            d: int = 0) -> Site:
+    """The Site of `hook_name` in `model`: its layer and kind read from the hook name unless given
+    ('blocks.7.hook_resid_post' -> layer 7, resid_post; 'blocks.7.attn.hook_z' -> kind 'attn.hook_z')."""
+    if layer is None or kind is None:
+        parsed_layer, parsed_kind = parse_hook_name(hook_name)
+        layer = parsed_layer if layer is None else layer
+        kind = kind or (parsed_kind.value if parsed_kind else hook_name.split(".", 2)[2])
+    return Site(layer, kind, model, n_layers, hook_name, d)
+
+
 def parse_hook_name(hook_name: str) -> tuple[int, SiteKind | None]:
     """'blocks.7.hook_resid_post' -> (7, SiteKind.resid_post); the kind is None for a block hook
     that is not one of layerflow's site kinds."""
@@ -82,7 +131,7 @@ def parse_hook_name(hook_name: str) -> tuple[int, SiteKind | None]:
     if match is None:
         raise LayerflowError(f"Hook '{hook_name}' is not inside a block (expected 'blocks.<layer>.<hook>').")
     layer = int(match.group(1))
-    return layer, next((k for k in SiteKind if Site(layer, k).hook_name == hook_name), None)
+    return layer, next((k for k in SiteKind if _HOOK_TEMPLATES[k].format(L=layer) == hook_name), None)
 
 
 def parse_kind(text: str) -> SiteKind:
@@ -141,7 +190,8 @@ def parse_layers(spec: str, n_layers: int, model_name: str = "the model") -> lis
 
 
 def resolve(model: Any, layers: list[int], kinds: list[SiteKind]) -> list[Site]:
-    """Check that every (layer, kind) exists in `model` and return the sites, layer-major."""
+    """Check that every (layer, kind) exists in `model` and return its sites, layer-major, each
+    with the model's name and depth and the activation's width."""
     cfg = model.cfg
     for kind in kinds:
         if reason := unavailable_reason(cfg, kind):
@@ -149,7 +199,12 @@ def resolve(model: Any, layers: list[int], kinds: list[SiteKind]) -> list[Site]:
     for layer in layers:
         if not 0 <= layer < cfg.n_layers:
             raise LayerflowError(f"Layer {layer} is out of range: valid layers are 0..{cfg.n_layers - 1}.")
-    return [Site(layer, kind) for layer in layers for kind in kinds]
+    return [Site(layer, kind, cfg.model_name, cfg.n_layers, d=site_width(cfg, kind)) for layer in layers for kind in kinds]
+
+
+def site_width(cfg: Any, kind: SiteKind | str) -> int:
+    """The width of a site kind's activation: d_mlp inside the MLP, d_model elsewhere."""
+    return cfg.d_mlp if kind == SiteKind.mlp_hidden else cfg.d_model
 
 
 # Hooks TransformerLens only calls when a config flag is on (otherwise they exist but never fire).
