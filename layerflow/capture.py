@@ -31,7 +31,8 @@ import xxhash
 from layerflow import __version__
 from layerflow.data import TokenPlan, describe_source, make_sequences, source_fingerprint, special_token_ids
 from layerflow.errors import LayerflowError
-from layerflow.files import CAPTURE_MANIFEST, PLAN_FILE, SHARD_DIR, TOKENS_KEY, atomic, atomic_write_text, file_checksum
+from layerflow.files import (CAPTURE_MANIFEST, PLAN_FILE, SHARD_DIR, TOKENS_KEY, CaptureManifest, ShardRecord, atomic,
+                             atomic_write_text, file_checksum)
 from layerflow.models.load import LoadedModel, load_model
 from layerflow.models.sites import Site, SiteKind, prepare_hooks, resolve
 
@@ -56,56 +57,6 @@ class CaptureConfig:
     seed: int = 0
     device: str = "cpu"
     splits: tuple[str, ...] = ("train", "heldout")  # online training stores only "heldout"
-
-
-@dataclass
-class ShardRecord:
-    file: str
-    split: str  # "train" or "heldout"
-    first_seq: int
-    n_seqs: int
-    n_tokens: int
-    checksum: str  # "xxh3_128:<hex>" of the whole file
-    norm_sums: dict[str, float]  # per hook: sum of activation L2 norms over non-special tokens
-    norm_count: int  # number of non-special tokens
-
-
-@dataclass
-class CaptureManifest:
-    schema_version: int
-    layerflow_version: str
-    model: dict[str, Any]  # name, official_name, family, weights_source, from_pretrained_kwargs, n_layers
-    sites: list[Site]  # records (layer, kind, hook_name, d) in the file; read back with the model's name and depth
-    layers: list[int]
-    d_model: int
-    dtype: str
-    context_size: int
-    prepend_bos: bool
-    bos_token_id: int | None
-    special_token_ids: list[int]
-    text_source: dict[str, Any]
-    split: dict[str, int]  # train_seqs, heldout_seqs, train_tokens, heldout_tokens
-    n_tokens: int
-    shards: list[ShardRecord]
-    mean_norm: dict[str, float]  # per hook, over non-special tokens of all shards
-    seconds: float
-
-    def __post_init__(self) -> None:
-        model = self.model
-        self.sites = [s if isinstance(s, Site) else Site.from_dict(s, model=model["name"], n_layers=model.get("n_layers", 0))
-                      for s in self.sites]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self) | {"sites": [s.to_dict(SITE_KEYS) for s in self.sites]}, indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "CaptureManifest":
-        data = json.loads(text)
-        data["shards"] = [ShardRecord(**s) for s in data["shards"]]
-        return cls(**data)
-
-
-SITE_KEYS = ("layer", "kind", "hook_name", "d")  # a site in capture.json
 
 
 def _plan_dict(cfg: CaptureConfig, loaded: LoadedModel, sites: list[Site], token_plan: TokenPlan, shard_seqs: int) -> dict:
@@ -219,7 +170,7 @@ def capture(
     plan = _plan_dict(cfg, loaded, sites, token_plan, shard_seqs)
     state = _check_output_dir(out_dir, plan, overwrite)
     if state == "complete":
-        return CaptureManifest.from_json((out_dir / CAPTURE_MANIFEST).read_text())
+        return CaptureManifest.read(out_dir)
 
     tokens, n_train, n_heldout = split_sequences(cfg, token_plan, loaded)
     n_seqs = n_train + n_heldout
@@ -291,7 +242,7 @@ def capture(
         mean_norm={h: sum(r.norm_sums[h] for r in shard_records) / max(count, 1) for h in hook_names},
         seconds=round(time.perf_counter() - started, 3),
     )
-    atomic_write_text(out_dir / CAPTURE_MANIFEST, manifest.to_json())
+    manifest.write(out_dir)
     return manifest
 
 

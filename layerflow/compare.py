@@ -17,8 +17,7 @@ import torch
 
 from layerflow.errors import LayerflowError
 from layerflow.evals import SiteEval, read_eval_results
-from layerflow.files import CURVES_FILE, TRAIN_MANIFEST
-from layerflow.train import TrainManifest
+from layerflow.files import CURVES_FILE, TRAIN_MANIFEST, TrainManifest
 
 
 @dataclass
@@ -47,7 +46,7 @@ def compare_layers(run: str | Path, layers: list[int] | None = None) -> LayerCom
     run = Path(run)
     if not (run / TRAIN_MANIFEST).exists():
         raise LayerflowError(f"'{run}' is not a finished `layerflow train` run (no {TRAIN_MANIFEST}).")
-    manifest = TrainManifest.from_json((run / TRAIN_MANIFEST).read_text())
+    manifest = TrainManifest.read(run)
     evals = read_eval_results(run)
     curves = json.loads((run / CURVES_FILE).read_text()) if (run / CURVES_FILE).exists() else {}
     trained = sorted({s.layer for s in manifest.sites})

@@ -1,4 +1,5 @@
-"""The on-disk contract: every file and folder layerflow writes, and how it writes them.
+"""The on-disk contract: every file and folder layerflow writes, the manifests that say a stage is
+finished, and how they are written.
 
 Each stage hands the next one a folder. A folder holds a plan, written first (what is being made;
 a rerun compares it), and a manifest, written last (its presence means "complete"):
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,6 +34,7 @@ import numpy as np
 import xxhash
 
 from layerflow.errors import LayerflowError
+from layerflow.models.sites import Site
 
 # --- names ---------------------------------------------------------------------------------------
 
@@ -83,6 +86,119 @@ def run_store(run: str | Path) -> str:
     if not (run / PLAN_FILE).exists():
         raise LayerflowError(f"'{run}' is not a layerflow training run: pass --store with held-out activations.")
     return json.loads((run / PLAN_FILE).read_text())["store"]
+
+
+# --- manifests -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardRecord:
+    """One shard of a capture; also its sidecar <shard>.json, written once the shard is complete."""
+
+    file: str
+    split: str  # "train" or "heldout"
+    first_seq: int
+    n_seqs: int
+    n_tokens: int
+    checksum: str  # "xxh3_128:<hex>" of the whole file
+    norm_sums: dict[str, float]  # per hook: sum of activation L2 norms over non-special tokens
+    norm_count: int  # number of non-special tokens
+
+
+@dataclass
+class CaptureManifest:
+    """capture.json: what a finished capture holds (`layerflow.capture`)."""
+
+    schema_version: int
+    layerflow_version: str
+    model: dict[str, Any]  # name, official_name, family, weights_source, from_pretrained_kwargs, n_layers
+    sites: list[Site]  # records (layer, kind, hook_name, d) in the file; read back with the model's name and depth
+    layers: list[int]
+    d_model: int
+    dtype: str
+    context_size: int
+    prepend_bos: bool
+    bos_token_id: int | None
+    special_token_ids: list[int]
+    text_source: dict[str, Any]
+    split: dict[str, int]  # train_seqs, heldout_seqs, train_tokens, heldout_tokens
+    n_tokens: int
+    shards: list[ShardRecord]
+    mean_norm: dict[str, float]  # per hook, over non-special tokens of all shards
+    seconds: float
+
+    def __post_init__(self) -> None:
+        model = self.model
+        self.sites = [s if isinstance(s, Site) else Site.from_dict(s, model=model["name"], n_layers=model.get("n_layers", 0))
+                      for s in self.sites]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self) | {"sites": [s.to_dict(SITE_KEYS) for s in self.sites]}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CaptureManifest":
+        data = json.loads(text)
+        data["shards"] = [ShardRecord(**s) for s in data["shards"]]
+        return cls(**data)
+
+    @classmethod
+    def read(cls, folder: str | Path) -> "CaptureManifest":
+        return cls.from_json((Path(folder) / CAPTURE_MANIFEST).read_text())
+
+    def write(self, folder: str | Path) -> Path:
+        path = Path(folder) / CAPTURE_MANIFEST
+        atomic_write_text(path, self.to_json())
+        return path
+
+
+SITE_KEYS = ("layer", "kind", "hook_name", "d")  # a site in capture.json
+
+
+@dataclass
+class SiteResult:
+    """One site of a finished training run."""
+
+    hook_name: str
+    layer: int
+    folder: str  # relative to the run directory
+    hyperparameters: dict[str, Any]  # this site's schedule values
+    scaling_factor: float
+    first_loss: float  # total loss of the first step (scaled units)
+    final_loss: float  # mean total loss over the last 10% of steps (scaled units)
+    evals: dict[str, Any] | None = None
+    hook_name_out: str | None = None  # a transcoder's target site
+    target_scaling_factor: float | None = None  # a transcoder's target scale
+
+
+@dataclass
+class TrainManifest:
+    """train.json: what a finished training run made (`layerflow.train`)."""
+
+    layerflow_version: str
+    config: dict[str, Any]
+    model: dict[str, Any]
+    steps: int
+    tokens_per_site: int
+    seconds: float
+    sites: list[SiteResult]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainManifest":
+        data = json.loads(text)
+        data["sites"] = [SiteResult(**s) for s in data["sites"]]
+        return cls(**data)
+
+    @classmethod
+    def read(cls, folder: str | Path) -> "TrainManifest":
+        return cls.from_json((Path(folder) / TRAIN_MANIFEST).read_text())
+
+    def write(self, folder: str | Path) -> Path:
+        path = Path(folder) / TRAIN_MANIFEST
+        atomic_write_text(path, self.to_json())
+        return path
 
 
 # --- writing -------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from typing import Any
 
 from layerflow.errors import LayerflowError
 from layerflow.files import (ACTIVATIONS_DIR, CAPTURE_MANIFEST, CROSS_SEPARATOR, DEPTH_FILE, EVAL_JSON, MATRIX_JSON,
-                             RUN_FILE, SAE_DIR, SUMMARY_FILE, TRAIN_MANIFEST, TRANSFER_DIR)
+                             RUN_FILE, SAE_DIR, SUMMARY_FILE, TRAIN_MANIFEST, TRANSFER_DIR, CaptureManifest,
+                             TrainManifest)
 
 @dataclass
 class ModelResults:
@@ -31,8 +32,8 @@ class ModelResults:
 
     name: str
     n_layers: int
-    capture: Any  # capture.CaptureManifest: per-site mean activation norms in .mean_norm
-    train: Any = None  # train.TrainManifest
+    capture: CaptureManifest  # per-site mean activation norms in .mean_norm
+    train: TrainManifest | None = None
     evals: dict[str, Any] = field(default_factory=dict)  # hook_name -> evals.SiteEval
     transfer: Any = None  # transfer_types.TransferMatrix ("within_model")
     transfer_summaries: dict[str, dict] = field(default_factory=dict)  # metric -> summary.TransferSummary.to_dict()
@@ -63,9 +64,7 @@ class RunResults:
 
     @classmethod
     def load(cls, root: str | Path) -> "RunResults":
-        from layerflow.capture import CaptureManifest
         from layerflow.evals import read_eval_results
-        from layerflow.train import TrainManifest
         from layerflow.transfer_types import TransferMatrix
 
         root = Path(root)
@@ -79,11 +78,11 @@ class RunResults:
             capture_file = root / ACTIVATIONS_DIR / name / CAPTURE_MANIFEST
             if not capture_file.exists():
                 continue
-            capture = CaptureManifest.from_json(capture_file.read_text())
+            capture = CaptureManifest.read(capture_file.parent)
             result = ModelResults(name, int(capture.model["n_layers"]), capture)
             saes = root / SAE_DIR / name
             if (saes / TRAIN_MANIFEST).exists():
-                result.train = TrainManifest.from_json((saes / TRAIN_MANIFEST).read_text())
+                result.train = TrainManifest.read(saes)
             if (saes / EVAL_JSON).exists():
                 result.evals = read_eval_results(saes)
             within = root / TRANSFER_DIR / name

@@ -18,9 +18,8 @@ import torch
 from safetensors.torch import save_file
 from sae_lens.constants import SPARSITY_FILENAME
 
-from layerflow.capture import CaptureManifest
 from layerflow.errors import LayerflowError
-from layerflow.files import SAE_DIR, atomic
+from layerflow.files import SAE_DIR, CaptureManifest, atomic
 
 
 def sae_metadata(manifest: CaptureManifest, hook_name: str, exclude_special_tokens: bool = True) -> dict[str, Any]:

@@ -8,9 +8,8 @@ import torch
 from jaxtyping import Float, Int
 from safetensors import safe_open
 
-from layerflow.capture import CaptureManifest
 from layerflow.errors import LayerflowError
-from layerflow.files import CAPTURE_MANIFEST, SHARD_DIR, TOKENS_KEY
+from layerflow.files import CAPTURE_MANIFEST, SHARD_DIR, TOKENS_KEY, CaptureManifest
 
 SPLITS = ("train", "heldout")
 
@@ -22,7 +21,7 @@ class ActivationStore:
         if not manifest.exists():
             raise LayerflowError(f"'{self.root}' is not a finished capture (no {CAPTURE_MANIFEST}). "
                                  "Run `layerflow capture` (it resumes an interrupted one).")
-        self.manifest = CaptureManifest.from_json(manifest.read_text())
+        self.manifest = CaptureManifest.read(self.root)
 
     @property
     def hook_names(self) -> list[str]:

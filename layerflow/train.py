@@ -38,8 +38,8 @@ from layerflow.activation_batches import BUFFER_BYTES, mixed_batches, model_chun
 from layerflow.capture import CaptureConfig, capture, split_sequences
 from layerflow.data import TokenPlan
 from layerflow.errors import LayerflowError
-from layerflow.files import (CHECKPOINT_DIR, CURVES_FILE, PLAN_FILE, SAE_DIR, SAMPLES_DIR, TRAIN_MANIFEST, atomic,
-                             atomic_write_text, run_store, write_json)
+from layerflow.files import (CHECKPOINT_DIR, CURVES_FILE, PLAN_FILE, SAE_DIR, SAMPLES_DIR, TRAIN_MANIFEST, SiteResult,
+                             TrainManifest, atomic, atomic_write_text, run_store, write_json)
 from layerflow.models.sites import Site, parse_hook_name
 from layerflow.sae_io import load_saes, sae_metadata, save_sae
 from layerflow.schedule import LayerSchedule, get_preset, is_transcoder
@@ -225,40 +225,6 @@ class _TranscoderGroup:
         pass  # trained in place
 
 
-@dataclass
-class SiteResult:
-    hook_name: str
-    layer: int
-    folder: str  # relative to the run directory
-    hyperparameters: dict[str, Any]  # this site's schedule values
-    scaling_factor: float
-    first_loss: float  # total loss of the first step (scaled units)
-    final_loss: float  # mean total loss over the last 10% of steps (scaled units)
-    evals: dict[str, Any] | None = None
-    hook_name_out: str | None = None  # a transcoder's target site
-    target_scaling_factor: float | None = None  # a transcoder's target scale
-
-
-@dataclass
-class TrainManifest:
-    layerflow_version: str
-    config: dict[str, Any]
-    model: dict[str, Any]
-    steps: int
-    tokens_per_site: int
-    seconds: float
-    sites: list[SiteResult]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "TrainManifest":
-        data = json.loads(text)
-        data["sites"] = [SiteResult(**s) for s in data["sites"]]
-        return cls(**data)
-
-
 def train(
     cfg: TrainConfig,
     out_dir: str | Path,
@@ -301,7 +267,7 @@ def train(
 
     state = _prepare_out_dir(out_dir, plan, overwrite)
     if state == "complete":
-        return TrainManifest.from_json((out_dir / TRAIN_MANIFEST).read_text())
+        return TrainManifest.read(out_dir)
 
     torch.manual_seed(cfg.seed)
     values = {h: cfg.schedule.values(sites[h].layer, n_layers) for h in hooks}
@@ -384,7 +350,7 @@ def train(
         layerflow_version=__version__, config=plan, model=manifest.model, steps=steps,
         tokens_per_site=steps * cfg.batch_tokens, seconds=round(time.perf_counter() - started, 3),
         sites=list(results.values()))
-    atomic_write_text(out_dir / TRAIN_MANIFEST, train_manifest.to_json())
+    train_manifest.write(out_dir)
     shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
     return train_manifest
 
@@ -633,10 +599,10 @@ def evaluate_run(
                             exclude_special_tokens=exclude_special_tokens, spliced_max_tokens=spliced_max_tokens)
     written = list(write_eval_results(results, Path(out_dir or run)))
     if (run / TRAIN_MANIFEST).exists():
-        manifest = TrainManifest.from_json((run / TRAIN_MANIFEST).read_text())
+        manifest = TrainManifest.read(run)
         for site in manifest.sites:
             if site.hook_name in results:
                 site.evals = results[site.hook_name].to_row()
-        atomic_write_text(run / TRAIN_MANIFEST, manifest.to_json())
+        manifest.write(run)
         written.append(run / TRAIN_MANIFEST)
     return results, written

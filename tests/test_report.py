@@ -8,18 +8,16 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from layerflow.capture import CaptureManifest
 from layerflow.crossmodel import compare_same_depth
 from layerflow.evals import SiteEval, write_eval_results
+from layerflow.files import CaptureManifest, SiteResult, TrainManifest, cross_dir_name
 from layerflow.files import CAPTURE_MANIFEST as CAPTURE_FILE
-from layerflow.files import cross_dir_name
 from layerflow.files import TRAIN_MANIFEST as TRAIN_FILE
 from layerflow.metrics import ReconstructionMetrics
 from layerflow.models.sites import site_at as SiteId
 from layerflow.report import build_summary, fmt, report_run, write_report
 from layerflow.results import RunResults
 from layerflow.summary import band
-from layerflow.train import SiteResult, TrainManifest
 from layerflow.transfer_types import TransferMatrix
 
 LAYERS, N_LAYERS = [0, 2, 4, 6, 8, 10], 12

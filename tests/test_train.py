@@ -10,10 +10,10 @@ from sae_lens import SAE
 from conftest import run_cli, tiny_twin
 from layerflow.capture import CaptureConfig, capture
 from layerflow.errors import LayerflowError
-from layerflow.files import CHECKPOINT_DIR
+from layerflow.files import CHECKPOINT_DIR, TrainManifest
 from layerflow.schedule import LayerSchedule
 from layerflow.store import ActivationStore
-from layerflow.train import TrainConfig, TrainManifest, train
+from layerflow.train import TrainConfig, train
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 
