@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import queue
-import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,8 +30,8 @@ import xxhash
 from layerflow import __version__
 from layerflow.data import TokenPlan, describe_source, make_sequences, source_fingerprint, special_token_ids
 from layerflow.errors import LayerflowError
-from layerflow.files import (CAPTURE_MANIFEST, PLAN_FILE, SHARD_DIR, TOKENS_KEY, CaptureManifest, ShardRecord, atomic,
-                             atomic_write_text, file_checksum)
+from layerflow.files import (CAPTURE, PLAN_FILE, SHARD_DIR, TOKENS_KEY, CaptureManifest, ShardRecord, atomic,
+                             atomic_write_text, file_checksum, prepare_out_dir, write_json)
 from layerflow.models.load import LoadedModel, load_model
 from layerflow.models.sites import Site, SiteKind, prepare_hooks, resolve
 
@@ -76,26 +75,6 @@ def _plan_dict(cfg: CaptureConfig, loaded: LoadedModel, sites: list[Site], token
         "seed": cfg.seed,
         **({"splits": list(cfg.splits)} if tuple(cfg.splits) != ("train", "heldout") else {}),
     }
-
-
-def _check_output_dir(out_dir: Path, plan: dict, overwrite: bool) -> str:
-    """Returns 'fresh', 'resume' or 'complete'; refuses a directory holding a different run."""
-    if not out_dir.exists() or not any(out_dir.iterdir()):
-        return "fresh"
-    plan_path = out_dir / PLAN_FILE
-    if not plan_path.exists():
-        # Never delete a directory layerflow did not write, even with --overwrite.
-        raise LayerflowError(f"Output directory '{out_dir}' is not empty and holds no layerflow capture. "
-                             "Choose another --out.")
-    if overwrite:
-        shutil.rmtree(out_dir)
-        return "fresh"
-    old = json.loads(plan_path.read_text())
-    if old == plan:
-        return "complete" if (out_dir / CAPTURE_MANIFEST).exists() else "resume"
-    diffs = [f"{k}: {old.get(k)!r} -> {plan.get(k)!r}" for k in sorted(set(old) | set(plan)) if old.get(k) != plan.get(k)]
-    raise LayerflowError(f"Output directory '{out_dir}' holds a different capture ({'; '.join(diffs)}). "
-                         "Choose another --out, or pass --overwrite to replace it.")
 
 
 def split_sequences(cfg: CaptureConfig, token_plan: TokenPlan, loaded: LoadedModel) -> tuple[torch.Tensor, int, int]:
@@ -168,7 +147,7 @@ def capture(
     bytes_per_seq = cfg.context_size * sum(widths.values()) * store_dtype.itemsize
     shard_seqs = cfg.shard_seqs or max(1, SHARD_BYTES // bytes_per_seq)
     plan = _plan_dict(cfg, loaded, sites, token_plan, shard_seqs)
-    state = _check_output_dir(out_dir, plan, overwrite)
+    state = prepare_out_dir(out_dir, CAPTURE, plan, overwrite)
     if state == "complete":
         return CaptureManifest.read(out_dir)
 
@@ -177,7 +156,7 @@ def capture(
     specials = torch.tensor(special_token_ids(tokenizer, token_plan), dtype=torch.long)
 
     (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / PLAN_FILE, json.dumps(plan, indent=2))
+    write_json(out_dir / PLAN_FILE, plan, indent=2)
 
     shard_plan = [s for s in _shard_plan(n_train, n_heldout, shard_seqs) if s[1] in cfg.splits]
     records: dict[str, ShardRecord] = {}

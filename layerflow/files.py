@@ -88,6 +88,68 @@ def run_store(run: str | Path) -> str:
     return json.loads((run / PLAN_FILE).read_text())["store"]
 
 
+# --- output folders ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FolderKind:
+    """What a stage writes into its output folder, as far as `prepare_out_dir` needs to know."""
+
+    name: str  # what refusals call it
+    plan_file: str  # written first: what is being made
+    manifest_file: str | None  # written last: its presence means "complete" (None: the stages decide)
+    other_plan: str  # how a refusal names a folder that holds another plan
+    plan_key: str | None = None  # where the plan sits inside the plan file (None: it is the whole file)
+    owned: tuple[str, ...] | None = None  # what --overwrite removes (None: everything in the folder)
+
+
+CAPTURE = FolderKind("capture", PLAN_FILE, CAPTURE_MANIFEST, "a different capture")
+TRAINING_RUN = FolderKind("training run", PLAN_FILE, TRAIN_MANIFEST, "SAEs from a different training run")
+# A run folder also keeps the feature-description cache and whatever else its owner puts there.
+RUN = FolderKind("run", RUN_FILE, None, "a run with a different config", plan_key="config",
+                 owned=(ACTIVATIONS_DIR, SAE_DIR, TRANSFER_DIR, PLOTS_DIR, REPORT_FILE, SUMMARY_FILE, RUN_FILE))
+
+
+def prepare_out_dir(folder: str | Path, kind: FolderKind, plan: dict[str, Any], overwrite: bool = False) -> str:
+    """The one rule for a stage's output folder: "fresh", "resume" or "complete".
+
+    - A missing or empty folder is fresh.
+    - A folder without the plan file was not written by layerflow: it is refused, even with
+      `overwrite`, and nothing in it is touched.
+    - The same plan: "complete" when the manifest is there, else "resume" (finished work is kept).
+    - Another plan: refused, naming what differs, unless `overwrite`.
+    - With `overwrite`, what layerflow wrote there is removed and the folder is fresh.
+
+    Nothing is written here: a stage writes its plan when its work starts.
+    """
+    folder = Path(folder)
+    if not folder.exists() or not any(folder.iterdir()):
+        return "fresh"
+    plan_path = folder / kind.plan_file
+    if not plan_path.exists():
+        saes = " (it holds SAEs that this run did not write)" if any(folder.rglob("cfg.json")) else ""
+        raise LayerflowError(f"Output folder '{folder}' is not empty and holds no layerflow {kind.name}{saes}. "
+                             "Choose another --out.")
+    old = json.loads(plan_path.read_text())
+    old = old[kind.plan_key] if kind.plan_key else old
+    if overwrite:
+        for entry in (folder.iterdir() if kind.owned is None else (folder / name for name in kind.owned)):
+            _remove(entry)
+        return "fresh"
+    if old != json.loads(json.dumps(plan)):  # the plan as it reads back from disk
+        diffs = plan_differences(old, json.loads(json.dumps(plan)))
+        raise LayerflowError(f"Output folder '{folder}' holds {kind.other_plan} ({'; '.join(diffs[:5])}). "
+                             "Choose another --out, or pass --overwrite to replace it.")
+    return "complete" if kind.manifest_file and (folder / kind.manifest_file).exists() else "resume"
+
+
+def plan_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """'key.sub: old -> new' for every value that differs, nested tables followed key by key."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in plan_differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
 # --- manifests -----------------------------------------------------------------------------------
 
 

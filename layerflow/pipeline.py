@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,8 +19,9 @@ from typing import Any, Callable
 
 from layerflow.errors import LayerflowError, did_you_mean
 from layerflow.experiment import ExperimentConfig
-from layerflow.files import (ACTIVATIONS_DIR, CAPTURE_MANIFEST, EVAL_JSON, MATRIX_JSON, PLOTS_DIR, REPORT_FILE,
-                             RUN_FILE, SAE_DIR, SUMMARY_FILE, TRAIN_MANIFEST, TRANSFER_DIR, cross_dir_name, write_json)
+from layerflow.files import (ACTIVATIONS_DIR, CAPTURE_MANIFEST, EVAL_JSON, MATRIX_JSON, PLOTS_DIR, REPORT_FILE, RUN,
+                             RUN_FILE, SAE_DIR, TRAIN_MANIFEST, TRANSFER_DIR, cross_dir_name, prepare_out_dir,
+                             write_json)
 
 STAGES = ("capture", "train", "eval", "transfer", "cross_model", "report")
 SCHEMA_VERSION = 1
@@ -76,38 +76,18 @@ def run_experiment(
 
 
 def _open_run(root: Path, cfg: ExperimentConfig, overwrite: bool) -> dict[str, Any]:
-    path = root / RUN_FILE
+    """run.json of the run in `root`: the one there (same config), or a new one."""
     config = cfg.to_dict()
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old["config"] == json.loads(json.dumps(config)) and not overwrite:
-            return old
-        if not overwrite:
-            diffs = _diff(old["config"], json.loads(json.dumps(config)))
-            raise LayerflowError(f"'{root}' holds a run with a different config ({'; '.join(diffs[:5])}). "
-                                 "Choose another --out, or pass --overwrite to start it again.")
-        for folder in (ACTIVATIONS_DIR, SAE_DIR, TRANSFER_DIR, PLOTS_DIR):
-            shutil.rmtree(root / folder, ignore_errors=True)
-        for name in (REPORT_FILE, SUMMARY_FILE, RUN_FILE):
-            (root / name).unlink(missing_ok=True)
-    elif root.exists() and any(root.iterdir()):
-        raise LayerflowError(f"Output folder '{root}' is not empty and holds no layerflow run ({RUN_FILE}). "
-                             "Choose another --out.")
+    if prepare_out_dir(root, RUN, config, overwrite) != "fresh":
+        return json.loads((root / RUN_FILE).read_text())
     record = {"schema_version": SCHEMA_VERSION, "config": config, "provenance": _provenance(cfg),
               "stages": {stage: {"status": "pending"} for stage in STAGES}}
-    root.mkdir(parents=True, exist_ok=True)
     _write_record(root, record)
     return record
 
 
 def _write_record(root: Path, record: dict) -> None:
     write_json(root / RUN_FILE, record, indent=1)
-
-
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new)) for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 def _now() -> str:

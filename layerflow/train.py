@@ -39,7 +39,8 @@ from layerflow.capture import CaptureConfig, capture, split_sequences
 from layerflow.data import TokenPlan
 from layerflow.errors import LayerflowError
 from layerflow.files import (CHECKPOINT_DIR, CURVES_FILE, PLAN_FILE, SAE_DIR, SAMPLES_DIR, TRAIN_MANIFEST, SiteResult,
-                             TrainManifest, atomic, atomic_write_text, run_store, write_json)
+                             TRAINING_RUN, TrainManifest, atomic, atomic_write_text, prepare_out_dir, run_store,
+                             write_json)
 from layerflow.models.sites import Site, parse_hook_name
 from layerflow.sae_io import load_saes, sae_metadata, save_sae
 from layerflow.schedule import LayerSchedule, get_preset, is_transcoder
@@ -265,9 +266,11 @@ def train(
                              f"{cfg.samples_tokens}.")
     plan = json.loads(json.dumps(cfg.plan() | {"hooks": hooks, "steps": steps}))  # as it reads back from disk
 
-    state = _prepare_out_dir(out_dir, plan, overwrite)
+    state = prepare_out_dir(out_dir, TRAINING_RUN, plan, overwrite)
     if state == "complete":
         return TrainManifest.read(out_dir)
+    if state == "fresh":
+        write_json(out_dir / PLAN_FILE, plan, indent=2)
 
     torch.manual_seed(cfg.seed)
     values = {h: cfg.schedule.values(sites[h].layer, n_layers) for h in hooks}
@@ -462,30 +465,6 @@ def _check_losses(members, group_losses, first_loss, step, out_dir) -> None:
             kept = f"The last good checkpoint is kept: {last}." if last else "No checkpoint had been written yet."
             raise LayerflowError(f"Training diverged at step {step} for {h}: loss {value:.4g} "
                                  f"(first loss {first_loss[h]:.4g}). Lower the learning rate. {kept}")
-
-
-def _prepare_out_dir(out_dir: Path, plan: dict, overwrite: bool) -> str:
-    """'fresh', 'resume' or 'complete'; refuses a folder holding other SAEs or other files."""
-    if out_dir.exists() and any(out_dir.iterdir()):
-        plan_path = out_dir / PLAN_FILE
-        if not plan_path.exists():
-            holds_saes = any(out_dir.rglob("cfg.json"))
-            what = "SAEs that this run did not write" if holds_saes else "files that are not a layerflow training run"
-            raise LayerflowError(f"Output folder '{out_dir}' holds {what}. Choose another --out.")
-        old = json.loads(plan_path.read_text())
-        if old != plan and not overwrite:
-            diffs = [f"{k}: {old.get(k)!r} -> {plan.get(k)!r}" for k in sorted(set(old) | set(plan)) if old.get(k) != plan.get(k)]
-            raise LayerflowError(f"Output folder '{out_dir}' holds SAEs from a different training run "
-                                 f"({'; '.join(diffs)}). Choose another --out, or pass --overwrite to replace it.")
-        if old != plan or overwrite:
-            shutil.rmtree(out_dir)
-        elif (out_dir / TRAIN_MANIFEST).exists():
-            return "complete"
-        else:
-            return "resume"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / PLAN_FILE, plan, indent=2)
-    return "fresh"
 
 
 def _latest_checkpoint(out_dir: Path) -> Path | None:
