@@ -32,7 +32,7 @@ def _sync(device: str) -> None:
 
 def measure(args) -> dict:
     from layerflow.capture import CaptureConfig, capture
-    from layerflow.data import TokenPlan, make_sequences
+    from layerflow.data.tokens import TokenPlan, make_sequences
     from layerflow.models.load import load_model
 
     loaded = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))

@@ -309,7 +309,7 @@ def _smoke() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from sae_lens import BatchTopKTrainingSAEConfig
 
-    from layerflow.data import TokenPlan, make_sequences, special_token_ids
+    from layerflow.data.tokens import TokenPlan, make_sequences, special_token_ids
     from layerflow.models.load import load_model
 
     loaded = load_model("smollm2-135m")

@@ -101,7 +101,7 @@ def measure_end_to_end(args, loaded) -> dict:
     from saelens_baselines import saelens_multi_runner, saelens_sequential_runs
 
     from layerflow.capture import CaptureConfig, capture
-    from layerflow.data import TokenPlan, make_sequences, special_token_ids
+    from layerflow.data.tokens import TokenPlan, make_sequences, special_token_ids
     from layerflow.schedule import LayerSchedule
     from layerflow.train import TrainConfig, train
 

@@ -28,7 +28,7 @@ import torch
 import xxhash
 
 from layerflow import __version__
-from layerflow.data import TokenPlan, describe_source, make_sequences, source_fingerprint, special_token_ids
+from layerflow.data.tokens import TokenPlan, describe_source, make_sequences, source_fingerprint, special_token_ids
 from layerflow.errors import LayerflowError
 from layerflow.files import (CAPTURE, PLAN_FILE, SHARD_DIR, TOKENS_KEY, CaptureManifest, ShardRecord, atomic,
                              atomic_write_text, file_checksum, prepare_out_dir, write_json)

@@ -36,7 +36,7 @@ import torch
 from layerflow import __version__
 from layerflow.activation_batches import BUFFER_BYTES, mixed_batches, model_chunks, store_chunks
 from layerflow.capture import CaptureConfig, capture, split_sequences
-from layerflow.data import TokenPlan
+from layerflow.data.tokens import TokenPlan
 from layerflow.errors import LayerflowError
 from layerflow.files import (CHECKPOINT_DIR, CURVES_FILE, PLAN_FILE, SAE_DIR, SAMPLES_DIR, TRAIN_MANIFEST, SiteResult,
                              TRAINING_RUN, TrainManifest, atomic, atomic_write_text, prepare_out_dir, run_store,

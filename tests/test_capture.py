@@ -232,7 +232,7 @@ def test_shard_writer_is_read_by_safetensors(tmp_path, dtype):
 
 
 def test_datasets_source_streams_a_local_dataset(tmp_path, smollm2):
-    from layerflow.data import TokenPlan, make_sequences
+    from layerflow.data.tokens import TokenPlan, make_sequences
 
     folder = tmp_path / "ds"
     folder.mkdir()
@@ -250,7 +250,7 @@ def test_datasets_source_streams_a_local_dataset(tmp_path, smollm2):
 
 
 def test_unreachable_dataset_is_a_clear_error(tmp_path, smollm2):
-    from layerflow.data import TokenPlan, make_sequences
+    from layerflow.data.tokens import TokenPlan, make_sequences
 
     with pytest.raises(LayerflowError, match=r"(?s)Could not stream Hugging Face dataset '.*no-such-dataset'.*Offline sources"):
         make_sequences(4, TokenPlan(f"hf:{tmp_path}/no-such-dataset", 32, True, 1, 0), smollm2.tokenizer)

@@ -26,7 +26,7 @@ from layerflow.crossmodel import (
     tokenize_text,
     word_ends,
 )
-from layerflow.data import iter_documents
+from layerflow.data.tokens import iter_documents
 from layerflow.errors import LayerflowError
 from layerflow.files import cache_dir
 from layerflow.models.load import load_model

@@ -1,7 +1,7 @@
 """Token sources: text in, fixed-length token sequences out, with explicit BOS handling.
 
 A source is one of:
-- `default`: the English corpus shipped with layerflow (public domain; see corpus/SOURCES.md);
+- `default`: the English corpus shipped with layerflow (public domain; see data/corpus/SOURCES.md);
 - a path to a local `.txt` or `.txt.gz` file;
 - `hf:NAME[:CONFIG]`: a Hugging Face dataset (streamed; needs the hub), column `text`, split `train`;
 - `random`: uniform random token ids (for twins, which have no tokenizer, and for benchmarks).
@@ -47,12 +47,12 @@ class TokenPlan:
 
 
 def default_corpus_path() -> Path:
-    return Path(str(resources.files("layerflow.corpus") / "default_corpus.txt.gz"))
+    return Path(str(resources.files("layerflow.data.corpus") / "default_corpus.txt.gz"))
 
 
 def describe_source(source: str) -> str:
     if source == DEFAULT_SOURCE:
-        return f"layerflow default corpus ({default_corpus_path().name}, public domain; see layerflow/corpus/SOURCES.md)"
+        return f"layerflow default corpus ({default_corpus_path().name}, public domain; see layerflow/data/corpus/SOURCES.md)"
     if source == RANDOM_SOURCE:
         return "uniform random token ids"
     if source.startswith(HF_PREFIX):
