@@ -82,8 +82,8 @@ def capture(
     device: str = typer.Option("cpu", help="Torch device."),
 ) -> None:
     """Capture many layers in one forward pass per batch, streamed to disk in shards (resumable)."""
-    from layerflow.capture import CaptureConfig
-    from layerflow.capture import capture as run_capture
+    from layerflow.capture.writer import CaptureConfig
+    from layerflow.capture.writer import capture as run_capture
     from layerflow.models.load import load_model
     from layerflow.models.sites import parse_kind, parse_layers
     from layerflow.models.zoo import get_spec
@@ -195,8 +195,8 @@ def train(
     resid_pre) gets a transcoder predicting --target-site at its layer; capture both, e.g. --sites mlp_in,mlp_out."""
     import json
 
+    from layerflow.capture.store import ActivationStore
     from layerflow.schedule import LayerSchedule, get_preset
-    from layerflow.store import ActivationStore
     from layerflow.train import TrainConfig
     from layerflow.train import train as run_train
 
@@ -205,7 +205,7 @@ def train(
         schedule = schedule.with_overrides(architecture, dict(_parse_setting(s) for s in settings))
     online_cfg = None
     if online:
-        from layerflow.capture import CaptureConfig
+        from layerflow.capture.writer import CaptureConfig
         from layerflow.models.sites import parse_layers
         from layerflow.models.zoo import get_spec
 
@@ -254,10 +254,10 @@ def samples(
     contexts_per_feature: int = typer.Option(3, "--contexts", min=1, help="Top-activating contexts per latent."),
 ) -> None:
     """Show the top-activating held-out tokens of latents, as recorded during training."""
+    from layerflow.capture.store import ActivationStore
     from layerflow.feature_contexts import contexts
     from layerflow.files import run_store
     from layerflow.models.load import load_tokenizer
-    from layerflow.store import ActivationStore
     from layerflow.train import read_samples
 
     step, tops = read_samples(run_dir, step, [hook] if hook else None)

@@ -11,8 +11,8 @@ activations. By default this reads what examples/capture_and_train.py wrote.
 import argparse
 from pathlib import Path
 
+from layerflow.capture import ActivationStore
 from layerflow.sae_io import load_saes
-from layerflow.store import ActivationStore
 from layerflow.transfer import TransferOptions, sites_of_store, within_model_matrix
 
 

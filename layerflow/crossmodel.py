@@ -631,10 +631,10 @@ def cross_model_runs(
     `<run_a>/transfer/<model a>~<model b>`), the matrix JSON last."""
     import json
 
+    from layerflow.capture.store import ActivationStore
     from layerflow.data.tokens import iter_documents
     from layerflow.models.load import load_model
     from layerflow.sae_io import load_saes
-    from layerflow.store import ActivationStore
 
     run_a, run_b = Path(run_a), Path(run_b)
     sides = []

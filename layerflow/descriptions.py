@@ -32,7 +32,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from layerflow.feature_contexts import TopActivations, contexts, heldout_batches, token_text
+from layerflow.capture.batches import heldout_batches
+from layerflow.feature_contexts import TopActivations, contexts, token_text
 from layerflow.files import FEATURES_DIR, atomic
 
 TOP_K = 10  # contexts kept per latent

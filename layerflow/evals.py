@@ -42,12 +42,12 @@ from jaxtyping import Float, Int
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from layerflow.capture.batches import heldout_batches
+from layerflow.capture.store import ActivationStore
 from layerflow.errors import LayerflowError, did_you_mean
-from layerflow.feature_contexts import heldout_batches
 from layerflow.files import EVAL_CSV, EVAL_JSON, FREQUENCY_FILE, atomic, atomic_write_text
 from layerflow.metrics import ReconstructionMetrics, ReconstructionStats
 from layerflow.models.sites import prepare_hooks
-from layerflow.store import ActivationStore
 
 if TYPE_CHECKING:
     from sae_lens import SAE

@@ -124,7 +124,7 @@ class ExperimentConfig:
 
     def validate(self, where: str = "the config") -> None:
         """Semantic checks, each naming the field: models, layers, sites, schedule, budgets."""
-        from layerflow.capture import STORE_DTYPES
+        from layerflow.capture.writer import STORE_DTYPES
         from layerflow.models.sites import parse_kind
         from layerflow.models.zoo import ZOO
 

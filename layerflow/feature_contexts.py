@@ -4,7 +4,7 @@
 (a flat index into the held-out tokens, seq * context + pos), updated batch by batch, so it works
 on any number of tokens in fixed memory. Training uses it for its periodic activation samples,
 the reasoning tracker for feature descriptions; both read the held-out split of a capture store
-through `heldout_batches`.
+through `capture.batches.heldout_batches`.
 
 `contexts(top, feature, tokens, tokenizer)` turns a latent's top positions into readable text:
 the tokens before the firing one (within the same sequence), the firing token marked, and a
@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from layerflow.files import TOKENS_KEY, atomic
+from layerflow.files import atomic
 
 
 @dataclass
@@ -69,26 +69,6 @@ class TopActivations:
     def load(cls, path: str | Path) -> "TopActivations":
         with safe_open(str(path), "pt") as f:
             return cls(f.get_tensor("values"), f.get_tensor("positions"))
-
-
-def heldout_batches(store, hooks: list[str], specials: list[int], max_tokens: int | None = None,
-                    batch_tokens: int = 8192) -> Iterator[tuple[dict[str, Tensor], Int[Tensor, " tokens"]]]:
-    """({hook: activations [tokens, d]}, flat positions [tokens]) over the held-out split, special
-    positions left out, at most `max_tokens` tokens, one shard in memory at a time."""
-    special_ids = torch.tensor(specials, dtype=torch.long)
-    offset, left = 0, max_tokens if max_tokens is not None else float("inf")
-    for path in store.shards("heldout"):
-        with safe_open(str(path), "pt") as f:
-            tokens = f.get_tensor(TOKENS_KEY).long().reshape(-1)
-            acts = {h: f.get_tensor(h) for h in hooks}
-        keep = (~torch.isin(tokens, special_ids)).nonzero()[:, 0]
-        keep = keep[:int(min(left, len(keep)))]
-        for rows in keep.split(batch_tokens):
-            yield {h: x[rows].float() for h, x in acts.items()}, rows + offset
-        offset += len(tokens)
-        left -= len(keep)
-        if left <= 0:
-            return
 
 
 def top_activations(encode: Callable[[Tensor], Tensor], batches: Iterator[tuple[Tensor, Tensor]], d_sae: int,

@@ -169,7 +169,7 @@ def _stage_work(stage: str, cfg: ExperimentConfig, root: Path, models: _ModelCac
 
 
 def _capture(cfg: ExperimentConfig, entry, root: Path, models: _ModelCache, report: Progress) -> None:
-    from layerflow.capture import CaptureConfig, capture
+    from layerflow.capture.writer import CaptureConfig, capture
     from layerflow.models.sites import parse_kind
 
     c = cfg.capture

@@ -123,10 +123,10 @@ class RunSAEs:
         return feature
 
     def load(self, load: Loader | None = None) -> "RunSAEs":
+        from layerflow.capture.store import ActivationStore
         from layerflow.models.load import load_model
         from layerflow.models.sites import prepare_hooks
         from layerflow.sae_io import load_saes
-        from layerflow.store import ActivationStore
 
         if self.loaded is None:
             self.loaded = (load or load_model)(self.name)

@@ -34,18 +34,18 @@ from typing import Any, Callable
 import torch
 
 from layerflow import __version__
-from layerflow.activation_batches import BUFFER_BYTES, mixed_batches, model_chunks, store_chunks
-from layerflow.capture import CaptureConfig, capture, split_sequences
+from layerflow.capture.batches import BUFFER_BYTES, mixed_batches, model_chunks, store_chunks
+from layerflow.capture.writer import CaptureConfig, capture, split_sequences
 from layerflow.data.tokens import TokenPlan
 from layerflow.errors import LayerflowError
 from layerflow.files import (CHECKPOINT_DIR, CURVES_FILE, PLAN_FILE, SAE_DIR, SAMPLES_DIR, TRAIN_MANIFEST, SiteResult,
                              TRAINING_RUN, TrainManifest, atomic, atomic_write_text, prepare_out_dir, run_store,
                              write_json)
+from layerflow.capture.store import ActivationStore
 from layerflow.models.sites import Site, parse_hook_name
 from layerflow.sae_io import load_saes, sae_metadata, save_sae
 from layerflow.schedule import LayerSchedule, get_preset, is_transcoder
 from layerflow.sparse_topk import StackedTopKSAEs, group_key, supports_fast_path
-from layerflow.store import ActivationStore
 
 NORM_ESTIMATE_BATCHES = 8
 SAMPLES_PER_LATENT = 8  # top-activating tokens kept per latent in the training samples
@@ -512,7 +512,7 @@ class _SampleRecorder:
 
     def __init__(self, cfg: TrainConfig, store: ActivationStore, hooks: list[str], specials: list[int],
                  scales: list[float]):
-        from layerflow.feature_contexts import heldout_batches
+        from layerflow.capture.batches import heldout_batches
 
         self.batches = list(heldout_batches(store, hooks, specials, cfg.samples_tokens))
         self.scales = dict(zip(hooks, scales))

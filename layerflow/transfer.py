@@ -48,7 +48,7 @@ from layerflow.transfer_types import TransferMatrix
 if TYPE_CHECKING:
     from sae_lens import SAE
 
-    from layerflow.store import ActivationStore
+    from layerflow.capture.store import ActivationStore
 
 
 @dataclass(frozen=True)
@@ -625,8 +625,8 @@ def transfer_run(
 
     A folder of transcoders (`is_transcoder`) gets `transcoder_matrix` instead: the store must hold
     each transcoder's input and output hooks. A folder mixing SAEs and transcoders is an error."""
+    from layerflow.capture.store import ActivationStore
     from layerflow.sae_io import load_saes
-    from layerflow.store import ActivationStore
 
     run = Path(run)
     saes = load_saes(run, hooks)

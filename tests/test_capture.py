@@ -9,12 +9,11 @@ import torch
 import xxhash
 
 from conftest import run_cli, tiny_twin
-from layerflow.capture import CaptureConfig, capture
+from layerflow.capture import ActivationStore, CaptureConfig, capture
 from layerflow.errors import LayerflowError
 from layerflow.files import CAPTURE_MANIFEST as MANIFEST_FILE
 from layerflow.files import PLAN_FILE
 from layerflow.models.sites import SiteKind
-from layerflow.store import ActivationStore
 
 KINDS = [SiteKind.resid_pre, SiteKind.mlp_in, SiteKind.mlp_hidden, SiteKind.resid_post]
 

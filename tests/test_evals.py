@@ -9,12 +9,11 @@ from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
 
 from conftest import tiny_twin
-from layerflow.capture import CaptureConfig, capture
+from layerflow.capture import ActivationStore, CaptureConfig, capture
 from layerflow.errors import LayerflowError
 from layerflow.evals import evaluate_saes, read_eval_results, spliced_metrics, write_eval_results
 from layerflow.models.load import TINY_SHAPE, load_model
 from layerflow.models.sites import SiteKind
-from layerflow.store import ActivationStore
 
 K = SiteKind
 RESID, MLP = "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"

@@ -6,11 +6,10 @@ from sae_lens import SAE
 from sae_lens.registry import get_sae_training_class
 
 from conftest import tiny_twin
-from layerflow.capture import CaptureConfig, capture
+from layerflow.capture import ActivationStore, CaptureConfig, capture
 from layerflow.models.sites import SiteKind
 from layerflow.sae_io import sae_metadata, save_sae
 from layerflow.schedule import LayerSchedule
-from layerflow.store import ActivationStore
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,10 @@ from safetensors.torch import load_file
 from sae_lens import SAE
 
 from conftest import run_cli, tiny_twin
-from layerflow.capture import CaptureConfig, capture
+from layerflow.capture import ActivationStore, CaptureConfig, capture
 from layerflow.errors import LayerflowError
 from layerflow.files import CHECKPOINT_DIR, TrainManifest
 from layerflow.schedule import LayerSchedule
-from layerflow.store import ActivationStore
 from layerflow.train import TrainConfig, train
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
@@ -166,7 +165,7 @@ def test_thirty_layers_of_the_default_model_end_to_end(tmp_path):
 
 def test_online_training_from_model_forwards(tmp_path):
     """Online: the training split is never stored; its activations come from live forwards."""
-    from layerflow.activation_batches import model_chunks
+    from layerflow.capture.batches import model_chunks
 
     loaded = tiny_twin("gpt2-twin")
     online = CaptureConfig(model="gpt2-twin", layers=[0, 1], n_tokens=6144, context_size=32, source="random")

@@ -10,14 +10,14 @@ from sae_lens import SAE
 
 import layerflow.transcoders  # noqa: F401  (registers the transcoder classes)
 from conftest import run_cli, tiny_twin
-from layerflow.capture import CaptureConfig, capture
+from layerflow.capture import ActivationStore, CaptureConfig, capture
+from layerflow.capture.batches import heldout_batches
 from layerflow.compare import compare_layers
 from layerflow.errors import LayerflowError
 from layerflow.evals import read_eval_results
-from layerflow.feature_contexts import heldout_batches, top_activations
+from layerflow.feature_contexts import top_activations
 from layerflow.models.sites import SiteKind
 from layerflow.schedule import LayerSchedule, get_preset
-from layerflow.store import ActivationStore
 from layerflow.train import TrainConfig, read_samples, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,12 +12,11 @@ from sae_lens.saes.sae import SAEMetadata
 
 import layerflow.transcoders as tc
 from conftest import run_cli, tiny_twin
-from layerflow.capture import CaptureConfig, capture
+from layerflow.capture import ActivationStore, CaptureConfig, capture
 from layerflow.errors import LayerflowError
 from layerflow.metrics import reconstruction_metrics
 from layerflow.models.sites import SiteKind
 from layerflow.models.sites import site_at as SiteId
-from layerflow.store import ActivationStore
 from layerflow.synthetic import planted_maps, true_transcoder
 from layerflow.transfer import LinearCoder, TransferOptions, transcoder_matrix, transfer_run, within_model_matrix
 from layerflow.transfer_types import TransferMatrix

@@ -1,4 +1,5 @@
-"""Shuffled training batches for many sites at once: [sites, tokens, d] per step.
+"""Batches of stored or live activations: shuffled training batches for many sites at once
+([sites, tokens, d] per step), and the held-out split in order (`heldout_batches`).
 
 Two sources feed the same mixer:
 - a capture store: shards are read in a seeded random order, several epochs allowed;
@@ -16,10 +17,11 @@ from typing import Iterator
 
 import torch
 from jaxtyping import Float, Int
+from safetensors import safe_open
 from torch import Tensor
 
+from layerflow.capture.store import ActivationStore, read_tensor
 from layerflow.files import TOKENS_KEY
-from layerflow.store import ActivationStore, _read
 
 BUFFER_BYTES = 1 << 30  # mixing buffer: about 1 GiB of activations
 
@@ -31,8 +33,8 @@ def store_chunks(store: ActivationStore, hooks: list[str], seed: int) -> Iterato
     while True:
         order = torch.randperm(len(shards), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         for i in order.tolist():
-            acts = torch.stack([_read(shards[i], h).float() for h in hooks])
-            yield acts, _read(shards[i], TOKENS_KEY).long().reshape(-1)
+            acts = torch.stack([read_tensor(shards[i], h).float() for h in hooks])
+            yield acts, read_tensor(shards[i], TOKENS_KEY).long().reshape(-1)
         epoch += 1
 
 
@@ -78,3 +80,23 @@ def mixed_batches(
         for b in range(n_full):
             yield buffer[:, b * batch_tokens:(b + 1) * batch_tokens]
         leftover = buffer[:, n_full * batch_tokens:]
+
+
+def heldout_batches(store, hooks: list[str], specials: list[int], max_tokens: int | None = None,
+                    batch_tokens: int = 8192) -> Iterator[tuple[dict[str, Tensor], Int[Tensor, " tokens"]]]:
+    """({hook: activations [tokens, d]}, flat positions [tokens]) over the held-out split, special
+    positions left out, at most `max_tokens` tokens, one shard in memory at a time."""
+    special_ids = torch.tensor(specials, dtype=torch.long)
+    offset, left = 0, max_tokens if max_tokens is not None else float("inf")
+    for path in store.shards("heldout"):
+        with safe_open(str(path), "pt") as f:
+            tokens = f.get_tensor(TOKENS_KEY).long().reshape(-1)
+            acts = {h: f.get_tensor(h) for h in hooks}
+        keep = (~torch.isin(tokens, special_ids)).nonzero()[:, 0]
+        keep = keep[:int(min(left, len(keep)))]
+        for rows in keep.split(batch_tokens):
+            yield {h: x[rows].float() for h, x in acts.items()}, rows + offset
+        offset += len(tokens)
+        left -= len(keep)
+        if left <= 0:
+            return

@@ -1,4 +1,4 @@
-"""One-pass multi-layer capture, streamed to a sharded safetensors store.
+"""One-pass multi-layer capture, streamed to a sharded safetensors store (resumable).
 
 One forward pass per batch captures every requested site: hooks copy activations into
 preallocated shard buffers, and the pass stops after the deepest captured layer
@@ -22,12 +22,13 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import xxhash
 
 from layerflow import __version__
+from layerflow.capture.store import read_tensor
 from layerflow.data.tokens import TokenPlan, describe_source, make_sequences, source_fingerprint, special_token_ids
 from layerflow.errors import LayerflowError
 from layerflow.files import (CAPTURE, PLAN_FILE, SHARD_DIR, TOKENS_KEY, CaptureManifest, ShardRecord, atomic,
@@ -58,58 +59,26 @@ class CaptureConfig:
     splits: tuple[str, ...] = ("train", "heldout")  # online training stores only "heldout"
 
 
-def _plan_dict(cfg: CaptureConfig, loaded: LoadedModel, sites: list[Site], token_plan: TokenPlan, shard_seqs: int) -> dict:
-    return {
-        "model": loaded.name,
-        "weights_source": loaded.weights_source,
-        "hooks": [s.hook_name for s in sites],
-        "n_tokens": cfg.n_tokens,
-        "context_size": cfg.context_size,
-        "prepend_bos": cfg.prepend_bos,
-        "bos_token_id": token_plan.bos_token_id,
-        "source": cfg.source,
-        "source_fingerprint": source_fingerprint(cfg.source),
-        "holdout_fraction": cfg.holdout_fraction,
-        "dtype": cfg.dtype,
-        "shard_seqs": shard_seqs,
-        "seed": cfg.seed,
-        **({"splits": list(cfg.splits)} if tuple(cfg.splits) != ("train", "heldout") else {}),
-    }
+class _Shard(NamedTuple):
+    name: str  # "<split>-NNNNN"
+    split: str
+    first: int  # first sequence
+    count: int  # sequences
 
 
-def split_sequences(cfg: CaptureConfig, token_plan: TokenPlan, loaded: LoadedModel) -> tuple[torch.Tensor, int, int]:
-    """(all sequences, train count, held-out count): training sequences first."""
-    n_seqs = math.ceil(cfg.n_tokens / cfg.context_size)
-    n_heldout = math.ceil(n_seqs * cfg.holdout_fraction) if cfg.holdout_fraction > 0 else 0
-    n_train = n_seqs - n_heldout
-    if n_train < 1:
-        raise LayerflowError(f"--tokens {cfg.n_tokens} leaves no training sequences after the held-out split.")
-    return make_sequences(n_seqs, token_plan, loaded.model.tokenizer, loaded.model.cfg.d_vocab), n_train, n_heldout
+@dataclass
+class _Job:
+    """What a capture makes, fixed before any token is read: its `plan` is what a rerun compares."""
 
+    sites: list[Site]
+    tokens: TokenPlan
+    dtype: torch.dtype
+    shard_seqs: int
+    plan: dict[str, Any]
 
-def _shard_plan(n_train: int, n_heldout: int, shard_seqs: int) -> list[tuple[str, str, int, int]]:
-    """(name, split, first sequence, sequence count) of every shard, train first."""
-    shards = []
-    for split, start, count in (("train", 0, n_train), ("heldout", n_train, n_heldout)):
-        for i, first in enumerate(range(start, start + count, shard_seqs)):
-            shards.append((f"{split}-{i:05d}", split, first, min(shard_seqs, start + count - first)))
-    return shards
-
-
-def _finished_shard(out_dir: Path, name: str, tokens: torch.Tensor) -> ShardRecord | None:
-    """A shard from an interrupted run, if it is complete and matches the plan."""
-    shard, sidecar = out_dir / SHARD_DIR / f"{name}.safetensors", out_dir / SHARD_DIR / f"{name}.json"
-    if not (shard.exists() and sidecar.exists()):
-        return None
-    record = ShardRecord(**json.loads(sidecar.read_text()))
-    if file_checksum(shard) != record.checksum:
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(shard), "pt") as f:
-        if not torch.equal(f.get_tensor(TOKENS_KEY).long(), tokens):
-            return None
-    return record
+    @property
+    def stop_at(self) -> int:
+        return max(s.layer for s in self.sites) + 1  # the forward pass stops after the deepest site
 
 
 def capture(
@@ -122,6 +91,40 @@ def capture(
     """Capture `cfg.layers` x `cfg.kinds` into `out_dir`; resume an interrupted capture there."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
+    _check(cfg)
+    loaded = loaded or load_model(cfg.model, device=cfg.device)
+    job = _plan(cfg, loaded)
+    state = prepare_out_dir(out_dir, CAPTURE, job.plan, overwrite)
+    if state == "complete":
+        return CaptureManifest.read(out_dir)
+    tokens, n_train, n_heldout = split_sequences(cfg, job.tokens, loaded)
+    (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / PLAN_FILE, job.plan, indent=2)
+    shards = [s for s in _shard_plan(n_train, n_heldout, job.shard_seqs) if s.split in cfg.splits]
+    records = _finished_shards(out_dir, shards, tokens) if state == "resume" else {}
+    report = _Progress(progress, sum(s.count for s in shards) * cfg.context_size, sum(r.n_tokens for r in records.values()))
+    specials = special_token_ids(loaded.tokenizer, job.tokens)
+    writer = _ShardWriter(out_dir / SHARD_DIR, {s.hook_name: s.d for s in job.sites}, job.shard_seqs * cfg.context_size,
+                          job.dtype, torch.tensor(specials, dtype=torch.long), cfg.device)
+    model = loaded.model
+    try:
+        with torch.inference_mode(), model.hooks(fwd_hooks=[(s.hook_name, writer.hook) for s in job.sites]):
+            for shard in (s for s in shards if s.name not in records):
+                shard_tokens = tokens[shard.first:shard.first + shard.count]
+                writer.begin(shard.name, shard.split, shard.first, shard_tokens)
+                for batch in shard_tokens.split(cfg.batch_size):
+                    model(batch.to(cfg.device), stop_at_layer=job.stop_at)
+                    writer.advance(batch.numel())
+                    report.advance(batch.numel())
+                writer.finish_shard()
+    finally:
+        records.update((r.file.removesuffix(".safetensors"), r) for r in writer.close())
+    manifest = _manifest(cfg, loaded, job, specials, (n_train, n_heldout), [records[s.name] for s in shards], started)
+    manifest.write(out_dir)
+    return manifest
+
+
+def _check(cfg: CaptureConfig) -> None:
     if cfg.dtype not in STORE_DTYPES:
         raise LayerflowError(f"Unknown storage dtype '{cfg.dtype}'. Valid: {', '.join(STORE_DTYPES)}.")
     if not 0 <= cfg.holdout_fraction < 1:
@@ -130,70 +133,85 @@ def capture(
         raise LayerflowError(f"Batch size {cfg.batch_size} must be at least 1.")
     if cfg.n_tokens < cfg.context_size:
         raise LayerflowError(f"--tokens {cfg.n_tokens} is less than one sequence (context size {cfg.context_size}).")
-    loaded = loaded or load_model(cfg.model, device=cfg.device)
+
+
+def _plan(cfg: CaptureConfig, loaded: LoadedModel) -> _Job:
+    """The sites (resolved, their hooks made to fire), the token plan, the shard size and the plan."""
     if loaded.name != cfg.model:
         raise LayerflowError(f"The config names model '{cfg.model}' but the loaded model is '{loaded.name}'.")
-    model = loaded.model
-    layers = sorted(set(cfg.layers))
-    sites = resolve(model, layers, cfg.kinds)
-    hook_names = [s.hook_name for s in sites]
-    prepare_hooks(model, hook_names)
-    widths = {s.hook_name: s.d for s in sites}
+    sites = resolve(loaded.model, sorted(set(cfg.layers)), cfg.kinds)
+    prepare_hooks(loaded.model, [s.hook_name for s in sites])
+    tokens = TokenPlan(cfg.source, cfg.context_size, cfg.prepend_bos, loaded.bos_token_id, cfg.seed)
+    dtype = STORE_DTYPES[cfg.dtype]
+    shard_seqs = cfg.shard_seqs or max(1, SHARD_BYTES // (cfg.context_size * sum(s.d for s in sites) * dtype.itemsize))
+    plan = {
+        "model": loaded.name,
+        "weights_source": loaded.weights_source,
+        "hooks": [s.hook_name for s in sites],
+        "n_tokens": cfg.n_tokens,
+        "context_size": cfg.context_size,
+        "prepend_bos": cfg.prepend_bos,
+        "bos_token_id": tokens.bos_token_id,
+        "source": cfg.source,
+        "source_fingerprint": source_fingerprint(cfg.source),
+        "holdout_fraction": cfg.holdout_fraction,
+        "dtype": cfg.dtype,
+        "shard_seqs": shard_seqs,
+        "seed": cfg.seed,
+        **({"splits": list(cfg.splits)} if tuple(cfg.splits) != ("train", "heldout") else {}),
+    }
+    return _Job(sites, tokens, dtype, shard_seqs, plan)
 
-    tokenizer = model.tokenizer
-    bos = loaded.bos_token_id
-    token_plan = TokenPlan(cfg.source, cfg.context_size, cfg.prepend_bos, bos, cfg.seed)
-    store_dtype = STORE_DTYPES[cfg.dtype]
-    bytes_per_seq = cfg.context_size * sum(widths.values()) * store_dtype.itemsize
-    shard_seqs = cfg.shard_seqs or max(1, SHARD_BYTES // bytes_per_seq)
-    plan = _plan_dict(cfg, loaded, sites, token_plan, shard_seqs)
-    state = prepare_out_dir(out_dir, CAPTURE, plan, overwrite)
-    if state == "complete":
-        return CaptureManifest.read(out_dir)
 
-    tokens, n_train, n_heldout = split_sequences(cfg, token_plan, loaded)
-    n_seqs = n_train + n_heldout
-    specials = torch.tensor(special_token_ids(tokenizer, token_plan), dtype=torch.long)
+def split_sequences(cfg: CaptureConfig, token_plan: TokenPlan, loaded: LoadedModel) -> tuple[torch.Tensor, int, int]:
+    """(all sequences, train count, held-out count): training sequences first."""
+    n_seqs = math.ceil(cfg.n_tokens / cfg.context_size)
+    n_heldout = math.ceil(n_seqs * cfg.holdout_fraction) if cfg.holdout_fraction > 0 else 0
+    n_train = n_seqs - n_heldout
+    if n_train < 1:
+        raise LayerflowError(f"--tokens {cfg.n_tokens} leaves no training sequences after the held-out split.")
+    return make_sequences(n_seqs, token_plan, loaded.model.tokenizer, loaded.model.cfg.d_vocab), n_train, n_heldout
 
-    (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / PLAN_FILE, plan, indent=2)
 
-    shard_plan = [s for s in _shard_plan(n_train, n_heldout, shard_seqs) if s[1] in cfg.splits]
-    records: dict[str, ShardRecord] = {}
-    todo = []
-    for name, split, first, count in shard_plan:
-        done = _finished_shard(out_dir, name, tokens[first : first + count]) if state == "resume" else None
-        if done:
-            records[name] = done
-        else:
-            todo.append((name, split, first, count))
+def _shard_plan(n_train: int, n_heldout: int, shard_seqs: int) -> list[_Shard]:
+    """Every shard, train first."""
+    shards = []
+    for split, start, count in (("train", 0, n_train), ("heldout", n_train, n_heldout)):
+        for i, first in enumerate(range(start, start + count, shard_seqs)):
+            shards.append(_Shard(f"{split}-{i:05d}", split, first, min(shard_seqs, start + count - first)))
+    return shards
 
-    total = sum(count for *_, count in shard_plan) * cfg.context_size
-    done_tokens = sum(r.n_tokens for r in records.values())
-    if progress:
-        progress(done_tokens, total)
-    writer = _ShardWriter(out_dir / SHARD_DIR, widths, shard_seqs * cfg.context_size, store_dtype, specials, cfg.device)
-    stop_at = layers[-1] + 1
-    try:
-        with torch.inference_mode(), model.hooks(fwd_hooks=[(n, writer.hook) for n in hook_names]):
-            for name, split, first, count in todo:
-                shard_tokens = tokens[first : first + count]
-                writer.begin(name, split, first, shard_tokens)
-                for b in range(0, count, cfg.batch_size):
-                    batch = shard_tokens[b : b + cfg.batch_size].to(cfg.device)
-                    model(batch, stop_at_layer=stop_at)
-                    writer.advance(batch.numel())
-                    done_tokens += batch.numel()
-                    if progress:
-                        progress(done_tokens, total)
-                writer.finish_shard()
-    finally:
-        for record in writer.close():
-            records[record.file.removesuffix(".safetensors")] = record
 
-    shard_records = [records[name] for name, *_ in shard_plan]
-    count = sum(r.norm_count for r in shard_records)
-    manifest = CaptureManifest(
+def _finished_shards(out_dir: Path, shards: list[_Shard], tokens: torch.Tensor) -> dict[str, ShardRecord]:
+    """The shards an interrupted capture completed: file and sidecar there, checksum and tokens as planned."""
+    finished = {}
+    for shard in shards:
+        path, sidecar = out_dir / SHARD_DIR / f"{shard.name}.safetensors", out_dir / SHARD_DIR / f"{shard.name}.json"
+        if not (path.exists() and sidecar.exists()):
+            continue
+        record = ShardRecord(**json.loads(sidecar.read_text()))
+        if file_checksum(path) == record.checksum and torch.equal(
+                read_tensor(path, TOKENS_KEY).long(), tokens[shard.first:shard.first + shard.count]):
+            finished[shard.name] = record
+    return finished
+
+
+class _Progress:
+    def __init__(self, report: Callable[[int, int], None] | None, total: int, done: int):
+        self.report, self.total, self.done = report, total, done
+        self.advance(0)
+
+    def advance(self, n_tokens: int) -> None:
+        self.done += n_tokens
+        if self.report:
+            self.report(self.done, self.total)
+
+
+def _manifest(cfg: CaptureConfig, loaded: LoadedModel, job: _Job, specials: list[int], split: tuple[int, int],
+              shards: list[ShardRecord], started: float) -> CaptureManifest:
+    n_train, n_heldout = split
+    count = sum(r.norm_count for r in shards)
+    return CaptureManifest(
         schema_version=SCHEMA_VERSION,
         layerflow_version=__version__,
         model={
@@ -202,27 +220,25 @@ def capture(
             "family": loaded.spec.family,
             "weights_source": loaded.weights_source,
             "from_pretrained_kwargs": loaded.from_pretrained_kwargs,
-            "n_layers": model.cfg.n_layers,
+            "n_layers": loaded.model.cfg.n_layers,
         },
-        sites=sites,
-        layers=layers,
-        d_model=model.cfg.d_model,
+        sites=job.sites,
+        layers=sorted(set(cfg.layers)),
+        d_model=loaded.model.cfg.d_model,
         dtype=cfg.dtype,
         context_size=cfg.context_size,
         prepend_bos=cfg.prepend_bos,
-        bos_token_id=bos,
-        special_token_ids=specials.tolist(),
+        bos_token_id=job.tokens.bos_token_id,
+        special_token_ids=specials,
         text_source={"source": cfg.source, "description": describe_source(cfg.source),
-                     "fingerprint": plan["source_fingerprint"], "seed": cfg.seed},
+                     "fingerprint": job.plan["source_fingerprint"], "seed": cfg.seed},
         split={"train_seqs": n_train, "heldout_seqs": n_heldout,
                "train_tokens": n_train * cfg.context_size, "heldout_tokens": n_heldout * cfg.context_size},
-        n_tokens=total,
-        shards=shard_records,
-        mean_norm={h: sum(r.norm_sums[h] for r in shard_records) / max(count, 1) for h in hook_names},
+        n_tokens=sum(r.n_tokens for r in shards),
+        shards=shards,
+        mean_norm={s.hook_name: sum(r.norm_sums[s.hook_name] for r in shards) / max(count, 1) for s in job.sites},
         seconds=round(time.perf_counter() - started, 3),
     )
-    manifest.write(out_dir)
-    return manifest
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int32: "I32"}

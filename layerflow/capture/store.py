@@ -1,4 +1,4 @@
-"""Reading a capture store written by `capture.py`."""
+"""Reading a capture store written by `capture.writer`: its manifest, splits, shards and activations."""
 
 from __future__ import annotations
 
@@ -36,10 +36,10 @@ class ActivationStore:
         """All activations of one hook in a split, in token order (loads them into RAM)."""
         if hook_name not in self.hook_names:
             raise LayerflowError(f"Hook '{hook_name}' was not captured. Captured: {', '.join(self.hook_names)}.")
-        return torch.cat([_read(p, hook_name) for p in self.shards(split)])
+        return torch.cat([read_tensor(p, hook_name) for p in self.shards(split)])
 
     def tokens(self, split: str = "train") -> Int[torch.Tensor, "seqs context"]:
-        return torch.cat([_read(p, TOKENS_KEY).long() for p in self.shards(split)])
+        return torch.cat([read_tensor(p, TOKENS_KEY).long() for p in self.shards(split)])
 
     def heldout(self, hooks: list[str], max_tokens: int | None = None,
                 exclude_special_tokens: bool = True) -> dict[str, Float[torch.Tensor, "tokens d"]]:
@@ -64,6 +64,7 @@ class ActivationStore:
         return torch.isin(self.tokens(split).reshape(-1), specials)
 
 
-def _read(path: Path, key: str) -> torch.Tensor:
+def read_tensor(path: Path, key: str) -> torch.Tensor:
+    """One tensor of a shard file."""
     with safe_open(str(path), "pt") as f:
         return f.get_tensor(key)
