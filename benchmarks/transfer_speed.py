@@ -67,8 +67,8 @@ def synthetic_inputs(n_sites: int, tokens: int, d: int, d_sae: int, l0: int, see
 
 def run_inputs(run: str, max_tokens: int, n_sites: int | None, store_dir: str | None = None):
     from layerflow.capture import ActivationStore
+    from layerflow.dictionaries.io import load_saes
     from layerflow.files import run_store
-    from layerflow.sae_io import load_saes
     from layerflow.transfer import sites_of_store
 
     from pathlib import Path

@@ -211,8 +211,8 @@ def train(
 
         out_dir = out_dir or Path("artifacts") / online / "train-online"
         store = out_dir.parent / (out_dir.name + "-heldout")  # the held-out split only, for the evals
+        from layerflow.dictionaries.kinds import is_transcoder
         from layerflow.models.sites import SiteKind, parse_kind
-        from layerflow.schedule import is_transcoder
 
         kinds = [SiteKind.mlp_in, parse_kind(target_site)] if is_transcoder(schedule.architecture) else [SiteKind.resid_post]
         online_cfg = CaptureConfig(online, parse_layers(layers, get_spec(online).n_layers, online), kinds, n_tokens=tokens,
@@ -255,7 +255,7 @@ def samples(
 ) -> None:
     """Show the top-activating held-out tokens of latents, as recorded during training."""
     from layerflow.capture.store import ActivationStore
-    from layerflow.feature_contexts import contexts
+    from layerflow.dictionaries.top_activations import contexts
     from layerflow.files import run_store
     from layerflow.models.load import load_tokenizer
     from layerflow.train import read_samples

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from layerflow.capture import ActivationStore
-from layerflow.sae_io import load_saes
+from layerflow.dictionaries.io import load_saes
 from layerflow.transfer import TransferOptions, sites_of_store, within_model_matrix
 
 

@@ -66,6 +66,7 @@ from jaxtyping import Bool, Float, Int
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from layerflow.dictionaries.kinds import encode, predict
 from layerflow.errors import LayerflowError
 from layerflow.files import DEPTH_FILE, MATCHED_FILE, TRANSFER_DIR, atomic_write_text, cross_dir_name, json_safe, run_store
 from layerflow.matching import ActivationCorrelation
@@ -372,16 +373,12 @@ class MatchedFeatures:
 
 @torch.no_grad()
 def _encode(sae: Any, x: Tensor) -> Tensor:
-    p = next(sae.parameters())
-    return torch.cat([sae.encode(x[i:i + ENCODE_BATCH].to(p.device, p.dtype)).float().cpu()
-                      for i in range(0, len(x), ENCODE_BATCH)])
+    return torch.cat([encode(sae, chunk).float().cpu() for chunk in x.split(ENCODE_BATCH)])
 
 
 @torch.no_grad()
 def _reconstruct(sae: Any, x: Tensor) -> Tensor:
-    p = next(sae.parameters())
-    return torch.cat([sae.decode(sae.encode(x[i:i + ENCODE_BATCH].to(p.device, p.dtype))).float().cpu()
-                      for i in range(0, len(x), ENCODE_BATCH)])
+    return torch.cat([predict(sae, chunk).float().cpu() for chunk in x.split(ENCODE_BATCH)])
 
 
 def _ev(x: Tensor, x_hat: Tensor) -> float:
@@ -633,8 +630,8 @@ def cross_model_runs(
 
     from layerflow.capture.store import ActivationStore
     from layerflow.data.tokens import iter_documents
+    from layerflow.dictionaries.io import load_saes
     from layerflow.models.load import load_model
-    from layerflow.sae_io import load_saes
 
     run_a, run_b = Path(run_a), Path(run_b)
     sides = []

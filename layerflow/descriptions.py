@@ -12,7 +12,7 @@ and `intervene`:
                    weights file: a retrained SAE makes the cache stale and it is recomputed)
 
 Files are written to a temporary name and renamed. All missing hooks of a model are computed
-in one pass over the held-out shards (`feature_contexts.heldout_batches`).
+in one pass over the held-out shards (`capture.batches.heldout_batches`).
 
 Promoted tokens: the top tokens of (d_f * w_final) @ W_U, where d_f = decode(e_f) - decode(0) is
 the feature's decoder direction exactly as decoding adds it, and w_final the final norm's
@@ -33,7 +33,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from layerflow.capture.batches import heldout_batches
-from layerflow.feature_contexts import TopActivations, contexts, token_text
+from layerflow.dictionaries.kinds import encode, input_hook
+from layerflow.dictionaries.top_activations import TopActivations, contexts, token_text
 from layerflow.files import FEATURES_DIR, atomic
 
 TOP_K = 10  # contexts kept per latent
@@ -108,16 +109,15 @@ def feature_stats(root: str | Path, model: str, saes: dict[str, Any], store: Any
 
 @torch.no_grad()
 def _compute(saes: dict[str, Any], store: Any, k: int, max_tokens: int | None) -> dict[str, FeatureStats]:
-    input_hook = {h: sae.cfg.metadata.hook_name or h for h, sae in saes.items()}  # a transcoder reads its input site
+    reads = {h: input_hook(sae, h) for h, sae in saes.items()}  # a transcoder reads its input site
     tops = {h: TopActivations.empty(sae.cfg.d_sae, k) for h, sae in saes.items()}
     counts = {h: torch.zeros(sae.cfg.d_sae, dtype=torch.long) for h, sae in saes.items()}
     n_tokens = 0
-    batches = heldout_batches(store, sorted(set(input_hook.values())), store.manifest.special_token_ids, max_tokens)
+    batches = heldout_batches(store, sorted(set(reads.values())), store.manifest.special_token_ids, max_tokens)
     for acts, positions in batches:
         n_tokens += len(positions)
         for hook, sae in saes.items():
-            latents = sae.encode(acts[input_hook[hook]].to(sae.device, sae.dtype))
-            latents = latents.to_dense() if latents.is_sparse else latents
+            latents = encode(sae, acts[reads[hook]])
             tops[hook].update(latents, positions)
             counts[hook] += (latents > 0).sum(0).cpu()
     return {h: FeatureStats(tops[h], counts[h], n_tokens) for h in saes}

@@ -12,7 +12,7 @@ Spliced figures follow SAELens' `run_evals` (`get_recons_loss`), so the two can 
 - CE loss score = (CE_zero - CE_spliced) / (CE_zero - CE_clean).
 With `exclude_special_tokens=False` every position counts and every position is spliced.
 
-Transcoders (`cfg.metadata.hook_name_out` set, `layerflow.transcoders`) are evaluated against their
+Transcoders (`cfg.metadata.hook_name_out` set, `layerflow.dictionaries.transcoders`) are evaluated against their
 target: FVU is that of the prediction of x_out (variance of x_out around its own mean), and the
 spliced pass replaces the target (e.g. `hook_mlp_out`: the whole MLP) with the prediction made from
 the clean input. Matryoshka dictionaries (SAEs or transcoders, `matryoshka_widths` in the saved
@@ -44,6 +44,7 @@ from safetensors.torch import save_file
 
 from layerflow.capture.batches import heldout_batches
 from layerflow.capture.store import ActivationStore
+from layerflow.dictionaries.kinds import encode, matryoshka_widths, output_hook, predict
 from layerflow.errors import LayerflowError, did_you_mean
 from layerflow.files import EVAL_CSV, EVAL_JSON, FREQUENCY_FILE, atomic, atomic_write_text
 from layerflow.metrics import ReconstructionMetrics, ReconstructionStats
@@ -106,7 +107,7 @@ def evaluate_saes(
     counts one unit per site (reconstruction) plus one per batch of sequences (spliced passes).
     """
     sites = {s.hook_name: s for s in store.manifest.sites}
-    targets = {hook: target_of(sae) or hook for hook, sae in saes.items()}
+    targets = {hook: output_hook(sae, hook) for hook, sae in saes.items()}
     for hook, sae in saes.items():
         if hook not in sites:
             raise LayerflowError(f"SAE for hook '{hook}': that hook is not in the capture at '{store.root}'. "
@@ -144,29 +145,6 @@ def evaluate_saes(
     return results
 
 
-def target_of(sae: "SAE") -> str | None:
-    """The hook a transcoder predicts (None for an SAE, which reconstructs its own input)."""
-    from layerflow.transfer import is_transcoder, output_hook
-
-    return output_hook(sae) if is_transcoder(sae) else None
-
-
-def matryoshka_widths(sae: "SAE") -> list[int] | None:
-    """Nested prefix widths of a Matryoshka SAE or transcoder, from its saved training details."""
-    details = getattr(sae.cfg.metadata, "training_architecture_details", None) or {}
-    widths = details.get("matryoshka_widths")
-    return list(widths) if widths else None
-
-
-def predict(sae: "SAE", x_in: Float[torch.Tensor, "tokens d_in"],
-            latents: Float[torch.Tensor, "tokens d_sae"]) -> Float[torch.Tensor, "tokens d_out"]:
-    """decode(latents), plus a skip transcoder's x_in W_skip^T: what `sae(x_in)` returns for these latents."""
-    out = sae.decode(latents)
-    if getattr(sae, "W_skip", None) is not None:
-        out = out + x_in.to(sae.dtype) @ sae.W_skip.T
-    return out
-
-
 @torch.no_grad()
 def _reconstruction(hook: str, sae: "SAE", pairs: Iterator[tuple[torch.Tensor, torch.Tensor]],
                     hook_name_out: str | None) -> SiteEval:
@@ -175,8 +153,7 @@ def _reconstruction(hook: str, sae: "SAE", pairs: Iterator[tuple[torch.Tensor, t
     stats, prefix_stats = ReconstructionStats(), [ReconstructionStats() for _ in (widths or [])[:-1]]
     for x_in, x_out in pairs:
         x_in = x_in.to(sae.device)
-        latents = sae.encode(x_in.to(sae.dtype))
-        latents = latents.to_dense() if latents.is_sparse else latents
+        latents = encode(sae, x_in)
         stats.add(x_out.float(), predict(sae, x_in, latents).float().cpu(), latents)
         for width, prefix in zip(widths or [], prefix_stats):
             head = torch.zeros_like(latents)
@@ -301,8 +278,7 @@ def spliced_metrics(
         n_kl += int(keep.sum())
         for hook, sae in saes.items():
             x_in, act = clean.cache[hook], clean.cache[targets[hook]]
-            x_in = x_in.to(sae.device, sae.dtype)
-            recon = predict(sae, x_in, sae.encode(x_in)).to(act.device, act.dtype)
+            recon = predict(sae, x_in.to(sae.device, sae.dtype)).to(act.device, act.dtype)
             both = torch.cat([torch.where(keep.unsqueeze(-1), recon, act), torch.zeros_like(act)])
             start, is_input = starts[hook]
             replace = [(targets[hook], lambda a, hook, both=both: both)]

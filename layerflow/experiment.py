@@ -170,7 +170,7 @@ class ExperimentConfig:
         if self.transfer.match_distance < 0:
             raise LayerflowError(f"{where}: transfer.match_distance = {self.transfer.match_distance} must be >= 0.")
         schedule = self.train.schedule()  # unknown architectures, hyperparameters and depth bands are refused here
-        from layerflow.schedule import SAE_ARCHITECTURES, is_transcoder
+        from layerflow.dictionaries.kinds import SAE_ARCHITECTURES, is_transcoder
 
         if is_transcoder(schedule.architecture):
             raise LayerflowError(f"{where}: train '{schedule.architecture}' is a transcoder; `layerflow run` trains SAEs "

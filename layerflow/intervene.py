@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 
 from layerflow.descriptions import FeatureDescription
+from layerflow.dictionaries.kinds import encode
 from layerflow.errors import LayerflowError, did_you_mean
 from layerflow.evals import clean_batches, patched_logp
 from layerflow.files import json_safe
@@ -80,8 +81,7 @@ def edited(sae: Any, x_in: Float[torch.Tensor, "... d_in"], x_out: Float[torch.T
            edits: list[FeatureEdit], keep: Bool[torch.Tensor, "..."] | None = None
            ) -> tuple[Float[torch.Tensor, "... d_out"], Float[torch.Tensor, "... d_sae"]]:
     """(x_out + dec(a') - dec(a) where `keep`, the clean latents a = enc(x_in)). For an SAE x_in is x_out."""
-    latents = sae.encode(x_in.to(sae.device, sae.dtype))
-    latents = latents.to_dense() if latents.is_sparse else latents
+    latents = encode(sae, x_in)
     changed = latents.clone()
     for edit in edits:
         edit.apply(changed)

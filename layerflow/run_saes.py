@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from jaxtyping import Int
 
+from layerflow.dictionaries.kinds import encode, output_hook
 from layerflow.errors import LayerflowError, did_you_mean
 from layerflow.files import ACTIVATIONS_DIR, SAE_DIR
 from layerflow.results import ModelResults, RunResults
@@ -92,8 +93,8 @@ class RunSAEs:
         return int(self.configs[hook]["d_sae"])
 
     def output_hook(self, hook: str) -> str:
-        """Where decoding writes: the output site of a transcoder, the same site for an SAE."""
-        return self.configs[hook].get("metadata", {}).get("hook_name_out") or hook
+        """Where decoding writes: the output site of a transcoder, the same site for an SAE (after `load`)."""
+        return output_hook(self.saes[hook], hook)
 
     def hook_at(self, layer: int | str) -> str:
         """The SAE hook at a layer (an int, or a hook name); a clear error when the run has none there."""
@@ -124,9 +125,9 @@ class RunSAEs:
 
     def load(self, load: Loader | None = None) -> "RunSAEs":
         from layerflow.capture.store import ActivationStore
+        from layerflow.dictionaries.io import load_saes
         from layerflow.models.load import load_model
         from layerflow.models.sites import prepare_hooks
-        from layerflow.sae_io import load_saes
 
         if self.loaded is None:
             self.loaded = (load or load_model)(self.name)
@@ -169,7 +170,7 @@ class RunSAEs:
         return tokens.to(model.cfg.device)
 
     def token_texts(self, tokens: Int[torch.Tensor, "1 pos"]) -> list[str]:
-        from layerflow.feature_contexts import token_text
+        from layerflow.dictionaries.top_activations import token_text
 
         return [token_text(self.tl_model.tokenizer, t) for t in tokens[0].tolist()]
 
@@ -188,6 +189,4 @@ class RunSAEs:
 
     @torch.no_grad()
     def encode(self, hook: str, acts: torch.Tensor) -> torch.Tensor:
-        sae = self.saes[hook]
-        latents = sae.encode(acts.to(sae.device, sae.dtype))
-        return (latents.to_dense() if latents.is_sparse else latents).float()
+        return encode(self.saes[hook], acts).float()

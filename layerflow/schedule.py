@@ -17,18 +17,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from sae_lens.registry import get_sae_training_class
+
+# kinds imports dictionaries.transcoders, which registers the transcoder training classes with SAELens
+from layerflow.dictionaries.kinds import ARCHITECTURES, is_transcoder
 from layerflow.errors import LayerflowError, did_you_mean
 
-SAE_ARCHITECTURES = ["standard", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"]
-# layerflow.transcoders registers these with SAELens; "transcoder" is ReLU + L1
-TRANSCODER_ARCHITECTURES = ["transcoder", "topk_transcoder", "batchtopk_transcoder", "matryoshka_batchtopk_transcoder"]
-ARCHITECTURES = SAE_ARCHITECTURES + TRANSCODER_ARCHITECTURES
 DEFAULT_MATRYOSHKA_FRACTIONS = (1 / 16, 1 / 4, 1.0)  # nested prefixes, as fractions of d_sae
 TRAINER_KEYS = {"lr"}  # the trainer setting that may vary with depth; the rest are in train.TrainConfig
-
-
-def is_transcoder(architecture: str) -> bool:
-    return architecture in TRANSCODER_ARCHITECTURES
 
 
 @dataclass(frozen=True)
@@ -106,11 +102,6 @@ def relative_depth(layer: int, n_layers: int) -> float:
 
 
 def _config_class(architecture: str):
-    from sae_lens.registry import get_sae_training_class
-
-    if is_transcoder(architecture):
-        import layerflow.transcoders  # noqa: F401  (registers the transcoder classes with SAELens)
-
     return get_sae_training_class(architecture)[1]
 
 

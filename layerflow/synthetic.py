@@ -189,7 +189,7 @@ def true_transcoder(planted: PlantedMaps, layer: int, architecture: str = "jumpr
                           JumpReLUTranscoderConfig, SkipTranscoder, SkipTranscoderConfig, Transcoder, TranscoderConfig)
     from sae_lens.saes.sae import SAEMetadata
 
-    from layerflow.transcoders import (TopKSkipTranscoder, TopKSkipTranscoderConfig, TopKTranscoder,
+    from layerflow.dictionaries.transcoders import (TopKSkipTranscoder, TopKSkipTranscoderConfig, TopKTranscoder,
                                        TopKTranscoderConfig)
 
     classes = {("relu", False): (Transcoder, TranscoderConfig), ("relu", True): (SkipTranscoder, SkipTranscoderConfig),

@@ -14,7 +14,7 @@ sparsely); every other architecture is stepped by SAELens' own `SAETrainer`. Act
 scaled per site to mean norm sqrt(d_in) (SAELens' `expected_average_only_in`) and the scale is
 folded into the saved weights.
 
-Transcoders (a transcoder architecture in the schedule, `layerflow.transcoders`) are trained the
+Transcoders (a transcoder architecture in the schedule, `layerflow.dictionaries.transcoders`) are trained the
 same way, from the same batches: the site is the transcoder's input (e.g. `mlp_in`) and its target
 is the `transcoder_target` site of the same layer (default `mlp_out`), which the capture must hold
 too. Input and target are scaled separately and both factors are folded in when saving.
@@ -42,9 +42,10 @@ from layerflow.files import (CHECKPOINT_DIR, CURVES_FILE, PLAN_FILE, SAE_DIR, SA
                              TRAINING_RUN, TrainManifest, atomic, atomic_write_text, prepare_out_dir, run_store,
                              write_json)
 from layerflow.capture.store import ActivationStore
+from layerflow.dictionaries.io import load_saes, sae_metadata, save_sae
+from layerflow.dictionaries.kinds import is_transcoder
 from layerflow.models.sites import Site, parse_hook_name
-from layerflow.sae_io import load_saes, sae_metadata, save_sae
-from layerflow.schedule import LayerSchedule, get_preset, is_transcoder
+from layerflow.schedule import LayerSchedule, get_preset
 from layerflow.sparse_topk import StackedTopKSAEs, group_key, supports_fast_path
 
 NORM_ESTIMATE_BATCHES = 8
@@ -177,7 +178,7 @@ class _TranscoderGroup:
                  scales_in: list[float], scales_out: list[float]):
         from sae_lens.training.optim import get_lr_scheduler
 
-        from layerflow.transcoders import make_optimizer
+        from layerflow.dictionaries.transcoders import make_optimizer
 
         self.saes = models
         self.optimizers = [make_optimizer(m, lr) for m, lr in zip(models, lrs)]
@@ -191,7 +192,7 @@ class _TranscoderGroup:
         self.last_metrics: list[dict[str, Any]] = []
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        from layerflow.transcoders import train_step
+        from layerflow.dictionaries.transcoders import train_step
 
         losses, self.last_metrics = [], []
         for i, model in enumerate(self.saes):
@@ -508,7 +509,7 @@ def _save_saes(sae_root, out_dir, store, hooks, saes, groups, values, scales, ta
 
 class _SampleRecorder:
     """Every `samples_every` steps: each latent's top-activating held-out tokens, per site, written to
-    samples/step-N/<hook>.safetensors (`feature_contexts.TopActivations`; `layerflow samples` shows them)."""
+    samples/step-N/<hook>.safetensors (`dictionaries.top_activations.TopActivations`; `layerflow samples` shows them)."""
 
     def __init__(self, cfg: TrainConfig, store: ActivationStore, hooks: list[str], specials: list[int],
                  scales: list[float]):
@@ -520,7 +521,7 @@ class _SampleRecorder:
 
     @torch.no_grad()
     def record(self, out_dir: Path, step: int, groups, saes: dict) -> None:
-        from layerflow.feature_contexts import TopActivations
+        from layerflow.dictionaries.top_activations import TopActivations
 
         folder = out_dir / SAMPLES_DIR / f"step-{step:09d}"
         for _, group in groups:
@@ -535,7 +536,7 @@ class _SampleRecorder:
 def read_samples(run: str | Path, step: int | None = None,
                  hooks: list[str] | None = None) -> tuple[int, dict[str, "TopActivations"]]:
     """(step, {hook: TopActivations}) recorded during training at `step` (default: the last one)."""
-    from layerflow.feature_contexts import TopActivations
+    from layerflow.dictionaries.top_activations import TopActivations
 
     root = Path(run) / SAMPLES_DIR
     recorded = {int(p.name.removeprefix("step-")): p for p in root.glob("step-*[0-9]")} if root.exists() else {}

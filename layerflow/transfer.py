@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 
+from layerflow.dictionaries.kinds import encode, is_transcoder, output_hook, predict
 from layerflow.errors import LayerflowError
 from layerflow.files import MATCHED_FILE, SUMMARY_FILE, TRANSFER_DIR, atomic_write_text, run_store, write_json
 from layerflow.metrics import InputSums, ReconstructionStats
@@ -99,7 +100,7 @@ class LinearCoder:
         from sae_lens import (JumpReLUSAE, JumpReLUSkipTranscoder, JumpReLUTranscoder, SkipTranscoder, StandardSAE,
                               TopKSAE, Transcoder)
 
-        from layerflow.transcoders import TopKSkipTranscoder, TopKTranscoder
+        from layerflow.dictionaries.transcoders import TopKSkipTranscoder, TopKTranscoder
 
         cfg = sae.cfg
         kinds = {StandardSAE: "relu", JumpReLUSAE: "jumprelu", TopKSAE: "topk",
@@ -223,11 +224,8 @@ class _GenericCoder:
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(latents, output): the reconstruction, or a transcoder's prediction (skip term included,
         as SAELens' SkipTranscoder.forward adds it)."""
-        from layerflow.evals import predict
-
         x = x.to(self.sae.device, self.sae.dtype)
-        latents = self.sae.encode(x)
-        latents = latents.to_dense() if latents.is_sparse else latents
+        latents = encode(self.sae, x)
         return latents.float(), predict(self.sae, x, latents).float()
 
 
@@ -305,23 +303,6 @@ def within_model_matrix(
 
 
 # ---------------------------------------------------------------- transcoders
-
-
-def is_transcoder(sae: "SAE") -> bool:
-    """A transcoder: SAELens' Transcoder family (layerflow's TopK ones included), or any SAE whose
-    metadata names an output hook."""
-    from sae_lens import Transcoder
-
-    return isinstance(sae, Transcoder) or bool(sae.cfg.metadata.hook_name_out)
-
-
-def output_hook(sae: "SAE") -> str:
-    """The hook a transcoder predicts (`cfg.metadata.hook_name_out`)."""
-    hook = sae.cfg.metadata.hook_name_out
-    if not hook:
-        raise LayerflowError(f"The transcoder for '{sae.cfg.metadata.hook_name}' has no cfg.metadata.hook_name_out: "
-                             "cannot tell which site it predicts. Set it in its cfg.json metadata.")
-    return hook
 
 
 @torch.no_grad()
@@ -626,7 +607,7 @@ def transfer_run(
     A folder of transcoders (`is_transcoder`) gets `transcoder_matrix` instead: the store must hold
     each transcoder's input and output hooks. A folder mixing SAEs and transcoders is an error."""
     from layerflow.capture.store import ActivationStore
-    from layerflow.sae_io import load_saes
+    from layerflow.dictionaries.io import load_saes
 
     run = Path(run)
     saes = load_saes(run, hooks)

@@ -1,6 +1,6 @@
 import torch
 
-from layerflow.feature_contexts import TopActivations, contexts, top_activations
+from layerflow.dictionaries.top_activations import TopActivations, contexts, top_activations
 
 
 def test_streaming_top_activations_equal_a_single_topk_over_everything(tmp_path):

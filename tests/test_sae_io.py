@@ -7,8 +7,8 @@ from sae_lens.registry import get_sae_training_class
 
 from conftest import tiny_twin
 from layerflow.capture import ActivationStore, CaptureConfig, capture
+from layerflow.dictionaries.io import sae_metadata, save_sae
 from layerflow.models.sites import SiteKind
-from layerflow.sae_io import sae_metadata, save_sae
 from layerflow.schedule import LayerSchedule
 
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 from sae_lens.registry import get_sae_training_class
 
+from layerflow.dictionaries.kinds import SAE_ARCHITECTURES, TRANSCODER_ARCHITECTURES
 from layerflow.errors import LayerflowError
-from layerflow.schedule import SAE_ARCHITECTURES, TRANSCODER_ARCHITECTURES, LayerSchedule, get_preset
+from layerflow.schedule import LayerSchedule, get_preset
 
 
 def test_notes_preset_reproduces_the_depth_dependent_l1():

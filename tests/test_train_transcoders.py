@@ -8,14 +8,14 @@ import torch
 from safetensors.torch import load_file
 from sae_lens import SAE
 
-import layerflow.transcoders  # noqa: F401  (registers the transcoder classes)
+import layerflow.dictionaries.transcoders  # noqa: F401  (registers the transcoder classes)
 from conftest import run_cli, tiny_twin
 from layerflow.capture import ActivationStore, CaptureConfig, capture
 from layerflow.capture.batches import heldout_batches
 from layerflow.compare import compare_layers
+from layerflow.dictionaries.top_activations import top_activations
 from layerflow.errors import LayerflowError
 from layerflow.evals import read_eval_results
-from layerflow.feature_contexts import top_activations
 from layerflow.models.sites import SiteKind
 from layerflow.schedule import LayerSchedule, get_preset
 from layerflow.train import TrainConfig, read_samples, train

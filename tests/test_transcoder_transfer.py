@@ -10,7 +10,7 @@ import torch
 from sae_lens import SAE, StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
-import layerflow.transcoders as tc
+import layerflow.dictionaries.transcoders as tc
 from conftest import run_cli, tiny_twin
 from layerflow.capture import ActivationStore, CaptureConfig, capture
 from layerflow.errors import LayerflowError

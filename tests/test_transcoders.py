@@ -1,4 +1,4 @@
-"""Transcoders (layerflow.transcoders): SAELens round trips, SAELens' maths, planted problems, Matryoshka nesting."""
+"""Transcoders (layerflow.dictionaries.transcoders): SAELens round trips, SAELens' maths, planted problems, Matryoshka nesting."""
 
 import importlib
 import subprocess
@@ -18,7 +18,7 @@ from sae_lens.saes.sae import SAEMetadata, TrainingSAE, TrainingSAEConfig, Train
 from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig, StandardTrainingSAE, StandardTrainingSAEConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
-import layerflow.transcoders as tc
+import layerflow.dictionaries.transcoders as tc
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,7 +131,7 @@ def test_registration_is_idempotent_and_refuses_conflicts():
 
 
 def test_import_layerflow_does_not_import_transcoders():
-    code = "import sys, layerflow; assert 'layerflow.transcoders' not in sys.modules"
+    code = "import sys, layerflow; assert 'layerflow.dictionaries.transcoders' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 

@@ -242,8 +242,8 @@ def test_cli_transfer_and_bad_input(tiny_run, tmp_path):
 
 def test_spliced_diagonal_equals_the_spliced_evals(tiny_run, tmp_path):
     from layerflow.capture import ActivationStore
+    from layerflow.dictionaries.io import load_saes
     from layerflow.evals import evaluate_saes
-    from layerflow.sae_io import load_saes
 
     loaded = tiny_twin("gpt2-twin")
     matrix, _ = transfer_run(tiny_run / "run", out_dir=tmp_path, loaded=loaded,

@@ -58,9 +58,9 @@ the factors the training activations were multiplied by, and the decoder-row nor
 into the weights, so the saved transcoder reads raw x_in and predicts raw x_out; decoder rows are
 then unit norm (TopK family) and latents are in x_out units.
 
-Registration happens on `import layerflow.transcoders` (idempotent; a name SAELens or someone
+Registration happens on `import layerflow.dictionaries.transcoders` (idempotent; a name SAELens or someone
 else already uses for another class is an error). `import layerflow` does not import this module,
-so load a `topk_transcoder` folder with `import layerflow.transcoders` first; the JumpReLU and
+so load a `topk_transcoder` folder with `import layerflow.dictionaries.transcoders` first; the JumpReLU and
 ReLU folders load with SAELens alone.
 """
 
@@ -255,7 +255,7 @@ class TranscoderOutput:
                                             self.sparsity, self.aux)))
 
 
-_NEEDS_X_OUT = "A transcoder's loss needs x_out: use forward(x_in, x_out) or layerflow.transcoders.train_step."
+_NEEDS_X_OUT = "A transcoder's loss needs x_out: use forward(x_in, x_out) or layerflow.dictionaries.transcoders.train_step."
 
 
 class TrainingTranscoder(TrainingSAE):
@@ -574,7 +574,7 @@ def register() -> None:
                 registry[name] = (cls, cfg_cls)
             else:
                 raise ValueError(f"SAELens already registers architecture {name!r} for "
-                                 f"{old[0].__module__}.{old[0].__qualname__}; layerflow.transcoders cannot add "
+                                 f"{old[0].__module__}.{old[0].__qualname__}; layerflow.dictionaries.transcoders cannot add "
                                  f"{cls.__qualname__} under that name.")
 
 

@@ -16,8 +16,11 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from sae_lens import SAE
 from sae_lens.constants import SPARSITY_FILENAME
 
+# kinds imports dictionaries.transcoders, which registers layerflow's transcoders with SAELens: load_from_disk finds them
+from layerflow.dictionaries.kinds import is_training_transcoder
 from layerflow.errors import LayerflowError
 from layerflow.files import SAE_DIR, CaptureManifest, atomic
 
@@ -45,7 +48,7 @@ def save_sae(
     scaling_factor: float | None = None,
     target_scaling_factor: float | None = None,
 ) -> Path:
-    """Save a SAELens TrainingSAE (or a `layerflow.transcoders` training transcoder) for inference,
+    """Save a SAELens TrainingSAE (or a `layerflow.dictionaries.transcoders` training transcoder) for inference,
     folding the activation scale into its weights.
 
     `scaling_factor` is what the trainer multiplied activations by (e.g. SAELens'
@@ -54,7 +57,7 @@ def save_sae(
     The SAE passed in is left untouched, so training can go on after a checkpoint.
     """
     folder = Path(folder)
-    transcoder = hasattr(sae, "to_inference")
+    transcoder = is_training_transcoder(sae)
     if transcoder:  # a transcoder: both scales fold into a SAELens inference class
         sae = sae.to_inference(scaling_factor or 1.0, target_scaling_factor or 1.0)
     else:
@@ -83,9 +86,6 @@ def find_sae_folders(path: str | Path) -> list[Path]:
 def load_saes(path: str | Path, hooks: list[str] | None = None) -> dict[str, Any]:
     """{hook_name: SAE} for every SAE folder under `path` (or just `hooks`, in that order), loaded
     with `sae_lens.SAE.load_from_disk`."""
-    from sae_lens import SAE
-
-    import layerflow.transcoders  # noqa: F401  registers layerflow's transcoder classes with SAELens
     saes = {}
     for folder in find_sae_folders(path):
         with warnings.catch_warnings():  # advice to load the model with these kwargs: layerflow already does
