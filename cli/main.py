@@ -305,7 +305,7 @@ def eval_command(
     model_eval: bool = typer.Option(True, help="Splice the SAEs into the model for CE/KL."),
 ) -> None:
     """Evaluate SAEs on held-out tokens: FVU, L0, dead/dense, l2 ratio, and spliced CE/KL."""
-    from layerflow.train import evaluate_run
+    from layerflow.evaluate.evals import evaluate_run
 
     with err.status("evaluating"):
         results, written = evaluate_run(saes, store, out_dir, exclude_special_tokens=not include_special_tokens,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from layerflow.errors import LayerflowError
-from layerflow.evals import SiteEval, read_eval_results
+from layerflow.evaluate.evals import SiteEval, read_eval_results
 from layerflow.files import CURVES_FILE, TRAIN_MANIFEST, TrainManifest
 
 

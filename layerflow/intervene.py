@@ -19,7 +19,7 @@ the SAEs never saw them).
 What is measured (`intervene`): on the prompt, at the chosen token, how every later SAE site's
 features respond (largest |delta| first), the logits of given tokens, and KL(clean || edited)
 of the next-token distribution (at the token, and the mean over non-special positions); on the
-run's held-out text, the change in next-token CE and the mean KL, as `evals.spliced_metrics`
+run's held-out text, the change in next-token CE and the mean KL, as `evaluate.splice.spliced_metrics`
 counts them (predictions from non-special positions).
 
 Batch mode (`rank_features`): ablate each of the top-N features of a site one at a time and rank
@@ -43,7 +43,7 @@ from jaxtyping import Bool, Float
 from layerflow.descriptions import FeatureDescription
 from layerflow.dictionaries.kinds import encode
 from layerflow.errors import LayerflowError, did_you_mean
-from layerflow.evals import clean_batches, patched_logp
+from layerflow.evaluate.splice import clean_batches, patched_logp
 from layerflow.files import json_safe
 from layerflow.results import RunResults
 from layerflow.run_saes import Loader, RunSAEs
@@ -301,7 +301,7 @@ def heldout_effects(run_saes: RunSAEs, hook: str, edit_sets: list[list[FeatureEd
     """CE and KL on the run's first held-out sequences holding `max_tokens` tokens, for each set of edits.
 
     Per batch one clean pass caches the residual entering the SAE's block; each edit set then
-    re-runs only from that block on (`start_at_layer`), as `evals.spliced_metrics` does.
+    re-runs only from that block on (`start_at_layer`), as `evaluate.splice.spliced_metrics` does.
     """
     model = run_saes.tl_model
     sae = run_saes.saes[hook]

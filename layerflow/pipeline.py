@@ -192,7 +192,7 @@ def _train(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache, re
 
 
 def _evaluate(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache) -> None:
-    from layerflow.train import evaluate_run
+    from layerflow.evaluate.evals import evaluate_run
 
     evaluate_run(root / SAE_DIR / name, model_eval=cfg.eval.spliced, spliced_max_tokens=cfg.eval.spliced_tokens,
                  loaded=models.get(name) if cfg.eval.spliced else None)

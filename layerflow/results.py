@@ -64,7 +64,7 @@ class RunResults:
 
     @classmethod
     def load(cls, root: str | Path) -> "RunResults":
-        from layerflow.evals import read_eval_results
+        from layerflow.evaluate.evals import read_eval_results
         from layerflow.transfer_types import TransferMatrix
 
         root = Path(root)

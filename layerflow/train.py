@@ -5,7 +5,7 @@
     saes/<hook_name>/     a SAELens folder per site (cfg.json, sae_weights.safetensors, sparsity)
     samples/step-N/       every `samples_every` steps: each latent's top-activating held-out tokens
     curves.json           per site and step: loss, and for transcoders FVU, L0 and per-prefix FVU
-    evals.json, evals.csv held-out figures per site (`evals.py`)
+    evals.json, evals.csv held-out figures per site (`evaluate.evals`)
     train.json            the manifest (written last: its presence means "complete")
 
 Each site gets a real SAELens `TrainingSAE` built from the `LayerSchedule`. TopK-family SAEs with
@@ -38,12 +38,12 @@ from layerflow.capture.batches import BUFFER_BYTES, mixed_batches, model_chunks,
 from layerflow.capture.writer import CaptureConfig, capture, split_sequences
 from layerflow.data.tokens import TokenPlan
 from layerflow.errors import LayerflowError
-from layerflow.files import (CHECKPOINT_DIR, CURVES_FILE, PLAN_FILE, SAE_DIR, SAMPLES_DIR, TRAIN_MANIFEST, SiteResult,
-                             TRAINING_RUN, TrainManifest, atomic, atomic_write_text, prepare_out_dir, run_store,
-                             write_json)
+from layerflow.files import (CHECKPOINT_DIR, CURVES_FILE, PLAN_FILE, SAE_DIR, SAMPLES_DIR, SiteResult,
+                             TRAINING_RUN, TrainManifest, atomic, atomic_write_text, prepare_out_dir, write_json)
 from layerflow.capture.store import ActivationStore
-from layerflow.dictionaries.io import load_saes, sae_metadata, save_sae
+from layerflow.dictionaries.io import sae_metadata, save_sae
 from layerflow.dictionaries.kinds import is_transcoder
+from layerflow.evaluate.evals import evaluate_run
 from layerflow.models.sites import Site, parse_hook_name
 from layerflow.schedule import LayerSchedule, get_preset
 from layerflow.sparse_topk import StackedTopKSAEs, group_key, supports_fast_path
@@ -551,38 +551,3 @@ def read_samples(run: str | Path, step: int | None = None,
         raise LayerflowError(f"No samples for {', '.join(unknown)} at step {step}. Sites: {', '.join(sorted(files))}.")
     order = hooks or sorted(files, key=lambda h: (parse_hook_name(h)[0], h))
     return step, {h: TopActivations.load(files[h]) for h in order}
-
-
-def evaluate_run(
-    run: str | Path,
-    store: str | Path | None = None,
-    out_dir: str | Path | None = None,
-    exclude_special_tokens: bool = True,
-    model_eval: bool = True,
-    loaded=None,
-    spliced_max_tokens: int | None = None,  # held-out tokens for spliced CE/KL (None: all)
-) -> tuple[dict, list[Path]]:
-    """Evaluate every SAE folder under `run` (a training run, or any folder of SAELens SAEs).
-
-    Writes evals.json/csv to `out_dir` (default `run`) and, for a finished run, updates its
-    manifest. Returns ({hook_name: SiteEval}, written paths)."""
-    from layerflow.evals import evaluate_saes, write_eval_results
-
-    run = Path(run)
-    saes = load_saes(run)
-    activation_store = ActivationStore(store or run_store(run))
-    if model_eval and loaded is None:
-        from layerflow.models.load import load_model
-
-        loaded = load_model(activation_store.manifest.model["name"])
-    results = evaluate_saes(saes, activation_store, loaded=loaded if model_eval else None,
-                            exclude_special_tokens=exclude_special_tokens, spliced_max_tokens=spliced_max_tokens)
-    written = list(write_eval_results(results, Path(out_dir or run)))
-    if (run / TRAIN_MANIFEST).exists():
-        manifest = TrainManifest.read(run)
-        for site in manifest.sites:
-            if site.hook_name in results:
-                site.evals = results[site.hook_name].to_row()
-        manifest.write(run)
-        written.append(run / TRAIN_MANIFEST)
-    return results, written

@@ -662,7 +662,7 @@ class _ScaleMatched:
 
 def _add_spliced(matrix: TransferMatrix, saes: dict, store: "ActivationStore", loaded: Any, options: TransferOptions) -> None:
     """spliced_delta_ce / spliced_kl: one spliced pass per source SAE, covering every target site."""
-    from layerflow.evals import splice_start, spliced_metrics
+    from layerflow.evaluate.splice import splice_start, spliced_metrics
 
     if loaded.name != store.manifest.model["name"]:
         raise LayerflowError(f"The capture at '{store.root}' is of model '{store.manifest.model['name']}', "

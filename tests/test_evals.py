@@ -11,7 +11,7 @@ from sae_lens.training.activations_store import ActivationsStore
 from conftest import tiny_twin
 from layerflow.capture import ActivationStore, CaptureConfig, capture
 from layerflow.errors import LayerflowError
-from layerflow.evals import evaluate_saes, read_eval_results, spliced_metrics, write_eval_results
+from layerflow.evaluate import evaluate_saes, read_eval_results, spliced_metrics, write_eval_results
 from layerflow.models.load import TINY_SHAPE, load_model
 from layerflow.models.sites import SiteKind
 

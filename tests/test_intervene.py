@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import run_cli, tiny_twin
 from layerflow.descriptions import decoder_directions
 from layerflow.errors import LayerflowError
-from layerflow.evals import next_token_nll
+from layerflow.evaluate import next_token_nll
 from layerflow.experiment import ExperimentConfig
 from layerflow.intervene import FeatureEdit, edit_hooks, edited, heldout_effects, intervene, rank_features
 from layerflow.pipeline import run_experiment

@@ -9,7 +9,7 @@ import pytest
 from matplotlib import colors
 from PIL import Image
 
-from layerflow.evals import SiteEval
+from layerflow.evaluate import SiteEval
 from layerflow.files import CaptureManifest
 from layerflow.metrics import ReconstructionMetrics
 from layerflow.plots import (BAND_EDGES, NOT_COMPUTED, UNDER, band_colormap, draw_band_heatmap, make_plots,

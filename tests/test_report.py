@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from layerflow.crossmodel import compare_same_depth
-from layerflow.evals import SiteEval, write_eval_results
+from layerflow.evaluate import SiteEval, write_eval_results
 from layerflow.files import CaptureManifest, SiteResult, TrainManifest, cross_dir_name
 from layerflow.files import CAPTURE_MANIFEST as CAPTURE_FILE
 from layerflow.files import TRAIN_MANIFEST as TRAIN_FILE

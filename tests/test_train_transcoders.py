@@ -15,7 +15,7 @@ from layerflow.capture.batches import heldout_batches
 from layerflow.compare import compare_layers
 from layerflow.dictionaries.top_activations import top_activations
 from layerflow.errors import LayerflowError
-from layerflow.evals import read_eval_results
+from layerflow.evaluate import read_eval_results
 from layerflow.models.sites import SiteKind
 from layerflow.schedule import LayerSchedule, get_preset
 from layerflow.train import TrainConfig, read_samples, train

@@ -14,7 +14,7 @@ import layerflow.transfer as transfer
 from conftest import run_cli, tiny_twin
 from layerflow.capture import CaptureConfig, capture
 from layerflow.errors import LayerflowError
-from layerflow.evals import read_eval_results
+from layerflow.evaluate import read_eval_results
 from layerflow.models.sites import site_at as SiteId
 from layerflow.schedule import LayerSchedule
 from layerflow.synthetic import planted_layers, true_sae
@@ -243,7 +243,7 @@ def test_cli_transfer_and_bad_input(tiny_run, tmp_path):
 def test_spliced_diagonal_equals_the_spliced_evals(tiny_run, tmp_path):
     from layerflow.capture import ActivationStore
     from layerflow.dictionaries.io import load_saes
-    from layerflow.evals import evaluate_saes
+    from layerflow.evaluate import evaluate_saes
 
     loaded = tiny_twin("gpt2-twin")
     matrix, _ = transfer_run(tiny_run / "run", out_dir=tmp_path, loaded=loaded,

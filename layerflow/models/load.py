@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from jaxtyping import Int
 
 from layerflow.errors import LayerflowError
 from layerflow.files import atomic, cache_dir
@@ -374,6 +375,18 @@ def _load_offline(spec: ModelSpec, dtype: torch.dtype) -> LoadedModel:
     return LoadedModel(model, spec, source)
 
 
+def attention_mask(model: Any, tokens: Int[torch.Tensor, "batch pos"]) -> Int[torch.Tensor, "batch pos"] | None:
+    """The mask TransformerLens builds itself from tokens (left-padding tokenizers, e.g. Gemma 3), or None.
+
+    A pass started mid-model sees no tokens, so the clean and the patched passes both get it explicitly."""
+    from transformer_lens.utils import get_attention_mask
+
+    tokenizer = model.tokenizer
+    if tokenizer is None or tokenizer.padding_side != "left":
+        return None
+    return get_attention_mask(tokenizer, tokens, model.cfg.default_prepend_bos)
+
+
 def load_tokenizer(name: str) -> Any:
     """A zoo model's tokenizer without its weights (None for twins, which have none): for showing
     the tokens of stored activations. Offline models read it from the dequantized cache."""
@@ -399,4 +412,4 @@ def load_hf_reference(name: str, dtype: torch.dtype = torch.float32):
     return _cached_hf_model(spec, _OFFLINE_PACKAGES[name], dtype)[1]
 
 
-__all__ = ["LoadedModel", "load_model", "load_tokenizer", "load_hf_reference", "model_config", "twin_config", "TINY_SHAPE", "NO_PROCESSING"]
+__all__ = ["LoadedModel", "attention_mask", "load_model", "load_tokenizer", "load_hf_reference", "model_config", "twin_config", "TINY_SHAPE", "NO_PROCESSING"]
