@@ -67,7 +67,7 @@ def measure_updates(args, d_in: int) -> dict:
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from layerflow.sparse_topk import StackedTopKSAEs
+    from layerflow.train.sparse_topk import StackedTopKSAEs
 
     n, batch, device = args.layers, args.batch_tokens, args.device
     sae_cls, cfg = sae_configs(args, d_in, n)
@@ -102,8 +102,7 @@ def measure_end_to_end(args, loaded) -> dict:
 
     from layerflow.capture import CaptureConfig, capture
     from layerflow.data.tokens import TokenPlan, make_sequences, special_token_ids
-    from layerflow.schedule import LayerSchedule
-    from layerflow.train import TrainConfig, train
+    from layerflow.train import LayerSchedule, TrainConfig, train
 
     n_layers = loaded.model.cfg.n_layers
     layers = sorted({round(i * (n_layers - 1) / max(args.layers - 1, 1)) for i in range(args.layers)})

@@ -196,9 +196,9 @@ def train(
     import json
 
     from layerflow.capture.store import ActivationStore
-    from layerflow.schedule import LayerSchedule, get_preset
-    from layerflow.train import TrainConfig
-    from layerflow.train import train as run_train
+    from layerflow.train.config import TrainConfig
+    from layerflow.train.schedule import LayerSchedule, get_preset
+    from layerflow.train.trainer import train as run_train
 
     schedule = LayerSchedule.from_dict(json.loads(schedule_file.read_text())) if schedule_file else get_preset(preset)
     if architecture or settings:
@@ -258,7 +258,7 @@ def samples(
     from layerflow.dictionaries.top_activations import contexts
     from layerflow.files import run_store
     from layerflow.models.load import load_tokenizer
-    from layerflow.train import read_samples
+    from layerflow.train.samples import read_samples
 
     step, tops = read_samples(run_dir, step, [hook] if hook else None)
     store = ActivationStore(run_store(run_dir))

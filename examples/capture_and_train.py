@@ -14,8 +14,7 @@ from pathlib import Path
 from layerflow.capture import CaptureConfig, capture
 from layerflow.models.load import load_model
 from layerflow.models.sites import SiteKind
-from layerflow.schedule import get_preset
-from layerflow.train import TrainConfig, train
+from layerflow.train import TrainConfig, get_preset, train
 
 
 def main() -> None:

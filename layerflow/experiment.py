@@ -58,7 +58,7 @@ class TrainSection:
 
     def schedule(self):
         """The LayerSchedule: the preset, then `architecture`, `set` and `by_depth` over it."""
-        from layerflow.schedule import LayerSchedule, get_preset
+        from layerflow.train.schedule import LayerSchedule, get_preset
 
         schedule = get_preset(self.preset).with_overrides(self.architecture, self.set)
         if not self.by_depth:

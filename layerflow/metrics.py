@@ -136,3 +136,9 @@ def reconstruction_metrics(
     stats = ReconstructionStats()
     stats.add(x, x_hat, latents)
     return stats.compute()
+
+
+def batch_variance(x: Float[torch.Tensor, "tokens d"]) -> torch.Tensor:
+    """E||x - mean(x)||^2 over one batch, in the batch's dtype: the denominator of the per-step FVU
+    in training curves (held-out FVU sums over the whole eval set: `ReconstructionStats`)."""
+    return (x - x.mean(0)).square().sum(-1).mean()

@@ -181,7 +181,8 @@ def _capture(cfg: ExperimentConfig, entry, root: Path, models: _ModelCache, repo
 
 
 def _train(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache, report: Progress) -> None:
-    from layerflow.train import TrainConfig, train
+    from layerflow.train.config import TrainConfig
+    from layerflow.train.trainer import train
 
     t = cfg.train
     train_cfg = TrainConfig(str((root / ACTIVATIONS_DIR / name).resolve()), schedule=t.schedule(), steps=t.steps,

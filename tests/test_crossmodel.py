@@ -374,8 +374,7 @@ def test_capture_and_matrix_on_real_models(smollm2, gemma3, tmp_path):
 def test_cli_cross_model_between_two_trained_runs(smollm2, gemma3, tmp_path):
     from conftest import run_cli
     from layerflow.capture import CaptureConfig, capture
-    from layerflow.schedule import LayerSchedule
-    from layerflow.train import TrainConfig, train
+    from layerflow.train import LayerSchedule, TrainConfig, train
 
     schedule = LayerSchedule("topk", {"expansion_factor": 1, "k": 8, "lr": 1e-3})
     for loaded, layers in ((smollm2, [3, 20]), (gemma3, [2, 12])):

@@ -271,8 +271,7 @@ def test_bad_input_through_the_cli(case, run, broken_runs):
 @pytest.fixture(scope="module")
 def transcoder_run(tmp_path_factory):
     """A run whose dictionaries are transcoders (mlp_in -> mlp_out), trained into its SAE folder."""
-    from layerflow.schedule import get_preset
-    from layerflow.train import TrainConfig, train
+    from layerflow.train import TrainConfig, get_preset, train
 
     folder = tmp_path_factory.mktemp("tc-run")
     cfg = ExperimentConfig.from_dict({

@@ -9,7 +9,7 @@ from conftest import tiny_twin
 from layerflow.capture import ActivationStore, CaptureConfig, capture
 from layerflow.dictionaries.io import sae_metadata, save_sae
 from layerflow.models.sites import SiteKind
-from layerflow.schedule import LayerSchedule
+from layerflow.train import LayerSchedule
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from sae_lens.registry import get_sae_training_class
 
 from layerflow.dictionaries.kinds import SAE_ARCHITECTURES, TRANSCODER_ARCHITECTURES
 from layerflow.errors import LayerflowError
-from layerflow.schedule import LayerSchedule, get_preset
+from layerflow.train import LayerSchedule, get_preset
 
 
 def test_notes_preset_reproduces_the_depth_dependent_l1():
@@ -76,7 +76,7 @@ def test_matryoshka_widths_scale_with_each_layers_width():
 
 
 def test_with_overrides_drops_preset_keys_the_new_architecture_lacks():
-    from layerflow.schedule import get_preset
+    from layerflow.train import get_preset
 
     relu = get_preset("default").with_overrides("standard", {"l1_coefficient": 1e-3})
     assert relu.architecture == "standard" and "k" not in relu.base and "topk_threshold_lr" not in relu.base

@@ -9,7 +9,7 @@ from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.training.sae_trainer import SAETrainer
 
-from layerflow.sparse_topk import StackedTopKSAEs, _batch_topk
+from layerflow.train.sparse_topk import StackedTopKSAEs, _batch_topk
 
 D_IN, D_SAE, N_TOK = 16, 96, 64
 

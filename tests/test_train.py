@@ -11,8 +11,7 @@ from conftest import run_cli, tiny_twin
 from layerflow.capture import ActivationStore, CaptureConfig, capture
 from layerflow.errors import LayerflowError
 from layerflow.files import CHECKPOINT_DIR, TrainManifest
-from layerflow.schedule import LayerSchedule
-from layerflow.train import TrainConfig, train
+from layerflow.train import LayerSchedule, TrainConfig, train
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 

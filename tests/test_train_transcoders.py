@@ -17,8 +17,7 @@ from layerflow.dictionaries.top_activations import top_activations
 from layerflow.errors import LayerflowError
 from layerflow.evaluate import read_eval_results
 from layerflow.models.sites import SiteKind
-from layerflow.schedule import LayerSchedule, get_preset
-from layerflow.train import TrainConfig, read_samples, train
+from layerflow.train import LayerSchedule, TrainConfig, get_preset, read_samples, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 K = SiteKind

@@ -16,9 +16,8 @@ from layerflow.capture import CaptureConfig, capture
 from layerflow.errors import LayerflowError
 from layerflow.evaluate import read_eval_results
 from layerflow.models.sites import site_at as SiteId
-from layerflow.schedule import LayerSchedule
 from layerflow.synthetic import planted_layers, true_sae
-from layerflow.train import TrainConfig, train
+from layerflow.train import LayerSchedule, TrainConfig, train
 from layerflow.transfer import LinearCoder, TransferOptions, transfer_run, within_model_matrix
 from layerflow.transfer_types import TransferMatrix
 
