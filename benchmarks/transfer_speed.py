@@ -27,9 +27,8 @@ import time
 
 import torch
 
-from layerflow import fused_encode
 from layerflow.models.sites import site_at
-from layerflow.transfer import LinearCoder, TransferOptions, dense_latents, within_model_matrix
+from layerflow.transfer import LinearCoder, TransferOptions, dense_latents, fused_encode, within_model_matrix
 
 
 def matmul_flops(tokens: int, d: int, d_sae: int, repeats: int = 15) -> float:
@@ -144,7 +143,7 @@ def main() -> None:
             LinearCoder.from_sae = original
         figures["speedup_vs_naive"] = figures["naive_s"] / kernel_s
     if n >= 2:
-        from layerflow.matching import match_activations, match_decoders
+        from layerflow.transfer.matching import match_activations, match_decoders
 
         start = time.perf_counter()
         match_decoders(saes[sites[0].hook_name].W_dec, saes[sites[1].hook_name].W_dec)

@@ -335,10 +335,11 @@ def transfer(
     scored against layer j's target (mlp_out): how well layer i's MLP function predicts layer j's (docs/transfer.md).
 
     With --cross-model, apply each SAE of one model to the other model's sites through an affine stitch."""
-    from layerflow.transfer import TransferOptions, transfer_run
+    from layerflow.transfer.runs import transfer_run
+    from layerflow.transfer.within import TransferOptions
 
     if cross_model is not None:
-        from layerflow.crossmodel import cross_model_runs
+        from layerflow.transfer.runs import cross_model_runs
 
         with err.status("cross-model transfer: loading both models, reading aligned words, stitching"):
             matrix, written = cross_model_runs(saes, cross_model, out_dir, source=source, max_words=words,
@@ -357,7 +358,7 @@ def transfer(
     out.print(_transfer_table(matrix))
     layers = [s.layer for s in matrix.sources]
     if len(set(layers)) == len(layers) > 1:
-        from layerflow.summary import summarize
+        from layerflow.transfer.summary import summarize
 
         for metric in ("relative_transfer", "transfer_recon_ratio"):
             s = summarize(matrix[metric], layers, matrix.sources[0].n_layers, metric)
@@ -601,7 +602,7 @@ def _cross_model_table(matrix) -> Table:
     """Per source site: the target site it explains best (relative transfer), and same-depth figures."""
     import numpy as np
 
-    from layerflow.crossmodel import same_depth_pairs
+    from layerflow.transfer.cross_model import same_depth_pairs
 
     same = dict(same_depth_pairs(matrix))
     rel, cka = matrix["relative_transfer"], matrix["cka"]

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from layerflow.plots import transfer_heatmap
-from layerflow.transfer_types import TransferMatrix
+from layerflow.transfer import TransferMatrix
 
 
 def main() -> None:

@@ -87,7 +87,7 @@ class TransferSection:
     exclude_special_tokens: bool = True
 
     def options(self, seed: int, device: str):
-        from layerflow.transfer import TransferOptions
+        from layerflow.transfer.within import TransferOptions
 
         return TransferOptions(max_tokens=self.max_tokens, top_k=self.top_k, match_distance=self.match_distance,
                                spliced=self.spliced, exclude_special_tokens=self.exclude_special_tokens,
@@ -162,7 +162,7 @@ class ExperimentConfig:
             if value <= 0:
                 shown = value + 1 if key == "capture.context_size" else value
                 raise LayerflowError(f"{where}: {key} = {shown} must be {'at least 2' if key == 'capture.context_size' else 'positive'}.")
-        from layerflow.crossmodel import MATCH_PAIRS
+        from layerflow.transfer.cross_model import MATCH_PAIRS
 
         if self.cross_model.match_pairs not in MATCH_PAIRS:
             raise LayerflowError(f"{where}: cross_model.match_pairs '{self.cross_model.match_pairs}' is not valid. "

@@ -200,7 +200,7 @@ def _evaluate(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache)
 
 
 def _transfer(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache, report: Progress) -> None:
-    from layerflow.transfer import transfer_run
+    from layerflow.transfer.runs import transfer_run
 
     options = cfg.transfer.options(cfg.seed, cfg.device)
     transfer_run(root / SAE_DIR / name, out_dir=root / TRANSFER_DIR / name, options=options,
@@ -209,7 +209,7 @@ def _transfer(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache,
 
 
 def _cross_model(cfg: ExperimentConfig, a: str, b: str, root: Path, models: _ModelCache) -> None:
-    from layerflow.crossmodel import cross_model_runs
+    from layerflow.transfer.runs import cross_model_runs
 
     cross_model_runs(root / SAE_DIR / a, root / SAE_DIR / b, out_dir=root / TRANSFER_DIR / cross_dir_name(a, b),
                      source=cfg.cross_model.source, max_words=cfg.cross_model.words,

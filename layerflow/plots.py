@@ -40,8 +40,8 @@ from matplotlib import colors  # noqa: E402
 
 from layerflow.models.sites import Site
 from layerflow.results import CrossModelResults, ModelResults, RunResults
-from layerflow.summary import BANDS, TransferSummary, summarize
-from layerflow.transfer_types import TransferMatrix, metric_docs
+from layerflow.transfer.matrix import TransferMatrix, metric_docs
+from layerflow.transfer.summary import BANDS, TransferSummary, summarize
 
 if TYPE_CHECKING:
     from layerflow.compare import LayerComparison
@@ -269,7 +269,7 @@ def _cross_panels(m: TransferMatrix) -> list[str]:
 
 def cross_model_heatmap(cross: CrossModelResults, stem: Path) -> list[Path]:
     """A cross-model matrix in relative depth: relative transfer (or stitched EV) and linear CKA (figure 4)."""
-    from layerflow.crossmodel import compare_same_depth, same_depth_pairs
+    from layerflow.transfer.cross_model import compare_same_depth, same_depth_pairs
 
     m, panels = cross.matrix, _cross_panels(cross.matrix)
     xs, ys = [t.relative_depth for t in m.targets], [s.relative_depth for s in m.sources]

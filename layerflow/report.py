@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
-from layerflow.crossmodel import compare_same_depth, same_depth_pairs
 from layerflow.files import PLOTS_DIR, REPORT_FILE, SUMMARY_FILE, atomic_write_text, json_safe
 from layerflow.results import CrossModelResults, ModelResults, RunResults
-from layerflow.summary import BANDS, band, summarize
-from layerflow.transfer_types import TransferMatrix
+from layerflow.transfer.cross_model import compare_same_depth, same_depth_pairs
+from layerflow.transfer.matrix import TransferMatrix
+from layerflow.transfer.summary import BANDS, band, summarize
 
 SCHEMA = "layerflow.run_summary"
 SCHEMA_VERSION = 1

@@ -65,7 +65,7 @@ class RunResults:
     @classmethod
     def load(cls, root: str | Path) -> "RunResults":
         from layerflow.evaluate.evals import read_eval_results
-        from layerflow.transfer_types import TransferMatrix
+        from layerflow.transfer.matrix import TransferMatrix
 
         root = Path(root)
         if not (root / RUN_FILE).exists():

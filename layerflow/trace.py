@@ -30,9 +30,9 @@ import torch
 from layerflow.descriptions import FeatureDescription
 from layerflow.errors import LayerflowError
 from layerflow.files import MATCHED_FILE, TRANSFER_DIR, write_json
-from layerflow.matching import FeatureMatching
 from layerflow.results import RunResults
 from layerflow.run_saes import Loader, RunSAEs, model_names, open_run
+from layerflow.transfer.matching import FeatureMatching
 
 
 @dataclass

@@ -11,28 +11,17 @@ import torch
 from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 
 from conftest import HAS_GEMMA3, needs_gemma3, tiny_twin
-from layerflow.crossmodel import (
-    AlignedActivations,
-    align_words,
-    benjamini_hochberg,
-    capture_aligned,
-    compare_same_depth,
-    cross_model_matrix,
-    fit_affine,
-    fit_stitch,
-    linear_cka,
-    same_depth_pairs,
-    split_document,
-    tokenize_text,
-    word_ends,
-)
 from layerflow.data.tokens import iter_documents
 from layerflow.errors import LayerflowError
 from layerflow.files import cache_dir
 from layerflow.models.load import load_model
 from layerflow.models.sites import site_at as SiteId
 from layerflow.synthetic import planted_layers, true_sae
-from layerflow.transfer_types import TransferMatrix
+from layerflow.transfer import TransferMatrix
+from layerflow.transfer.align import (AlignedActivations, align_words, capture_aligned, split_document, tokenize_text,
+                                      word_ends)
+from layerflow.transfer.cross_model import (benjamini_hochberg, compare_same_depth, cross_model_matrix, fit_affine,
+                                            fit_stitch, linear_cka, same_depth_pairs)
 
 R0, R1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 

@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layerflow import fused_encode
 from layerflow.models.sites import site_at as SiteId
-from layerflow.transfer import LinearCoder, SparseLatents, TransferOptions, within_model_matrix
+from layerflow.transfer import LinearCoder, SparseLatents, TransferOptions, fused_encode, within_model_matrix
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                 reason="no C compiler: layerflow uses torch ops instead")
@@ -150,7 +149,7 @@ def test_transfer_matrix_is_the_same_with_and_without_the_c_kernels():
 
 
 def test_can_be_turned_off_by_environment():
-    code = "from layerflow import fused_encode; print(fused_encode.available(), fused_encode.unavailable_reason)"
+    code = "from layerflow.transfer import fused_encode; print(fused_encode.available(), fused_encode.unavailable_reason)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "LAYERFLOW_FUSED_ENCODE": "0"}).stdout
     assert out.startswith("False") and "LAYERFLOW_FUSED_ENCODE=0" in out

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from layerflow.matching import (
+from layerflow.transfer.matching import (
     ActivationCorrelation,
     FeatureMatching,
     decoder_top1_cosine,

@@ -16,8 +16,7 @@ from layerflow.plots import (BAND_EDGES, NOT_COMPUTED, UNDER, band_colormap, dra
                              transfer_heatmap, universality_bars)
 from layerflow.models.sites import site_at as SiteId
 from layerflow.results import CrossModelResults, ModelResults, RunResults
-from layerflow.summary import band
-from layerflow.transfer_types import TransferMatrix
+from layerflow.transfer import TransferMatrix, band
 
 pytestmark = [pytest.mark.filterwarnings("error"),  # e.g. no "mean of empty slice" on NaN rows
               pytest.mark.filterwarnings("ignore:The 'utils' module has been deprecated")]  # transformer_lens

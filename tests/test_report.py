@@ -8,7 +8,6 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from layerflow.crossmodel import compare_same_depth
 from layerflow.evaluate import SiteEval, write_eval_results
 from layerflow.files import CaptureManifest, SiteResult, TrainManifest, cross_dir_name
 from layerflow.files import CAPTURE_MANIFEST as CAPTURE_FILE
@@ -17,8 +16,7 @@ from layerflow.metrics import ReconstructionMetrics
 from layerflow.models.sites import site_at as SiteId
 from layerflow.report import build_summary, fmt, report_run, write_report
 from layerflow.results import RunResults
-from layerflow.summary import band
-from layerflow.transfer_types import TransferMatrix
+from layerflow.transfer import TransferMatrix, band, compare_same_depth
 
 LAYERS, N_LAYERS = [0, 2, 4, 6, 8, 10], 12
 NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[+-]?\d+)?(?!\w)")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from layerflow.errors import LayerflowError
-from layerflow.summary import BANDS, band, band_matrix, summarize
+from layerflow.transfer.summary import BANDS, band, band_matrix, summarize
 
 pytestmark = pytest.mark.filterwarnings("error")  # no "mean of empty slice" on NaN-heavy input
 

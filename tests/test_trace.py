@@ -15,11 +15,11 @@ from conftest import run_cli, tiny_twin
 from layerflow.descriptions import cache_path, decoder_directions, promoted_tokens
 from layerflow.errors import LayerflowError
 from layerflow.experiment import ExperimentConfig
-from layerflow.matching import FeatureMatching
 from layerflow.pipeline import run_experiment
 from layerflow.plots import trace_flow
 from layerflow.run_saes import RunSAEs
 from layerflow.trace import LayerFeatures, chain_features, trace
+from layerflow.transfer.matching import FeatureMatching
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

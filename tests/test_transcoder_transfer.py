@@ -18,8 +18,8 @@ from layerflow.metrics import reconstruction_metrics
 from layerflow.models.sites import SiteKind
 from layerflow.models.sites import site_at as SiteId
 from layerflow.synthetic import planted_maps, true_transcoder
-from layerflow.transfer import LinearCoder, TransferOptions, transcoder_matrix, transfer_run, within_model_matrix
-from layerflow.transfer_types import TransferMatrix
+from layerflow.transfer import (LinearCoder, TransferMatrix, TransferOptions, transcoder_matrix, transfer_run,
+                                within_model_matrix)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,8 +18,7 @@ from layerflow.evaluate import read_eval_results
 from layerflow.models.sites import site_at as SiteId
 from layerflow.synthetic import planted_layers, true_sae
 from layerflow.train import LayerSchedule, TrainConfig, train
-from layerflow.transfer import LinearCoder, TransferOptions, transfer_run, within_model_matrix
-from layerflow.transfer_types import TransferMatrix
+from layerflow.transfer import LinearCoder, TransferMatrix, TransferOptions, transfer_run, within_model_matrix
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

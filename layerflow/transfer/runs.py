@@ -1,0 +1,185 @@
+"""From run folders to matrices on disk: `transfer_run` (one model's dictionaries on its own sites)
+and `cross_model_runs` (model A's dictionaries on model B's sites), each reading a training run's
+dictionaries and its capture, computing the matrix and writing it with its matched features and
+summaries, the matrix JSON last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from sae_lens import SAE
+
+from layerflow.capture.store import ActivationStore
+from layerflow.data.tokens import iter_documents
+from layerflow.dictionaries.io import load_saes
+from layerflow.dictionaries.kinds import is_transcoder, output_hook
+from layerflow.errors import LayerflowError
+from layerflow.evaluate.splice import splice_start, spliced_metrics
+from layerflow.files import (DEPTH_FILE, MATCHED_FILE, SUMMARY_FILE, TRANSFER_DIR, cross_dir_name, json_safe, run_store,
+                             write_json)
+from layerflow.models.load import LoadedModel, load_model
+from layerflow.models.sites import Site, parse_hook_name
+from layerflow.transfer.align import capture_aligned
+from layerflow.transfer.cross_model import compare_same_depth, cross_model_matrix
+from layerflow.transfer.matrix import TransferMatrix
+from layerflow.transfer.summary import summarize
+from layerflow.transfer.within import TransferOptions, transcoder_matrix, within_model_matrix
+
+# The metrics summarised by default: the notes' ratio (for continuity) and the scale-aware ones.
+SUMMARY_METRICS = ("transfer_recon_ratio", "relative_transfer", "explained_variance", "transfer_beyond_persistence")
+
+
+def sites_of_store(store: ActivationStore, hooks: list[str]) -> list[Site]:
+    """The captured sites of `hooks`, in the store's site order (by layer, then site kind)."""
+    order = {s.hook_name: i for i, s in enumerate(store.manifest.sites)}
+    return sorted((s for s in store.manifest.sites if s.hook_name in hooks), key=lambda s: (s.layer, order[s.hook_name]))
+
+
+def transfer_run(
+    run: str | Path,
+    store: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    options: TransferOptions = TransferOptions(),
+    hooks: list[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    loaded: LoadedModel | None = None,  # for options.spliced (else loaded from the store's manifest)
+) -> tuple[TransferMatrix, list[Path]]:
+    """The within-model matrix of every SAE under `run` (a training run, or any folder of SAELens
+    SAE folders with `store`), on the store's held-out tokens; written to `out_dir`
+    (default `<run>/transfer`). Returns the matrix and the files written (manifest last).
+
+    A folder of transcoders (`is_transcoder`) gets `transcoder_matrix` instead: the store must hold
+    each transcoder's input and output hooks. A folder mixing SAEs and transcoders is an error."""
+    run = Path(run)
+    saes = load_saes(run, hooks)
+    transcoders = _folder_of_transcoders(saes, run)
+    if transcoders and options.spliced:
+        raise LayerflowError("--spliced is not available for transcoders yet: it splices SAEs at their own site.")
+    activation_store = ActivationStore(store or run_store(run))
+    needed = {h: [h, output_hook(sae, h)] if transcoders else [h] for h, sae in saes.items()}
+    unknown = [f"{' -> '.join(hs)}" for hs in needed.values() if any(h not in activation_store.hook_names for h in hs)]
+    if unknown:
+        raise LayerflowError(f"{'Transcoders' if transcoders else 'SAEs'} for {', '.join(unknown)} have no activations "
+                             f"in the capture at '{activation_store.root}' "
+                             f"(captured: {', '.join(activation_store.hook_names)}).")
+    sites = sites_of_store(activation_store, list(saes))
+    activations = activation_store.heldout(list(dict.fromkeys(h for s in sites for h in needed[s.hook_name])),
+                                           options.max_tokens, options.exclude_special_tokens)
+    compute = transcoder_matrix if transcoders else within_model_matrix
+    matrix = compute(saes, activations, sites, options, progress)
+    if options.spliced:
+        loaded = loaded or load_model(activation_store.manifest.model["name"])
+        _add_spliced(matrix, saes, activation_store, loaded, options)
+    matrix.settings["store"] = str(activation_store.root.resolve())
+    matrix.settings["saes"] = str(run.resolve())
+    return matrix, write_transfer(matrix, Path(out_dir) if out_dir else run / TRANSFER_DIR)
+
+
+def _folder_of_transcoders(saes: dict[str, SAE], folder: Path) -> bool:
+    """True when every dictionary is a transcoder, False when none is; a mix is an error."""
+    kinds = {h: is_transcoder(sae) for h, sae in saes.items()}
+    if len(set(kinds.values())) > 1:
+        tcs = [h for h, k in kinds.items() if k]
+        plain = [h for h, k in kinds.items() if not k]
+        raise LayerflowError(f"'{folder}' mixes transcoders ({', '.join(tcs)}) and SAEs ({', '.join(plain)}): a "
+                             "transfer matrix compares one kind. Put them in separate folders, or pass --hooks.")
+    return any(kinds.values())
+
+
+class _ScaleMatched:
+    """SAE_i read at site j in scale-matched units: encode(x rho), decode(.) / rho."""
+
+    def __init__(self, sae: SAE, rho: float):
+        self.sae, self.rho, self.device, self.dtype = sae, rho, sae.device, sae.dtype
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sae.encode(x * self.rho)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.sae.decode(latents) / self.rho
+
+
+def _add_spliced(matrix: TransferMatrix, saes: dict[str, SAE], store: ActivationStore, loaded: LoadedModel,
+                 options: TransferOptions) -> None:
+    """spliced_delta_ce / spliced_kl: one spliced pass per source SAE, covering every target site."""
+    if loaded.name != store.manifest.model["name"]:
+        raise LayerflowError(f"The capture at '{store.root}' is of model '{store.manifest.model['name']}', "
+                             f"but the loaded model is '{loaded.name}'.")
+    tokens = store.tokens("heldout")
+    specials = store.manifest.special_token_ids if options.exclude_special_tokens else []
+    norms = matrix.settings["mean_activation_norm"]
+    starts = {t.hook_name: splice_start(t.layer, t.kind) for t in matrix.targets}
+    delta_ce = np.full((len(matrix.sources), len(matrix.targets)), np.nan)
+    kl = delta_ce.copy()
+    for i, source in enumerate(matrix.sources):
+        placed = {t.hook_name: _ScaleMatched(saes[source.hook_name], norms[source.hook_name] / norms[t.hook_name])
+                  for t in matrix.targets}
+        results = spliced_metrics(placed, loaded.model, tokens, starts, specials)
+        for j, target in enumerate(matrix.targets):
+            delta_ce[i, j], kl[i, j] = results[target.hook_name]["delta_ce"], results[target.hook_name]["kl_div"]
+    matrix.metrics["spliced_delta_ce"], matrix.metrics["spliced_kl"] = delta_ce, kl
+
+
+def write_transfer(matrix: TransferMatrix, folder: Path) -> list[Path]:
+    """transfer_matrix.json/csv, matched_features.json (when matched), summary.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    matched = matrix.extras.get("matched_features")
+    if matched:
+        written.append(write_json(folder / MATCHED_FILE, [
+            {"source": s, "target": t, **{kind: m.to_dict() for kind, m in result.items()}}
+            for (s, t), result in matched.items()]))
+    summaries = {}
+    layers = [s.layer for s in matrix.sources]
+    if len(set(layers)) == len(layers) and len(layers) >= 2:  # one site per layer: layer-indexed summaries
+        for metric in SUMMARY_METRICS:
+            if metric in matrix.metrics:
+                summaries[metric] = summarize(matrix[metric], layers, matrix.sources[0].n_layers, metric).to_dict()
+    if summaries:
+        path = write_json(folder / SUMMARY_FILE, {"schema_version": 1, "summaries": summaries}, indent=1)
+        written.append(path)
+    written.extend(matrix.write(folder)[::-1])  # the matrix JSON is the manifest: written last
+    return written
+
+
+def cross_model_runs(
+    run_a: str | Path,
+    run_b: str | Path,
+    out_dir: str | Path | None = None,
+    source: str = "default",
+    max_words: int = 20_000,
+    context_size: int = 128,
+    hooks_a: list[str] | None = None,
+    hooks_b: list[str] | None = None,
+    loaded: tuple[LoadedModel, LoadedModel] | None = None,
+    **options: Any,
+) -> tuple[TransferMatrix, list[Path]]:
+    """Cross-model matrix between the SAEs of two runs (or SAELens folders with a layerflow store
+    for each), on words of `source` read by both models; written to `out_dir` (default
+    `<run_a>/transfer/<model a>~<model b>`), the matrix JSON last."""
+    run_a, run_b = Path(run_a), Path(run_b)
+    sides = []
+    for run, hooks in ((run_a, hooks_a), (run_b, hooks_b)):
+        saes = load_saes(run, hooks)
+        model = ActivationStore(run_store(run)).manifest.model["name"]
+        sides.append((dict(sorted(saes.items(), key=lambda kv: parse_hook_name(kv[0])[0])), model))
+    (saes_a, model_a), (saes_b, model_b) = sides
+    loaded_a, loaded_b = loaded or (load_model(model_a), load_model(model_b))
+    aligned = capture_aligned(loaded_a, list(saes_a), loaded_b, list(saes_b), iter_documents(source),
+                              context_size=context_size, max_words=max_words,
+                              max_words_per_document=max(10, max_words // 20))  # spread over ~20 documents, 4 held out
+    matrix = cross_model_matrix(saes_a, saes_b, aligned, **options)
+    matrix.settings["source"] = source
+    folder = Path(out_dir) if out_dir else run_a / TRANSFER_DIR / cross_dir_name(model_a, model_b)
+    folder.mkdir(parents=True, exist_ok=True)
+    matched = write_json(folder / MATCHED_FILE, [{"source": s, "target": t, **m.to_dict()}
+                                                 for (s, t), m in matrix.extras["matched_features"].items()])
+    comparisons = {m: json_safe(asdict(compare_same_depth(matrix, m)))
+                   for m in ("relative_transfer", "stitched_explained_variance", "cka")}
+    depth = write_json(folder / DEPTH_FILE, comparisons, indent=1)
+    return matrix, [matched, depth, *matrix.write(folder)[::-1]]
