@@ -445,7 +445,7 @@ def trace_command(
     chains: int = typer.Option(10, min=0, help="Trajectories listed per token."),
 ) -> None:
     """Follow a prompt's SAE features through the layers: top features per layer with descriptions, and their trajectories."""
-    from layerflow.trace import trace
+    from layerflow.features.trace import trace
 
     with err.status("tracing (the first trace of a run also caches feature descriptions)"):
         result = trace(run_dir, prompt, _parse_token(token), top_k, model or None)
@@ -503,9 +503,9 @@ def intervene_command(
     out_json: Optional[Path] = typer.Option(None, "--out", help="Write the result as JSON here."),
 ) -> None:
     """Ablate, scale, clamp or steer SAE features (the SAE's error term kept) and measure what changes downstream."""
+    from layerflow.features.intervene import intervene, rank_features
+    from layerflow.features.run_saes import RunSAEs
     from layerflow.files import write_json
-    from layerflow.intervene import intervene, rank_features
-    from layerflow.run_saes import RunSAEs
 
     run_saes = RunSAEs.open(run_dir, model)
     if batch is not None:

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_cli, tiny_twin
-from layerflow.descriptions import decoder_directions
 from layerflow.errors import LayerflowError
 from layerflow.evaluate import next_token_nll
 from layerflow.experiment import ExperimentConfig
-from layerflow.intervene import FeatureEdit, edit_hooks, edited, heldout_effects, intervene, rank_features
+from layerflow.features.describe import decoder_directions
+from layerflow.features.intervene import FeatureEdit, edit_hooks, edited, heldout_effects, intervene, rank_features
+from layerflow.features.run_saes import RunSAEs
 from layerflow.pipeline import run_experiment
-from layerflow.run_saes import RunSAEs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -287,7 +287,7 @@ def transcoder_run(tmp_path_factory):
 
 @torch.no_grad()
 def test_transcoders_are_traced_at_their_input_and_edited_at_their_output(transcoder_run):
-    from layerflow.trace import trace
+    from layerflow.features.trace import trace
 
     hook_in, hook_out = "blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"
     loaded = RunSAEs.open(transcoder_run).load(tiny_twin)

@@ -12,13 +12,13 @@ import torch
 from safetensors import safe_open
 
 from conftest import run_cli, tiny_twin
-from layerflow.descriptions import cache_path, decoder_directions, promoted_tokens
 from layerflow.errors import LayerflowError
 from layerflow.experiment import ExperimentConfig
+from layerflow.features.describe import cache_path, decoder_directions, promoted_tokens
+from layerflow.features.run_saes import RunSAEs
+from layerflow.features.trace import LayerFeatures, chain_features, trace
 from layerflow.pipeline import run_experiment
 from layerflow.plots import trace_flow
-from layerflow.run_saes import RunSAEs
-from layerflow.trace import LayerFeatures, chain_features, trace
 from layerflow.transfer.matching import FeatureMatching
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,7 +122,7 @@ def test_trajectories_follow_significant_matches_of_active_features():
         (hooks[2], hooks[3]): {"decoder": _matching("decoder", [(4, 5), (7, 3)])},
     }
     top = [LayerFeatures(h, i, [], 0) for i, h in enumerate(hooks)]
-    from layerflow.trace import FeatureHit
+    from layerflow.features.trace import FeatureHit
 
     for i, feats in enumerate([[0, 1], [2, 6], [0], [3]]):
         top[i].top = [FeatureHit(f, float(acts[hooks[i]][f]), r) for r, f in enumerate(feats)]

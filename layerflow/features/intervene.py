@@ -39,14 +39,15 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float
+from scipy.stats import spearmanr
 
-from layerflow.descriptions import FeatureDescription
 from layerflow.dictionaries.kinds import encode
 from layerflow.errors import LayerflowError, did_you_mean
 from layerflow.evaluate.splice import clean_batches, patched_logp
+from layerflow.features.describe import FeatureDescription
+from layerflow.features.run_saes import Loader, RunSAEs
 from layerflow.files import json_safe
 from layerflow.results import RunResults
-from layerflow.run_saes import Loader, RunSAEs
 
 MODES = ("ablate", "scale", "clamp", "steer")
 
@@ -263,12 +264,10 @@ def _token_ids(run_saes: RunSAEs, strings: list[str]) -> list[int]:
 @torch.no_grad()
 def _on_prompt(run_saes: RunSAEs, hook: str, edits: list[FeatureEdit], prompt: Any, strings: list[str], token: int,
                top_n: int, result: InterventionResult) -> None:
-    from layerflow.trace import _positions
-
     model = run_saes.tl_model
     ids = run_saes.tokenize(prompt)
     texts = run_saes.token_texts(ids)
-    position = _positions(ids, token, run_saes.special_ids, texts)[0]
+    position = run_saes.token_positions(ids, token, texts)[0]
     token_ids = _token_ids(run_saes, strings)
     later = [h for h in run_saes.hooks if run_saes.layer(h) > run_saes.layer(hook)]
     keep = ~torch.isin(ids, torch.tensor(run_saes.special_ids, dtype=ids.dtype, device=ids.device))
@@ -387,8 +386,6 @@ def rank_features(
     most frequently firing on held-out text. Reports each feature's density (selectivity) and
     effect (importance), and per layer the Spearman correlation of density with importance.
     """
-    from scipy.stats import spearmanr
-
     run_saes = run if isinstance(run, RunSAEs) else RunSAEs.open(run, model)
     hooks = [run_saes.hook_at(layer) for layer in layers]
     if n < 1:
@@ -401,10 +398,8 @@ def rank_features(
     stats = run_saes.feature_stats(hooks)
     on_prompt = {}
     if prompt is not None:
-        from layerflow.trace import _positions
-
         ids = run_saes.tokenize(prompt)
-        position = _positions(ids, token, run_saes.special_ids, run_saes.token_texts(ids))[0]
+        position = run_saes.token_positions(ids, token, run_saes.token_texts(ids))[0]
         _, cache = run_saes.tl_model.run_with_cache(ids, names_filter=lambda name: name in set(hooks))
         on_prompt = {h: run_saes.encode(h, cache[h][0, position]) for h in hooks}
     rankings = []

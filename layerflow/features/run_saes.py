@@ -16,12 +16,18 @@ from typing import Any, Callable
 import torch
 from jaxtyping import Int
 
+from layerflow.capture.store import ActivationStore
+from layerflow.dictionaries.io import load_saes
 from layerflow.dictionaries.kinds import encode, output_hook
+from layerflow.dictionaries.top_activations import token_text
 from layerflow.errors import LayerflowError, did_you_mean
+from layerflow.features.describe import FeatureDescription, FeatureStats, describe, feature_stats, promoted_tokens
 from layerflow.files import ACTIVATIONS_DIR, SAE_DIR
+from layerflow.models.load import LoadedModel, load_model
+from layerflow.models.sites import parse_hook_name, prepare_hooks
 from layerflow.results import ModelResults, RunResults
 
-Loader = Callable[[str], Any]  # zoo name -> models.LoadedModel
+Loader = Callable[[str], LoadedModel]  # zoo name -> the loaded model
 
 
 def open_run(run: str | Path | RunResults) -> RunResults:
@@ -46,10 +52,10 @@ class RunSAEs:
     model: ModelResults
     folders: dict[str, Path]  # hook (where the SAE's latents are read) -> SAE folder, in layer order
     configs: dict[str, dict]  # hook -> cfg.json
-    loaded: Any = None  # models.LoadedModel, after load()
+    loaded: LoadedModel | None = None  # after load()
     saes: dict[str, Any] = field(default_factory=dict)  # hook -> SAELens SAE, after load()
-    store: Any = None  # store.ActivationStore, after load()
-    heldout_token_ids: Any = None  # [seqs, ctx] held-out token ids, after load() (feature contexts point into them)
+    store: ActivationStore | None = None  # the run's capture, after load()
+    heldout_token_ids: torch.Tensor | None = None  # [seqs, ctx], after load() (feature contexts point into them)
 
     @classmethod
     def open(cls, run: str | Path | RunResults, model: str | None = None) -> "RunSAEs":
@@ -85,8 +91,6 @@ class RunSAEs:
         return list(self.folders)
 
     def layer(self, hook: str) -> int:
-        from layerflow.models.sites import parse_hook_name
-
         return parse_hook_name(hook)[0]
 
     def d_sae(self, hook: str) -> int:
@@ -124,11 +128,6 @@ class RunSAEs:
         return feature
 
     def load(self, load: Loader | None = None) -> "RunSAEs":
-        from layerflow.capture.store import ActivationStore
-        from layerflow.dictionaries.io import load_saes
-        from layerflow.models.load import load_model
-        from layerflow.models.sites import prepare_hooks
-
         if self.loaded is None:
             self.loaded = (load or load_model)(self.name)
             if self.loaded.name != self.name:
@@ -169,21 +168,33 @@ class RunSAEs:
                                  f"{n_ctx} tokens: shorten it.")
         return tokens.to(model.cfg.device)
 
-    def token_texts(self, tokens: Int[torch.Tensor, "1 pos"]) -> list[str]:
-        from layerflow.dictionaries.top_activations import token_text
+    def token_positions(self, tokens: Int[torch.Tensor, "1 pos"], token: int | str, texts: list[str]) -> list[int]:
+        """The positions a trace or an intervention reads: `token` (negative from the end), or "all"
+        non-special ones; `texts` are the tokens as text, for the messages."""
+        n = tokens.shape[1]
+        special = torch.isin(tokens[0].cpu(), torch.tensor(self.special_ids, dtype=torch.long)).tolist()
+        if token == "all":
+            positions = [p for p in range(n) if not special[p]]
+            if not positions:
+                raise LayerflowError("The prompt holds only special tokens: nothing to trace.")
+            return positions
+        if not -n <= token < n:
+            raise LayerflowError(f"Token position {token} is out of range: the prompt has {n} tokens (0..{n - 1}, or -{n}..-1).")
+        position = token % n
+        if special[position]:
+            raise LayerflowError(f"Token {position} is the special token {texts[position]!r}; the SAEs were trained without "
+                                 "special tokens. Choose another position.")
+        return [position]
 
+    def token_texts(self, tokens: Int[torch.Tensor, "1 pos"]) -> list[str]:
         return [token_text(self.tl_model.tokenizer, t) for t in tokens[0].tolist()]
 
-    def feature_stats(self, hooks: list[str] | None = None) -> dict[str, Any]:
-        from layerflow.descriptions import feature_stats
-
+    def feature_stats(self, hooks: list[str] | None = None) -> dict[str, FeatureStats]:
         hooks = hooks or self.hooks
         return feature_stats(self.results.root, self.name, {h: self.saes[h] for h in hooks}, self.store,
                              sae_folders={h: self.folders[h] for h in hooks})
 
-    def describe(self, hook: str, features: list[int], stats: Any) -> dict[int, Any]:
-        from layerflow.descriptions import describe, promoted_tokens
-
+    def describe(self, hook: str, features: list[int], stats: FeatureStats) -> dict[int, FeatureDescription]:
         promoted = promoted_tokens(self.saes[hook], self.tl_model, features)
         return describe(stats, features, self.heldout_token_ids, self.tl_model.tokenizer, promoted)
 

@@ -14,7 +14,7 @@ the earliest site it can be traced to and then forward to where the chain ends: 
 site, where no significant partner exists, where the partner is silent at this token, or where
 it joins a chain already listed (chains are disjoint, so a shared tail is listed once).
 
-Features come with descriptions (`descriptions.py`: top held-out contexts, cached in the run
+Features come with descriptions (`describe.py`: top held-out contexts, cached in the run
 folder, and logit-lens promoted tokens).
 """
 
@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from layerflow.descriptions import FeatureDescription
 from layerflow.errors import LayerflowError
+from layerflow.features.describe import FeatureDescription
+from layerflow.features.run_saes import Loader, RunSAEs, model_names, open_run
 from layerflow.files import MATCHED_FILE, TRANSFER_DIR, write_json
 from layerflow.results import RunResults
-from layerflow.run_saes import Loader, RunSAEs, model_names, open_run
 from layerflow.transfer.matching import FeatureMatching
 
 
@@ -148,29 +148,12 @@ def trace(
     return Trace(text, top_k, traced)
 
 
-def _positions(tokens: torch.Tensor, token: int | str, special_ids: list[int], texts: list[str]) -> list[int]:
-    n = tokens.shape[1]
-    special = torch.isin(tokens[0].cpu(), torch.tensor(special_ids, dtype=torch.long)).tolist()
-    if token == "all":
-        positions = [p for p in range(n) if not special[p]]
-        if not positions:
-            raise LayerflowError("The prompt holds only special tokens: nothing to trace.")
-        return positions
-    if not -n <= token < n:
-        raise LayerflowError(f"Token position {token} is out of range: the prompt has {n} tokens (0..{n - 1}, or -{n}..-1).")
-    position = token % n
-    if special[position]:
-        raise LayerflowError(f"Token {position} is the special token {texts[position]!r}; the SAEs were trained without "
-                             "special tokens. Choose another position.")
-    return [position]
-
-
 @torch.no_grad()
 def _trace_model(run_saes: RunSAEs, prompt: Any, token: int | str, top_k: int) -> ModelTrace:
     model = run_saes.tl_model
     tokens = run_saes.tokenize(prompt)
     texts = run_saes.token_texts(tokens)
-    positions = _positions(tokens, token, run_saes.special_ids, texts)
+    positions = run_saes.token_positions(tokens, token, texts)
     hooks = run_saes.hooks
     _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in set(hooks))
     latents = {h: run_saes.encode(h, cache[h][0, positions]) for h in hooks}  # [n_positions, d_sae]
