@@ -282,8 +282,8 @@ def compare(
                                         show_default="<run>/plots/compare-L<a>-L<b>"),
 ) -> None:
     """Compare a run's dictionaries at a few layers: FVU by prefix, L0, dead/dense, frequencies, spliced CE/KL."""
-    from layerflow.compare import compare_layers
-    from layerflow.plots import layer_comparison
+    from layerflow.report.compare import compare_layers
+    from layerflow.report.plots import layer_comparison
 
     try:
         wanted = [int(x) for x in layers.split(",") if x.strip()]
@@ -476,7 +476,7 @@ def trace_command(
     if out_json:
         out.print(f"written: {result.write(out_json)}")
     if plot:
-        from layerflow.plots import trace_flow
+        from layerflow.report.plots import trace_flow
 
         stem = plot.with_suffix("") if plot.suffix in (".png", ".pdf") else plot
         for name, m in result.models.items():

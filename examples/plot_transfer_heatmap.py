@@ -11,7 +11,7 @@ row's layer explains the column's layer, against that layer's own SAE) as PNG an
 import argparse
 from pathlib import Path
 
-from layerflow.plots import transfer_heatmap
+from layerflow.report.plots import transfer_heatmap
 from layerflow.transfer import TransferMatrix
 
 

@@ -219,8 +219,8 @@ def _cross_model(cfg: ExperimentConfig, a: str, b: str, root: Path, models: _Mod
 
 def write_outputs(root: str | Path) -> dict[str, Any]:
     """Plots, summary.json and report.md from the files of a run (what `layerflow report` does)."""
-    from layerflow.plots import make_plots
-    from layerflow.report import report_run
+    from layerflow.report.findings import report_run
+    from layerflow.report.plots import make_plots
     from layerflow.results import RunResults
 
     root = Path(root)

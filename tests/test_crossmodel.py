@@ -16,7 +16,7 @@ from layerflow.errors import LayerflowError
 from layerflow.files import cache_dir
 from layerflow.models.load import load_model
 from layerflow.models.sites import site_at as SiteId
-from layerflow.synthetic import planted_layers, true_sae
+from layerflow.testing import planted_layers, true_sae
 from layerflow.transfer import TransferMatrix
 from layerflow.transfer.align import (AlignedActivations, align_words, capture_aligned, split_document, tokenize_text,
                                       word_ends)

@@ -14,7 +14,7 @@ from layerflow.transfer.matching import (
     match_activations,
     match_decoders,
 )
-from layerflow.synthetic import planted_layers
+from layerflow.testing import planted_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,7 +18,7 @@ from layerflow.features.describe import cache_path, decoder_directions, promoted
 from layerflow.features.run_saes import RunSAEs
 from layerflow.features.trace import LayerFeatures, chain_features, trace
 from layerflow.pipeline import run_experiment
-from layerflow.plots import trace_flow
+from layerflow.report.plots import trace_flow
 from layerflow.transfer.matching import FeatureMatching
 
 pytestmark = pytest.mark.usefixtures("one_thread")

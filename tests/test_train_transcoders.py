@@ -12,11 +12,11 @@ import layerflow.dictionaries.transcoders  # noqa: F401  (registers the transcod
 from conftest import run_cli, tiny_twin
 from layerflow.capture import ActivationStore, CaptureConfig, capture
 from layerflow.capture.batches import heldout_batches
-from layerflow.compare import compare_layers
 from layerflow.dictionaries.top_activations import top_activations
 from layerflow.errors import LayerflowError
 from layerflow.evaluate import read_eval_results
 from layerflow.models.sites import SiteKind
+from layerflow.report import compare_layers
 from layerflow.train import LayerSchedule, TrainConfig, get_preset, read_samples, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

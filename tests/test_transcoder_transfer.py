@@ -17,7 +17,7 @@ from layerflow.errors import LayerflowError
 from layerflow.metrics import reconstruction_metrics
 from layerflow.models.sites import SiteKind
 from layerflow.models.sites import site_at as SiteId
-from layerflow.synthetic import planted_maps, true_transcoder
+from layerflow.testing import planted_maps, true_transcoder
 from layerflow.transfer import (LinearCoder, TransferMatrix, TransferOptions, transcoder_matrix, transfer_run,
                                 within_model_matrix)
 

@@ -16,7 +16,7 @@ from layerflow.capture import CaptureConfig, capture
 from layerflow.errors import LayerflowError
 from layerflow.evaluate import read_eval_results
 from layerflow.models.sites import site_at as SiteId
-from layerflow.synthetic import planted_layers, true_sae
+from layerflow.testing import planted_layers, true_sae
 from layerflow.train import LayerSchedule, TrainConfig, train
 from layerflow.transfer import LinearCoder, TransferMatrix, TransferOptions, transfer_run, within_model_matrix
 

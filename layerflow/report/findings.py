@@ -1,7 +1,7 @@
 """A run's `summary.json` (every figure the findings rest on) and `report.md` (findings written from it).
 
 `build_summary` derives everything from the loaded run (`results.RunResults`): per model a
-per-layer table and the `summary.summarize` figures of the scale-aware `relative_transfer` and of
+per-layer table and the `transfer.summary.summarize` figures of the scale-aware `relative_transfer` and of
 the notes' raw `transfer_recon_ratio`, how the conclusions differ between the two, the
 cross-model same-depth comparisons, and the stage timings of run.json. Top-level keys (schema_version 1):
 

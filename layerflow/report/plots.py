@@ -2,16 +2,16 @@
 
 - transfer_heatmap-<model>: the within-model `relative_transfer` matrix (EV of SAE_i on layer j /
   EV of SAE_j on j; source layer i down, target layer j across). Colours are binned on the notes'
-  bands (HIGH >= 0.9, MODERATE 0.6-0.9, LOW 0.4-0.6, SPECIALISED < 0.4, `summary.BANDS`), outlined
+  bands (HIGH >= 0.9, MODERATE 0.6-0.9, LOW 0.4-0.6, SPECIALISED < 0.4, `transfer.summary.BANDS`), outlined
   on the colour bar; values below 0 or above 1.1 get the two end colours, grey = not computed.
 - universality-<model>: per layer, mean relative transfer to the other layers (outgoing, the notes'
-  universality score) and from them (incoming); hub layers (`summary.summarize`) starred.
+  universality score) and from them (incoming); hub layers (`transfer.summary.summarize`) starred.
 - distance_decay: mean relative transfer against layer distance |i - j| with a +-1 std band, one
   curve per model; in relative distance (layers / (n_layers - 1)) when the models' depths differ.
 - cross_model-<a>~<b>: a cross-model matrix (model A's SAEs stitched onto model B's sites), both
   axes in relative depth, relative transfer (stitched EV where no target SAE has EV > 0) and linear
   CKA; the dashed line is equal depth and the outlined cells are each source's same-depth target
-  (`crossmodel.same_depth_pairs`).
+  (`transfer.cross_model.same_depth_pairs`).
 - sae_quality: each SAE on its own layer's held-out activations (FVU, L0, dead fraction, delta CE)
   against relative depth, one line per model.
 - activation_norms: mean ||x|| per site against relative depth (log scale). The residual norm grows
@@ -29,7 +29,7 @@ import math
 import os
 import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -39,12 +39,11 @@ import numpy as np  # noqa: E402
 from matplotlib import colors  # noqa: E402
 
 from layerflow.models.sites import Site
+from layerflow.report.compare import LayerComparison, log_frequency
 from layerflow.results import CrossModelResults, ModelResults, RunResults
+from layerflow.transfer.cross_model import compare_same_depth, same_depth_pairs
 from layerflow.transfer.matrix import TransferMatrix, metric_docs
 from layerflow.transfer.summary import BANDS, TransferSummary, summarize
-
-if TYPE_CHECKING:
-    from layerflow.compare import LayerComparison
 
 DPI = 300
 ANNOTATE_MAX = 12  # annotate cells with their values up to this many sites per side
@@ -269,8 +268,6 @@ def _cross_panels(m: TransferMatrix) -> list[str]:
 
 def cross_model_heatmap(cross: CrossModelResults, stem: Path) -> list[Path]:
     """A cross-model matrix in relative depth: relative transfer (or stitched EV) and linear CKA (figure 4)."""
-    from layerflow.transfer.cross_model import compare_same_depth, same_depth_pairs
-
     m, panels = cross.matrix, _cross_panels(cross.matrix)
     xs, ys = [t.relative_depth for t in m.targets], [s.relative_depth for s in m.sources]
     ex, ey = _edges(xs), _edges(ys)
@@ -347,11 +344,9 @@ def sae_quality(models: Sequence[ModelResults], stem: Path) -> list[Path]:
     return _save(fig, stem)
 
 
-def layer_comparison(comparison: "LayerComparison", stem: Path) -> list[Path]:
+def layer_comparison(comparison: LayerComparison, stem: Path) -> list[Path]:
     """A training run's dictionaries at a few layers side by side (`compare.compare_layers`): FVU by
     Matryoshka prefix, training FVU, held-out firing-frequency histograms, and the headline figures."""
-    from layerflow.compare import log_frequency
-
     sites = comparison.sites
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     label = {s.hook_name: f"layer {s.layer} ({s.hook_name.split('.', 2)[-1]} -> {s.target.split('.', 2)[-1]})"

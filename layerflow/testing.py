@@ -6,7 +6,7 @@ sparse non-negative codes times D_l, times a per-layer gain (norm growth), plus 
 and a little noise. `true_sae` builds a SAELens SAE whose decoder *is* D_l, so tests know what a
 perfect dictionary for each layer looks like, and which features correspond across layers.
 
-Used by the transfer, matching and summary tests and by benchmarks.
+Used by the tests and the benchmarks: every metric there is checked against a planted truth.
 """
 
 from __future__ import annotations
@@ -15,6 +15,13 @@ from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
+from sae_lens import (JumpReLUSAE, JumpReLUSAEConfig, JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig,
+                      JumpReLUTranscoder, JumpReLUTranscoderConfig, SkipTranscoder, SkipTranscoderConfig, TopKSAE,
+                      TopKSAEConfig, Transcoder, TranscoderConfig)
+from sae_lens.saes.sae import SAEMetadata
+
+from layerflow.dictionaries.transcoders import (TopKSkipTranscoder, TopKSkipTranscoderConfig, TopKTranscoder,
+                                                TopKTranscoderConfig)
 
 
 @dataclass(frozen=True)
@@ -98,8 +105,6 @@ def true_sae(planted: PlantedLayers, layer: int, architecture: str = "topk", thr
     planted units; "topk" keeps the k largest, "jumprelu" zeroes codes below `threshold` (in
     planted units: a threshold that only suits inputs of this layer's scale).
     """
-    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig
-
     dictionary, gain = planted.dictionaries[layer], planted.gains[layer]
     n, d = dictionary.shape
     x = planted.activations[layer]
@@ -185,13 +190,6 @@ def true_transcoder(planted: PlantedMaps, layer: int, architecture: str = "jumpr
     input offset cancelled in b_enc, decoder g_out D, b_dec = g_out offset_out. "jumprelu" zeroes latents
     below `threshold` (in code units), "relu" shifts them down by 0.05 (below the noise), "topk" keeps
     the planted k (layerflow's TopKTranscoder). With `skip`, W_skip is zero."""
-    from sae_lens import (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig, JumpReLUTranscoder,
-                          JumpReLUTranscoderConfig, SkipTranscoder, SkipTranscoderConfig, Transcoder, TranscoderConfig)
-    from sae_lens.saes.sae import SAEMetadata
-
-    from layerflow.dictionaries.transcoders import (TopKSkipTranscoder, TopKSkipTranscoderConfig, TopKTranscoder,
-                                       TopKTranscoderConfig)
-
     classes = {("relu", False): (Transcoder, TranscoderConfig), ("relu", True): (SkipTranscoder, SkipTranscoderConfig),
                ("jumprelu", False): (JumpReLUTranscoder, JumpReLUTranscoderConfig),
                ("jumprelu", True): (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig),
