@@ -25,7 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from layerflow.capture.writer import STORE_DTYPES
+from layerflow.dictionaries.kinds import SAE_ARCHITECTURES, is_transcoder
 from layerflow.errors import LayerflowError, did_you_mean
+from layerflow.models.sites import parse_kind, parse_layers
+from layerflow.models.zoo import ZOO, get_spec
+from layerflow.train.schedule import LayerSchedule, get_preset
+from layerflow.transfer.cross_model import MATCH_PAIRS
+from layerflow.transfer.within import TransferOptions
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,6 @@ class TrainSection:
 
     def schedule(self):
         """The LayerSchedule: the preset, then `architecture`, `set` and `by_depth` over it."""
-        from layerflow.train.schedule import LayerSchedule, get_preset
-
         schedule = get_preset(self.preset).with_overrides(self.architecture, self.set)
         if not self.by_depth:
             return schedule
@@ -87,8 +92,6 @@ class TransferSection:
     exclude_special_tokens: bool = True
 
     def options(self, seed: int, device: str):
-        from layerflow.transfer.within import TransferOptions
-
         return TransferOptions(max_tokens=self.max_tokens, top_k=self.top_k, match_distance=self.match_distance,
                                spliced=self.spliced, exclude_special_tokens=self.exclude_special_tokens,
                                seed=seed, device=device)
@@ -124,10 +127,6 @@ class ExperimentConfig:
 
     def validate(self, where: str = "the config") -> None:
         """Semantic checks, each naming the field: models, layers, sites, schedule, budgets."""
-        from layerflow.capture.writer import STORE_DTYPES
-        from layerflow.models.sites import parse_kind
-        from layerflow.models.zoo import ZOO
-
         if not self.models:
             raise LayerflowError(f"{where}: [[models]] is empty; name at least one model, e.g. 'smollm2-135m'.")
         names = [m.name for m in self.models]
@@ -162,25 +161,18 @@ class ExperimentConfig:
             if value <= 0:
                 shown = value + 1 if key == "capture.context_size" else value
                 raise LayerflowError(f"{where}: {key} = {shown} must be {'at least 2' if key == 'capture.context_size' else 'positive'}.")
-        from layerflow.transfer.cross_model import MATCH_PAIRS
-
         if self.cross_model.match_pairs not in MATCH_PAIRS:
             raise LayerflowError(f"{where}: cross_model.match_pairs '{self.cross_model.match_pairs}' is not valid. "
                                  f"{did_you_mean(self.cross_model.match_pairs, list(MATCH_PAIRS))}")
         if self.transfer.match_distance < 0:
             raise LayerflowError(f"{where}: transfer.match_distance = {self.transfer.match_distance} must be >= 0.")
         schedule = self.train.schedule()  # unknown architectures, hyperparameters and depth bands are refused here
-        from layerflow.dictionaries.kinds import SAE_ARCHITECTURES, is_transcoder
-
         if is_transcoder(schedule.architecture):
             raise LayerflowError(f"{where}: train '{schedule.architecture}' is a transcoder; `layerflow run` trains SAEs "
                                  f"on the residual stream (valid: {', '.join(SAE_ARCHITECTURES)}). Train transcoders with "
                                  "`layerflow capture --sites mlp_in,mlp_out` then `layerflow train --preset transcoder`.")
 
     def layers(self, model: ModelEntry) -> list[int]:
-        from layerflow.models.sites import parse_layers
-        from layerflow.models.zoo import get_spec
-
         n_layers = get_spec(model.name).n_layers
         spec = model.layers if isinstance(model.layers, str) else ",".join(str(layer) for layer in model.layers)
         return parse_layers(spec, n_layers, model.name)

@@ -15,7 +15,8 @@ a rerun compares it), and a manifest, written last (its presence means "complete
                    features/<model>/<hook>.safetensors, summary.json, report.md
 
 Every file is written to a temporary name beside it and renamed into place (`atomic`), so a
-crash never leaves half a file under the real name.
+crash never leaves half a file under the real name. `prepare_out_dir` is the one rule for a
+stage's output folder. (The user cache, which every run shares, is `layerflow.cache`.)
 """
 
 from __future__ import annotations
@@ -69,15 +70,6 @@ CROSS_SEPARATOR = "~"  # transfer/<model_a>~<model_b>: model names never hold it
 def cross_dir_name(model_a: str, model_b: str) -> str:
     """The folder of model A's dictionaries applied to model B's sites."""
     return f"{model_a}{CROSS_SEPARATOR}{model_b}"
-
-
-def cache_dir() -> Path:
-    """Where layerflow keeps what it can rebuild (dequantized weights, token streams, compiled
-    kernels): $LAYERFLOW_CACHE, else the user cache dir."""
-    if env := os.environ.get("LAYERFLOW_CACHE"):
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "layerflow"
 
 
 def run_store(run: str | Path) -> str:
@@ -267,15 +259,11 @@ class TrainManifest:
 
 
 @contextlib.contextmanager
-def atomic(path: str | Path, per_process: bool = False) -> Iterator[Path]:
+def atomic(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` to write a file or a folder to; when the block
-    succeeds it replaces `path` (an old folder is removed first), when it fails it is removed.
-
-    `per_process`: the temporary name carries this process's id, for what several processes may
-    write at once (the shared caches).
-    """
+    succeeds it replaces `path` (an old folder is removed first), when it fails it is removed."""
     path = Path(path)
-    tmp = path.with_name(path.name + (f".tmp{os.getpid()}" if per_process else ".tmp"))
+    tmp = path.with_name(path.name + ".tmp")
     _remove(tmp)
     try:
         yield tmp

@@ -17,11 +17,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from layerflow.capture.writer import CaptureConfig, capture
 from layerflow.errors import LayerflowError, did_you_mean
+from layerflow.evaluate.evals import evaluate_run
 from layerflow.experiment import ExperimentConfig
 from layerflow.files import (ACTIVATIONS_DIR, CAPTURE_MANIFEST, EVAL_JSON, MATRIX_JSON, PLOTS_DIR, REPORT_FILE, RUN,
                              RUN_FILE, SAE_DIR, TRAIN_MANIFEST, TRANSFER_DIR, cross_dir_name, prepare_out_dir,
                              write_json)
+from layerflow.models.load import load_model
+from layerflow.models.sites import parse_kind
+from layerflow.report.findings import report_run
+from layerflow.report.plots import make_plots
+from layerflow.results import RunResults
+from layerflow.train.config import TrainConfig
+from layerflow.train.trainer import train
+from layerflow.transfer.runs import cross_model_runs, transfer_run
 
 STAGES = ("capture", "train", "eval", "transfer", "cross_model", "report")
 SCHEMA_VERSION = 1
@@ -127,8 +137,6 @@ class _ModelCache:
     """Loads models on demand and keeps at most two (a cross-model pair) in memory."""
 
     def __init__(self, load: Callable[[str], Any] | None, device: str):
-        from layerflow.models.load import load_model
-
         self.load = load or (lambda name: load_model(name, device=device))
         self.loaded: dict[str, Any] = {}
 
@@ -169,9 +177,6 @@ def _stage_work(stage: str, cfg: ExperimentConfig, root: Path, models: _ModelCac
 
 
 def _capture(cfg: ExperimentConfig, entry, root: Path, models: _ModelCache, report: Progress) -> None:
-    from layerflow.capture.writer import CaptureConfig, capture
-    from layerflow.models.sites import parse_kind
-
     c = cfg.capture
     capture_cfg = CaptureConfig(entry.name, cfg.layers(entry), [parse_kind(k) for k in c.sites], n_tokens=c.tokens,
                                 context_size=c.context_size, source=c.source, holdout_fraction=c.holdout,
@@ -181,9 +186,6 @@ def _capture(cfg: ExperimentConfig, entry, root: Path, models: _ModelCache, repo
 
 
 def _train(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache, report: Progress) -> None:
-    from layerflow.train.config import TrainConfig
-    from layerflow.train.trainer import train
-
     t = cfg.train
     train_cfg = TrainConfig(str((root / ACTIVATIONS_DIR / name).resolve()), schedule=t.schedule(), steps=t.steps,
                             epochs=t.epochs, batch_tokens=t.batch_tokens, checkpoint_every=t.checkpoint_every,
@@ -193,15 +195,11 @@ def _train(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache, re
 
 
 def _evaluate(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache) -> None:
-    from layerflow.evaluate.evals import evaluate_run
-
     evaluate_run(root / SAE_DIR / name, model_eval=cfg.eval.spliced, spliced_max_tokens=cfg.eval.spliced_tokens,
                  loaded=models.get(name) if cfg.eval.spliced else None)
 
 
 def _transfer(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache, report: Progress) -> None:
-    from layerflow.transfer.runs import transfer_run
-
     options = cfg.transfer.options(cfg.seed, cfg.device)
     transfer_run(root / SAE_DIR / name, out_dir=root / TRANSFER_DIR / name, options=options,
                  loaded=models.get(name) if options.spliced else None,
@@ -209,8 +207,6 @@ def _transfer(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache,
 
 
 def _cross_model(cfg: ExperimentConfig, a: str, b: str, root: Path, models: _ModelCache) -> None:
-    from layerflow.transfer.runs import cross_model_runs
-
     cross_model_runs(root / SAE_DIR / a, root / SAE_DIR / b, out_dir=root / TRANSFER_DIR / cross_dir_name(a, b),
                      source=cfg.cross_model.source, max_words=cfg.cross_model.words,
                      context_size=cfg.capture.context_size, loaded=models.get(a, b), seed=cfg.seed,
@@ -219,10 +215,6 @@ def _cross_model(cfg: ExperimentConfig, a: str, b: str, root: Path, models: _Mod
 
 def write_outputs(root: str | Path) -> dict[str, Any]:
     """Plots, summary.json and report.md from the files of a run (what `layerflow report` does)."""
-    from layerflow.report.findings import report_run
-    from layerflow.report.plots import make_plots
-    from layerflow.results import RunResults
-
     root = Path(root)
     plots = make_plots(RunResults.load(root), root / PLOTS_DIR)
     summary_path, report_path = report_run(root, plots)

@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from layerflow.errors import LayerflowError
+from layerflow.evaluate.evals import read_eval_results
 from layerflow.files import (ACTIVATIONS_DIR, CAPTURE_MANIFEST, CROSS_SEPARATOR, DEPTH_FILE, EVAL_JSON, MATRIX_JSON,
                              RUN_FILE, SAE_DIR, SUMMARY_FILE, TRAIN_MANIFEST, TRANSFER_DIR, CaptureManifest,
                              TrainManifest)
+from layerflow.transfer.matrix import TransferMatrix
 
 @dataclass
 class ModelResults:
@@ -64,9 +66,6 @@ class RunResults:
 
     @classmethod
     def load(cls, root: str | Path) -> "RunResults":
-        from layerflow.evaluate.evals import read_eval_results
-        from layerflow.transfer.matrix import TransferMatrix
-
         root = Path(root)
         if not (root / RUN_FILE).exists():
             raise LayerflowError(f"'{root}' is not a layerflow run directory (no {RUN_FILE}). "

@@ -13,7 +13,7 @@ from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 from conftest import HAS_GEMMA3, needs_gemma3, tiny_twin
 from layerflow.data.tokens import iter_documents
 from layerflow.errors import LayerflowError
-from layerflow.files import cache_dir
+from layerflow.cache import cache_dir
 from layerflow.models.load import load_model
 from layerflow.models.sites import site_at as SiteId
 from layerflow.testing import planted_layers, true_sae

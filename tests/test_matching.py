@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from layerflow.testing import planted_layers
 from layerflow.transfer.matching import (
     ActivationCorrelation,
     FeatureMatching,
@@ -14,7 +15,6 @@ from layerflow.transfer.matching import (
     match_activations,
     match_decoders,
 )
-from layerflow.testing import planted_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,9 +12,9 @@ from PIL import Image
 from layerflow.evaluate import SiteEval
 from layerflow.files import CaptureManifest
 from layerflow.metrics import ReconstructionMetrics
+from layerflow.models.sites import site_at as SiteId
 from layerflow.report.plots import (BAND_EDGES, NOT_COMPUTED, UNDER, band_colormap, draw_band_heatmap, make_plots,
                              transfer_heatmap, universality_bars)
-from layerflow.models.sites import site_at as SiteId
 from layerflow.results import CrossModelResults, ModelResults, RunResults
 from layerflow.transfer import TransferMatrix, band
 

@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Int
 
 from layerflow.errors import LayerflowError
-from layerflow.files import atomic, cache_dir
+from layerflow.cache import cache_dir, cache_entry
 
 DEFAULT_SOURCE = "default"
 RANDOM_SOURCE = "random"
@@ -146,7 +146,7 @@ def _whole_file_tokens(tokenizer: Any, source: str) -> torch.Tensor:
         return torch.load(path).long()
     tokens = _token_stream(tokenizer, source, max_tokens=1 << 62)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic(path, per_process=True) as tmp:
+    with cache_entry(path) as tmp:
         torch.save(tokens.to(torch.int32), tmp)
     return tokens
 

@@ -66,7 +66,7 @@ def save_sae(
             sae.fold_activation_norm_scaling_factor(scaling_factor)
     for key, value in metadata.items():
         setattr(sae.cfg.metadata, key, value)
-    with atomic(folder, per_process=True) as tmp:
+    with atomic(folder) as tmp:
         sae.save_model(tmp) if transcoder else sae.save_inference_model(tmp)
         save_file({"sparsity": log_feature_sparsity.detach().float().cpu().contiguous()}, tmp / SPARSITY_FILENAME)
     return folder

@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Int
 
 from layerflow.errors import LayerflowError
-from layerflow.files import atomic, cache_dir
+from layerflow.cache import cache_dir, cache_entry
 from layerflow.models.zoo import HUB, OFFLINE, OFFLINE_MODELS, TWIN, TWIN_SUFFIX, ModelSpec, get_spec
 
 # What SAELens should pass to HookedTransformer.from_pretrained to see the same activations.
@@ -281,7 +281,7 @@ class GGUFPackage:
             return target, expected
         target.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
-        with atomic(target, per_process=True) as tmp:
+        with cache_entry(target) as tmp:
             with open(tmp, "wb") as out:
                 for path in paths:
                     with open(path, "rb") as part:
@@ -309,7 +309,7 @@ def dequantized_cache(spec: ModelSpec, gguf_path: Path, sha: str) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     hf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     _strip_quantization(hf_model)
-    with atomic(target, per_process=True) as tmp:
+    with cache_entry(target) as tmp:
         hf_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         source = {"gguf": str(gguf_path), "sha256": sha, "model": spec.official_name}

@@ -20,9 +20,9 @@ from jaxtyping import Float
 from sae_lens import (SAE, JumpReLUSAE, JumpReLUSkipTranscoder, JumpReLUTranscoder, SkipTranscoder, StandardSAE, TopKSAE,
                       Transcoder)
 
+import layerflow.transfer.fused_encode as fused_encode
 from layerflow.dictionaries.kinds import encode, predict
 from layerflow.dictionaries.transcoders import TopKSkipTranscoder, TopKTranscoder
-from layerflow.transfer import fused_encode
 
 
 @dataclass

@@ -8,7 +8,7 @@ matmul itself. `fused_encode.c` reads each row of P once for all variants and ke
 selected latents; the result equals torch's up to ties at the k-th value (tests check).
 
 The C source is compiled on first use by the system's C compiler into
-$LAYERFLOW_CACHE/kernels (`files.cache_dir`), keyed by the source, the flags and the CPU. It is
+$LAYERFLOW_CACHE/kernels (`cache.cache_dir`), keyed by the source, the flags and the CPU. It is
 built with OpenMP when the compiler can: loaded after torch, it then shares torch's OpenMP
 runtime (libgomp) and threads, with no oversubscription. Without OpenMP it runs on row ranges
 in a thread pool (ctypes releases the GIL). Without a compiler, or with LAYERFLOW_FUSED_ENCODE=0,
@@ -35,7 +35,7 @@ import torch
 from jaxtyping import Float, Int64
 from torch import Tensor
 
-from layerflow.files import cache_dir
+from layerflow.cache import cache_dir, cache_entry
 
 SOURCE = Path(__file__).with_name("fused_encode.c")
 FLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC")
@@ -230,12 +230,8 @@ def _compiled(compiler: str, openmp: bool) -> Path:
     target = cache_dir() / "kernels" / f"fused_encode-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f"{target.stem}.{os.getpid()}.partial.so")
-        try:
+        with cache_entry(target) as partial:
             subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial), "-lm"], check=True, capture_output=True)
-            os.replace(partial, target)
-        finally:
-            partial.unlink(missing_ok=True)
     return target
 
 
