@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from layerflow import defaults
 from layerflow.capture.writer import STORE_DTYPES
 from layerflow.dictionaries.kinds import SAE_ARCHITECTURES, is_transcoder
 from layerflow.errors import LayerflowError, did_you_mean
@@ -35,33 +36,38 @@ from layerflow.transfer.cross_model import MATCH_PAIRS
 from layerflow.transfer.within import TransferOptions
 
 
+# Where a section's default is a library default, it reads it from `layerflow.defaults`. Where it is
+# not (marked "the study's budget"), it is the default study's own choice, sized to finish in about
+# 15 minutes on two CPU cores; configs/default.toml spells out every value.
+
+
 @dataclass(frozen=True)
 class ModelEntry:
-    name: str = "smollm2-135m"
+    name: str = defaults.MODEL
     layers: str | list[int] = "all"
 
 
 @dataclass(frozen=True)
 class CaptureSection:
-    sites: list[str] = field(default_factory=lambda: ["resid_post"])
-    tokens: int = 60_000  # per model, train + held-out
-    context_size: int = 128
-    source: str = "default"  # the shipped corpus; or a .txt/.txt.gz path, hf:DATASET[:CONFIG]
-    holdout: float = 0.1
-    dtype: str = "float16"  # storage dtype
-    batch_size: int = 8
+    sites: list[str] = field(default_factory=lambda: list(defaults.SITE_KINDS))
+    tokens: int = 60_000  # the study's budget, per model, train + held-out
+    context_size: int = defaults.CONTEXT_SIZE
+    source: str = defaults.SOURCE  # the shipped corpus; or a .txt/.txt.gz path, hf:DATASET[:CONFIG]
+    holdout: float = defaults.HOLDOUT_FRACTION
+    dtype: str = "float16"  # the study's storage dtype: half the disk and reading time
+    batch_size: int = defaults.FORWARD_BATCH
 
 
 @dataclass(frozen=True)
 class TrainSection:
-    preset: str = "default"  # schedule.PRESETS
+    preset: str = defaults.PRESET  # train.schedule.PRESETS
     architecture: str | None = None  # overrides the preset's
-    set: dict[str, Any] = field(default_factory=lambda: {"expansion_factor": 4, "lr": 1e-3})  # at every depth
+    set: dict[str, Any] = field(default_factory=lambda: {"expansion_factor": 4, "lr": 1e-3})  # the study's, at every depth
     by_depth: list[dict[str, Any]] = field(default_factory=list)  # [{upper = 0.33, l1_coefficient = 1.5e-4}, ...]
     steps: int | None = None  # None: `epochs` passes over the training tokens
-    epochs: float = 2.0
-    batch_tokens: int = 1024  # small batches: more updates from the 15-minute token budget
-    checkpoint_every: int = 500
+    epochs: float = 2.0  # the study's budget
+    batch_tokens: int = 1024  # the study's: more, smaller steps from the 15-minute token budget
+    checkpoint_every: int = defaults.CHECKPOINT_EVERY
 
     def schedule(self):
         """The LayerSchedule: the preset, then `architecture`, `set` and `by_depth` over it."""
@@ -85,9 +91,9 @@ class EvalSection:
 
 @dataclass(frozen=True)
 class TransferSection:
-    max_tokens: int = 4096  # held-out tokens per site
-    top_k: int = 50
-    match_distance: int = 1  # Hungarian matching for sites this close (0: none)
+    max_tokens: int = 4096  # the study's budget: held-out tokens per site
+    top_k: int = defaults.TOP_K
+    match_distance: int = defaults.MATCH_DISTANCE  # Hungarian matching for sites this close (0: none)
     spliced: bool = False
     exclude_special_tokens: bool = True
 
@@ -99,9 +105,9 @@ class TransferSection:
 
 @dataclass(frozen=True)
 class CrossModelSection:
-    words: int = 20_000  # aligned words of text (every 5th document held out)
-    source: str = "default"
-    match_pairs: str = "same_depth"  # feature matching: "all" pairs, each source's "same_depth" target, "none"
+    words: int = defaults.CROSS_MODEL_WORDS  # aligned words of text (every 5th document held out)
+    source: str = defaults.SOURCE
+    match_pairs: str = "same_depth"  # the study's: feature matching for "all" pairs, each source's "same_depth" target, "none"
 
 
 @dataclass(frozen=True)
@@ -113,8 +119,8 @@ class ExperimentConfig:
     eval: EvalSection = EvalSection()
     transfer: TransferSection = TransferSection()
     cross_model: CrossModelSection = CrossModelSection()
-    seed: int = 0
-    device: str = "cpu"
+    seed: int = defaults.SEED
+    device: str = defaults.DEVICE
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

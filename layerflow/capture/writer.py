@@ -27,7 +27,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 import xxhash
 
-from layerflow import __version__
+from layerflow import __version__, defaults
 from layerflow.capture.store import read_tensor
 from layerflow.data.tokens import TokenPlan, describe_source, make_sequences, source_fingerprint, special_token_ids
 from layerflow.errors import LayerflowError
@@ -45,17 +45,17 @@ SHARD_BYTES = 64 * 2**20  # target size of one shard
 class CaptureConfig:
     model: str
     layers: list[int]
-    kinds: list[SiteKind] = field(default_factory=lambda: [SiteKind.resid_post])
-    n_tokens: int = 20_000  # total, train + held-out
-    context_size: int = 128
-    prepend_bos: bool = True
-    source: str = "default"
-    holdout_fraction: float = 0.1
-    dtype: str = "float32"  # storage dtype
-    batch_size: int = 8  # sequences per forward pass
+    kinds: list[SiteKind] = field(default_factory=lambda: [SiteKind(k) for k in defaults.SITE_KINDS])
+    n_tokens: int = defaults.CAPTURE_TOKENS  # total, train + held-out
+    context_size: int = defaults.CONTEXT_SIZE
+    prepend_bos: bool = defaults.PREPEND_BOS
+    source: str = defaults.SOURCE
+    holdout_fraction: float = defaults.HOLDOUT_FRACTION
+    dtype: str = defaults.STORE_DTYPE  # storage dtype
+    batch_size: int = defaults.FORWARD_BATCH  # sequences per forward pass
     shard_seqs: int | None = None  # sequences per shard; None: about SHARD_BYTES per shard
-    seed: int = 0
-    device: str = "cpu"
+    seed: int = defaults.SEED
+    device: str = defaults.DEVICE
     splits: tuple[str, ...] = ("train", "heldout")  # online training stores only "heldout"
 
 

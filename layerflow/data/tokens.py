@@ -23,8 +23,8 @@ from typing import Any, Iterator
 import torch
 from jaxtyping import Int
 
-from layerflow.errors import LayerflowError
 from layerflow.cache import cache_dir, cache_entry
+from layerflow.errors import LayerflowError
 
 DEFAULT_SOURCE = "default"
 RANDOM_SOURCE = "random"

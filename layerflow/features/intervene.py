@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from scipy.stats import spearmanr
 
+from layerflow import defaults
 from layerflow.dictionaries.kinds import encode
 from layerflow.errors import LayerflowError, did_you_mean
 from layerflow.evaluate.splice import clean_batches, patched_logp
@@ -203,8 +204,8 @@ def intervene(
     prompt: str | list[int] | torch.Tensor | None = None,
     tokens: list[str] | None = None,
     token: int = -1,
-    heldout_tokens: int = 1024,
-    top_n: int = 5,
+    heldout_tokens: int = defaults.INTERVENE_HELDOUT_TOKENS,
+    top_n: int = defaults.INTERVENE_TOP_N,
     model: str | None = None,
     load: Loader | None = None,
     describe: bool = True,
@@ -375,7 +376,7 @@ def rank_features(
     n: int = 10,
     prompt: str | list[int] | torch.Tensor | None = None,
     token: int = -1,
-    heldout_tokens: int = 1024,
+    heldout_tokens: int = defaults.INTERVENE_HELDOUT_TOKENS,
     model: str | None = None,
     load: Loader | None = None,
     progress: Callable[[str, int, int], None] | None = None,

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from layerflow import defaults
 from layerflow.errors import LayerflowError
 from layerflow.features.describe import FeatureDescription
 from layerflow.features.run_saes import Loader, RunSAEs, model_names, open_run
@@ -123,7 +124,7 @@ def trace(
     run: str | Path | RunResults,
     prompt: str | list[int] | torch.Tensor,
     token: int | str = -1,
-    top_k: int = 5,
+    top_k: int = defaults.TRACE_TOP_K,
     models: list[str] | None = None,
     load: Loader | None = None,
 ) -> Trace:

@@ -27,8 +27,8 @@ from typing import Any, Iterator
 import torch
 from jaxtyping import Int
 
-from layerflow.errors import LayerflowError
 from layerflow.cache import cache_dir, cache_entry
+from layerflow.errors import LayerflowError
 from layerflow.models.zoo import HUB, OFFLINE, OFFLINE_MODELS, TWIN, TWIN_SUFFIX, ModelSpec, get_spec
 
 # What SAELens should pass to HookedTransformer.from_pretrained to see the same activations.

@@ -7,6 +7,7 @@ tests check them against the configs TransformerLens builds.
 
 from dataclasses import dataclass
 
+from layerflow import defaults
 from layerflow.errors import LayerflowError, did_you_mean
 
 # Where a model's weights come from.
@@ -70,7 +71,7 @@ def _twin(spec: ModelSpec) -> ModelSpec:
 
 ZOO: dict[str, ModelSpec] = {s.name: s for s in [*_OFFLINE, *_HUB, *map(_twin, _HUB)]}
 
-DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL = defaults.MODEL
 OFFLINE_MODELS = [s.name for s in _OFFLINE]
 
 

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from layerflow import defaults
 from layerflow.capture.writer import CaptureConfig
 from layerflow.train.schedule import LayerSchedule, get_preset
 
@@ -14,24 +15,24 @@ from layerflow.train.schedule import LayerSchedule, get_preset
 class TrainConfig:
     store: str  # a capture directory; with `online`, where its held-out split is captured
     hooks: list[str] | None = None  # None: every captured site
-    schedule: LayerSchedule = field(default_factory=lambda: get_preset("default"))
+    schedule: LayerSchedule = field(default_factory=lambda: get_preset(defaults.PRESET))
     steps: int | None = None  # None: `epochs` passes over the training tokens
-    epochs: float = 1.0
-    batch_tokens: int = 4096
+    epochs: float = defaults.EPOCHS
+    batch_tokens: int = defaults.BATCH_TOKENS
     lr_scheduler: str = "constant"  # SAELens' names: constant, cosineannealing, ...
     lr_warm_up_steps: int = 0  # linear warm-up, as in SAELens
     lr_decay_steps: int = 0  # linear decay to 0 over the last steps, as in SAELens
     exclude_special_tokens: bool = True
-    dead_feature_window: int = 1000  # steps without firing before a latent counts as dead
-    checkpoint_every: int = 500
-    seed: int = 0
+    dead_feature_window: int = defaults.DEAD_FEATURE_WINDOW  # steps without firing before a latent counts as dead
+    checkpoint_every: int = defaults.CHECKPOINT_EVERY
+    seed: int = defaults.SEED
     fast_path: bool = True  # stack TopK-family SAEs in sparse_topk; False: SAELens' step for all
     # "mean": the decoder bias starts at the mean training activation (as in EleutherAI's sparsify),
     # so a short run starts at FVU 1 rather than far above it where the mean is large (Gemma's
     # massive activations); "zeros": SAELens' own init.
     init_b_dec: str = "mean"
-    transcoder_target: str = "mlp_out"  # with a transcoder architecture: the site kind each input predicts
-    samples_every: int = 0  # every N steps, record each latent's top-activating held-out tokens (0: never)
+    transcoder_target: str = defaults.TRANSCODER_TARGET  # with a transcoder architecture: the site kind each input predicts
+    samples_every: int = defaults.SAMPLES_EVERY  # every N steps, record each latent's top-activating held-out tokens (0: never)
     samples_tokens: int = 4096  # held-out tokens those samples are drawn from
     # Online: train from model forwards on this capture's training sequences (nothing of them is
     # stored); only its held-out split is captured, to `store`, for the evals.

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from sae_lens import SAE
 
+from layerflow import defaults
 from layerflow.capture.store import ActivationStore
 from layerflow.data.tokens import iter_documents
 from layerflow.dictionaries.io import load_saes
@@ -151,9 +152,9 @@ def cross_model_runs(
     run_a: str | Path,
     run_b: str | Path,
     out_dir: str | Path | None = None,
-    source: str = "default",
-    max_words: int = 20_000,
-    context_size: int = 128,
+    source: str = defaults.SOURCE,
+    max_words: int = defaults.CROSS_MODEL_WORDS,
+    context_size: int = defaults.CONTEXT_SIZE,
     hooks_a: list[str] | None = None,
     hooks_b: list[str] | None = None,
     loaded: tuple[LoadedModel, LoadedModel] | None = None,

@@ -35,6 +35,7 @@ from jaxtyping import Float
 from sae_lens import SAE
 from scipy.stats import spearmanr
 
+from layerflow import defaults
 from layerflow.dictionaries.kinds import is_transcoder, output_hook
 from layerflow.errors import LayerflowError
 from layerflow.metrics import InputSums, ReconstructionStats
@@ -46,15 +47,15 @@ from layerflow.transfer.matrix import TransferMatrix
 
 @dataclass(frozen=True)
 class TransferOptions:
-    max_tokens: int | None = 8192  # held-out tokens per site (None: all)
+    max_tokens: int | None = defaults.TRANSFER_TOKENS  # held-out tokens per site (None: all)
     batch_tokens: int = 2048  # tokens per encoder matmul ([2048, d_sae] buffers stay cache-friendlier than 4096)
-    top_k: int = 50  # latents used by the notes' variance ratio, Spearman and decoder similarity
-    match_distance: int = 1  # Hungarian matching for pairs at most this many sites apart (0 = none)
+    top_k: int = defaults.TOP_K  # latents used by the notes' variance ratio, Spearman and decoder similarity
+    match_distance: int = defaults.MATCH_DISTANCE  # Hungarian matching for pairs at most this many sites apart (0 = none)
     null_quantile: float = 0.99
     exclude_special_tokens: bool = True
     spliced: bool = False  # also splice SAE_i (scale-matched) into the model at site j: delta CE and KL
-    device: str = "cpu"  # where the pair kernel runs ("cuda" for large matrices); sums stay float64 on the CPU
-    seed: int = 0
+    device: str = defaults.DEVICE  # where the pair kernel runs ("cuda" for large matrices); sums stay float64 on the CPU
+    seed: int = defaults.SEED
 
 
 @dataclass

@@ -1,0 +1,45 @@
+"""The defaults the library and the command line share, each written once.
+
+The config dataclasses (`CaptureConfig`, `TrainConfig`, `TransferOptions`) and the functions the
+commands call take their defaults from here, and so do the command-line options, so
+`layerflow <command> --help` shows what the library does. This module imports nothing: the
+command line reads it before it loads torch.
+
+The default study (`layerflow run` with no config, `experiment.ExperimentConfig()`) sizes its own
+budget to finish in about 15 minutes on two CPU cores; where it departs from these values,
+experiment.py says so.
+"""
+
+MODEL = "smollm2-135m"  # the embedded model: real weights that install offline
+SOURCE = "default"  # the shipped corpus
+SEED = 0
+DEVICE = "cpu"
+
+# capture
+SITE_KINDS = ("resid_post",)
+CAPTURE_TOKENS = 20_000  # train + held-out
+CONTEXT_SIZE = 128  # tokens per sequence, BOS included
+PREPEND_BOS = True
+HOLDOUT_FRACTION = 0.1
+STORE_DTYPE = "float32"
+FORWARD_BATCH = 8  # sequences per forward pass
+
+# training
+PRESET = "default"  # train.schedule.PRESETS
+EPOCHS = 1.0
+BATCH_TOKENS = 4096  # tokens per step, the same for every site
+CHECKPOINT_EVERY = 500
+DEAD_FEATURE_WINDOW = 1000  # steps without firing before a latent counts as dead
+SAMPLES_EVERY = 0  # 0: no samples
+TRANSCODER_TARGET = "mlp_out"
+
+# transfer
+TRANSFER_TOKENS = 8192  # held-out tokens per site
+TOP_K = 50  # latents of the notes' variance ratio, Spearman and decoder similarity
+MATCH_DISTANCE = 1  # feature matching for sites at most this far apart
+CROSS_MODEL_WORDS = 20_000  # aligned words of text
+
+# features
+TRACE_TOP_K = 5  # features per layer
+INTERVENE_HELDOUT_TOKENS = 1024
+INTERVENE_TOP_N = 5  # downstream features listed per layer
