@@ -3,6 +3,7 @@ streams of the text sources, compiled kernels), under $LAYERFLOW_CACHE or the us
 
 Every process of the user shares it, so a cache entry is written to a temporary name that carries
 the process id and renamed into place: two processes filling the same entry never mix their bytes.
+`replace_on_success` is that write-then-rename, which run folders use too (`files.atomic`).
 """
 
 from __future__ import annotations
@@ -22,19 +23,28 @@ def cache_dir() -> Path:
     return Path(base) / "layerflow"
 
 
-@contextlib.contextmanager
-def cache_entry(path: str | Path) -> Iterator[Path]:
-    """Yield this process's temporary path for the cache entry `path` (a file or a folder); it
-    replaces `path` when the block succeeds and is removed otherwise."""
+def cache_entry(path: str | Path) -> contextlib.AbstractContextManager[Path]:
+    """This process's temporary path for the cache entry `path` (see `replace_on_success`)."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    return replace_on_success(path, path.with_name(f"{path.name}.tmp{os.getpid()}"))
+
+
+@contextlib.contextmanager
+def replace_on_success(path: Path, tmp: Path) -> Iterator[Path]:
+    """Yield `tmp` to write a file or a folder to; when the block succeeds it replaces `path` (an
+    old folder is removed first), when it fails it is removed. A stale `tmp` is cleared first."""
+    _remove(tmp)
     try:
         yield tmp
         if tmp.is_dir() and path.exists():
-            shutil.rmtree(path)
+            _remove(path)
         os.replace(tmp, path)
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp)
-        else:
-            tmp.unlink(missing_ok=True)
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

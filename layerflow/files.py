@@ -25,15 +25,15 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import xxhash
 
+from layerflow.cache import replace_on_success
 from layerflow.errors import LayerflowError
 from layerflow.models.sites import Site
 
@@ -125,8 +125,8 @@ def prepare_out_dir(folder: str | Path, kind: FolderKind, plan: dict[str, Any], 
     old = json.loads(plan_path.read_text())
     old = old[kind.plan_key] if kind.plan_key else old
     if overwrite:
-        for entry in (folder.iterdir() if kind.owned is None else (folder / name for name in kind.owned)):
-            _remove(entry)
+        for entry in list(folder.iterdir()) if kind.owned is None else [folder / name for name in kind.owned]:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
         return "fresh"
     if old != json.loads(json.dumps(plan)):  # the plan as it reads back from disk
         diffs = plan_differences(old, json.loads(json.dumps(plan)))
@@ -258,27 +258,11 @@ class TrainManifest:
 # --- writing -------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def atomic(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path` to write a file or a folder to; when the block
-    succeeds it replaces `path` (an old folder is removed first), when it fails it is removed."""
+def atomic(path: str | Path) -> contextlib.AbstractContextManager[Path]:
+    """A temporary path beside `path` (`<name>.tmp`) to write a file or a folder to; it replaces
+    `path` when the block succeeds and is removed when it fails."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    _remove(tmp)
-    try:
-        yield tmp
-        if tmp.is_dir() and path.exists():
-            _remove(path)
-        os.replace(tmp, path)
-    finally:
-        _remove(tmp)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
+    return replace_on_success(path, path.with_name(path.name + ".tmp"))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
