@@ -297,11 +297,12 @@ def run(
 
     Rerun the same command to resume: finished stages are skipped, judged by their manifests."""
     from layerflow.experiment import load_config
+
+    cfg = load_config(config)  # before the pipeline loads the library: a config's own errors come back at once
+    cfg = cfg.quick() if quick else cfg
     from layerflow.files import REPORT_FILE
     from layerflow.pipeline import STAGES, run_experiment
 
-    cfg = load_config(config)
-    cfg = cfg.quick() if quick else cfg
     out_dir = out_dir or Path("artifacts") / f"run-{cfg.name}"
     stages = STAGES[:STAGES.index(until) + 1] if until in STAGES else STAGES
     with render.stage_progress(stages) as report:

@@ -1,4 +1,5 @@
-"""The defaults the library and the command line share, each written once.
+"""The defaults the library and the command line share, each written once (with the choices of the
+options whose values come from a fixed list).
 
 The config dataclasses (`CaptureConfig`, `TrainConfig`, `TransferOptions`) and the functions the
 commands call take their defaults from here, and so do the command-line options, so
@@ -38,6 +39,7 @@ TRANSFER_TOKENS = 8192  # held-out tokens per site
 TOP_K = 50  # latents of the notes' variance ratio, Spearman and decoder similarity
 MATCH_DISTANCE = 1  # feature matching for sites at most this far apart
 CROSS_MODEL_WORDS = 20_000  # aligned words of text
+MATCH_PAIRS = ("all", "same_depth", "none")  # cross-model feature matching: every pair, each source's same-depth target, none
 
 # features
 TRACE_TOP_K = 5  # features per layer

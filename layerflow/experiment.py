@@ -7,7 +7,7 @@
     [capture]                   # sites, token budget, text
     [train]                     # SAE architecture and LayerSchedule (preset + overrides + by_depth)
     [eval]                      # spliced CE/KL on or off
-    [transfer]                  # transfer.TransferOptions
+    [transfer]                  # transfer.TransferOptions (built by the pipeline)
     [cross_model]               # words of text for the cross-model alignment
 
 Every section and field is optional; `ExperimentConfig()` is the default run (configs/default.toml
@@ -26,14 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from layerflow import defaults
-from layerflow.capture.writer import STORE_DTYPES
-from layerflow.dictionaries.kinds import SAE_ARCHITECTURES, is_transcoder
 from layerflow.errors import LayerflowError, did_you_mean
+from layerflow.files import SHARD_DTYPES
 from layerflow.models.sites import parse_kind, parse_layers
 from layerflow.models.zoo import ZOO, get_spec
-from layerflow.train.schedule import LayerSchedule, get_preset
-from layerflow.transfer.cross_model import MATCH_PAIRS
-from layerflow.transfer.within import TransferOptions
 
 
 # Where a section's default is a library default, it reads it from `layerflow.defaults`. Where it is
@@ -71,6 +67,10 @@ class TrainSection:
 
     def schedule(self):
         """The LayerSchedule: the preset, then `architecture`, `set` and `by_depth` over it."""
+        # SAELens (its config classes check the hyperparameters) takes seconds to import: only a config
+        # that gets this far pays for it, so a config file's own errors are refused at once.
+        from layerflow.train.schedule import LayerSchedule, get_preset
+
         schedule = get_preset(self.preset).with_overrides(self.architecture, self.set)
         if not self.by_depth:
             return schedule
@@ -97,10 +97,6 @@ class TransferSection:
     spliced: bool = False
     exclude_special_tokens: bool = True
 
-    def options(self, seed: int, device: str):
-        return TransferOptions(max_tokens=self.max_tokens, top_k=self.top_k, match_distance=self.match_distance,
-                               spliced=self.spliced, exclude_special_tokens=self.exclude_special_tokens,
-                               seed=seed, device=device)
 
 
 @dataclass(frozen=True)
@@ -153,8 +149,8 @@ class ExperimentConfig:
                 raise LayerflowError(f"{where}: capture.sites: {e}") from None
         if not self.capture.sites:
             raise LayerflowError(f"{where}: capture.sites is empty; e.g. ['resid_post'].")
-        if self.capture.dtype not in STORE_DTYPES:
-            raise LayerflowError(f"{where}: capture.dtype '{self.capture.dtype}' is not valid. Valid: {', '.join(STORE_DTYPES)}.")
+        if self.capture.dtype not in SHARD_DTYPES:
+            raise LayerflowError(f"{where}: capture.dtype '{self.capture.dtype}' is not valid. Valid: {', '.join(SHARD_DTYPES)}.")
         if not 0 < self.capture.holdout < 1:
             raise LayerflowError(f"{where}: capture.holdout {self.capture.holdout} must lie in (0, 1): "
                                  "transfer and evals need held-out tokens.")
@@ -167,12 +163,14 @@ class ExperimentConfig:
             if value <= 0:
                 shown = value + 1 if key == "capture.context_size" else value
                 raise LayerflowError(f"{where}: {key} = {shown} must be {'at least 2' if key == 'capture.context_size' else 'positive'}.")
-        if self.cross_model.match_pairs not in MATCH_PAIRS:
+        if self.cross_model.match_pairs not in defaults.MATCH_PAIRS:
             raise LayerflowError(f"{where}: cross_model.match_pairs '{self.cross_model.match_pairs}' is not valid. "
-                                 f"{did_you_mean(self.cross_model.match_pairs, list(MATCH_PAIRS))}")
+                                 f"{did_you_mean(self.cross_model.match_pairs, list(defaults.MATCH_PAIRS))}")
         if self.transfer.match_distance < 0:
             raise LayerflowError(f"{where}: transfer.match_distance = {self.transfer.match_distance} must be >= 0.")
         schedule = self.train.schedule()  # unknown architectures, hyperparameters and depth bands are refused here
+        from layerflow.dictionaries.kinds import SAE_ARCHITECTURES, is_transcoder  # loaded by schedule() just now
+
         if is_transcoder(schedule.architecture):
             raise LayerflowError(f"{where}: train '{schedule.architecture}' is a transcoder; `layerflow run` trains SAEs "
                                  f"on the residual stream (valid: {', '.join(SAE_ARCHITECTURES)}). Train transcoders with "

@@ -40,6 +40,7 @@ from layerflow.models.sites import Site
 # --- names ---------------------------------------------------------------------------------------
 
 PLAN_FILE = "plan.json"  # a capture's or a training run's plan
+SHARD_DTYPES = ("float32", "bfloat16", "float16")  # the dtypes a capture may store activations in
 
 CAPTURE_MANIFEST = "capture.json"
 SHARD_DIR = "shards"

@@ -22,8 +22,8 @@ from layerflow.errors import LayerflowError, did_you_mean
 from layerflow.evaluate.evals import evaluate_run
 from layerflow.experiment import ExperimentConfig
 from layerflow.files import (ACTIVATIONS_DIR, CAPTURE_MANIFEST, EVAL_JSON, MATRIX_JSON, PLOTS_DIR, REPORT_FILE, RUN,
-                             RUN_FILE, SAE_DIR, TRAIN_MANIFEST, TRANSFER_DIR, cross_dir_name, prepare_out_dir,
-                             write_json)
+                             RUN_FILE, SAE_DIR, TRAIN_MANIFEST, TRANSFER_DIR, CaptureManifest, cross_dir_name,
+                             prepare_out_dir, write_json)
 from layerflow.models.load import load_model
 from layerflow.models.sites import parse_kind
 from layerflow.report.findings import report_run
@@ -32,6 +32,7 @@ from layerflow.results import RunResults
 from layerflow.train.config import TrainConfig
 from layerflow.train.trainer import train
 from layerflow.transfer.runs import cross_model_runs, transfer_run
+from layerflow.transfer.within import TransferOptions
 
 STAGES = ("capture", "train", "eval", "transfer", "cross_model", "report")
 SCHEMA_VERSION = 1
@@ -124,9 +125,9 @@ def _provenance(cfg: ExperimentConfig) -> dict[str, Any]:
 def _weight_sources(root: Path, cfg: ExperimentConfig) -> dict[str, str]:
     sources = {}
     for m in cfg.models:
-        manifest = root / ACTIVATIONS_DIR / m.name / CAPTURE_MANIFEST
-        if manifest.exists():
-            sources[m.name] = json.loads(manifest.read_text())["model"]["weights_source"]
+        folder = root / ACTIVATIONS_DIR / m.name
+        if (folder / CAPTURE_MANIFEST).exists():
+            sources[m.name] = CaptureManifest.read(folder).model["weights_source"]
     return sources
 
 
@@ -200,7 +201,9 @@ def _evaluate(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache)
 
 
 def _transfer(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache, report: Progress) -> None:
-    options = cfg.transfer.options(cfg.seed, cfg.device)
+    t = cfg.transfer
+    options = TransferOptions(max_tokens=t.max_tokens, top_k=t.top_k, match_distance=t.match_distance, spliced=t.spliced,
+                              exclude_special_tokens=t.exclude_special_tokens, seed=cfg.seed, device=cfg.device)
     transfer_run(root / SAE_DIR / name, out_dir=root / TRANSFER_DIR / name, options=options,
                  loaded=models.get(name) if options.spliced else None,
                  progress=lambda done, total: report("transfer", name, done, total))

@@ -113,11 +113,17 @@ def test_the_checker_finds_a_planted_circle_and_a_function_level_import(tmp_path
     assert circles(stage_graph(graph)) == [["pkg.a", "pkg.sub"]]
 
 
+# The one exception: converting a config's train section needs SAELens, which takes seconds to
+# import, so experiment.py loads it only for a config that gets that far (a config file's own
+# errors are refused at once: test_a_config_is_read_without_the_library).
+LAZY = {("layerflow.experiment", "layerflow.train.schedule"), ("layerflow.experiment", "layerflow.dictionaries.kinds")}
+
+
 def test_no_import_circles_and_no_function_level_imports_in_the_library():
     graph, inner, _ = import_graph(LIBRARY)
     assert circles(graph) == []
     assert circles(stage_graph(graph)) == []
-    assert inner == []
+    assert {(module, imported) for module, imported, _ in inner} == LAZY
 
 
 def test_transformer_lens_is_imported_inside_models_only():
@@ -199,6 +205,16 @@ def test_the_zoo_the_sites_and_the_contract_load_without_torch():
     code = ("import sys, layerflow.models, layerflow.files, layerflow.defaults, layerflow_cli.main; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_config_is_read_without_the_library(tmp_path):
+    (tmp_path / "bad.toml").write_text('name = "x"\n[capture]\ntokens = "lots"\n')
+    code = (f"import sys; from layerflow.experiment import load_config\n"
+            f"try:\n    load_config({str(tmp_path / 'bad.toml')!r})\nexcept Exception as e:\n    print(e)\n"
+            "assert 'torch' not in sys.modules and 'sae_lens' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "capture.tokens must be an integer, got 'lots'" in done.stdout
 
 
 if __name__ == "__main__":

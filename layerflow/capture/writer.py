@@ -31,13 +31,13 @@ from layerflow import __version__, defaults
 from layerflow.capture.store import read_tensor
 from layerflow.data.tokens import TokenPlan, describe_source, make_sequences, source_fingerprint, special_token_ids
 from layerflow.errors import LayerflowError
-from layerflow.files import (CAPTURE, PLAN_FILE, SHARD_DIR, TOKENS_KEY, CaptureManifest, ShardRecord, atomic,
+from layerflow.files import (CAPTURE, PLAN_FILE, SHARD_DIR, SHARD_DTYPES, TOKENS_KEY, CaptureManifest, ShardRecord, atomic,
                              atomic_write_text, file_checksum, prepare_out_dir, write_json)
 from layerflow.models.load import LoadedModel, load_model
 from layerflow.models.sites import Site, SiteKind, prepare_hooks, resolve
 
 SCHEMA_VERSION = 1
-STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STORE_DTYPES = {name: getattr(torch, name) for name in SHARD_DTYPES}
 SHARD_BYTES = 64 * 2**20  # target size of one shard
 
 

@@ -10,6 +10,7 @@ Folders are written to a temporary name and renamed, so a crash never leaves hal
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from sae_lens import SAE
-from sae_lens.constants import SPARSITY_FILENAME
+from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
 
 # kinds imports dictionaries.transcoders, which registers layerflow's transcoders with SAELens: load_from_disk finds them
-from layerflow.dictionaries.kinds import is_training_transcoder
+from layerflow.dictionaries.kinds import input_hook, is_training_transcoder
 from layerflow.errors import LayerflowError
 from layerflow.files import SAE_DIR, CaptureManifest, atomic
 
@@ -72,11 +73,25 @@ def save_sae(
     return folder
 
 
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """A saved dictionary's cfg.json (SAELens' inference config and metadata), without its weights."""
+    return json.loads((Path(folder) / SAE_CFG_FILENAME).read_text())
+
+
+def weights_file(folder: str | Path) -> Path:
+    return Path(folder) / SAE_WEIGHTS_FILENAME
+
+
+def sae_folders(path: str | Path) -> list[Path]:
+    """The SAELens folders (holding a cfg.json) under `path`, sorted; none when it is not a folder."""
+    path = Path(path)
+    return sorted(p.parent for p in path.rglob(SAE_CFG_FILENAME)) if path.is_dir() else []
+
+
 def find_sae_folders(path: str | Path) -> list[Path]:
     """SAELens SAE folders (holding cfg.json) of a training run (its saes/) or under any folder."""
     path = Path(path)
-    root = path / SAE_DIR if (path / SAE_DIR).is_dir() else path
-    folders = sorted(p.parent for p in root.rglob("cfg.json")) if root.is_dir() else []
+    folders = sae_folders(path / SAE_DIR if (path / SAE_DIR).is_dir() else path)
     if not folders:
         raise LayerflowError(f"No SAE folders (with cfg.json) under '{path}'. Pass a training run directory "
                              "or a folder of SAELens SAEs.")
@@ -91,7 +106,7 @@ def load_saes(path: str | Path, hooks: list[str] | None = None) -> dict[str, Any
         with warnings.catch_warnings():  # advice to load the model with these kwargs: layerflow already does
             warnings.filterwarnings("ignore", message=r"\s*This SAE has non-empty model_from_pretrained_kwargs")
             sae = SAE.load_from_disk(folder)
-        hook = sae.cfg.metadata.hook_name or folder.name
+        hook = input_hook(sae, folder.name)
         if hook in saes:
             raise LayerflowError(f"Two SAE folders under '{path}' are for the same hook '{hook}': keep one.")
         saes[hook] = sae

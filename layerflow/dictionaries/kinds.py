@@ -75,6 +75,12 @@ def predict(dictionary: Any, x_in: Float[torch.Tensor, "tokens d_in"],
     return out
 
 
+def training_architecture(config: dict[str, Any]) -> str:
+    """The architecture a saved dictionary was trained as, from its cfg.json (a BatchTopK SAE, for one,
+    is saved as a JumpReLU SAE and keeps "batchtopk" in its metadata)."""
+    return config.get("metadata", {}).get("training_architecture") or config["architecture"]
+
+
 def matryoshka_widths(dictionary: SAE) -> list[int] | None:
     """Nested prefix widths of a Matryoshka SAE or transcoder, from its saved training details."""
     details = getattr(dictionary.cfg.metadata, "training_architecture_details", None) or {}

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from layerflow.capture.batches import heldout_batches
+from layerflow.dictionaries.io import weights_file
 from layerflow.dictionaries.kinds import encode, input_hook
 from layerflow.dictionaries.top_activations import TopActivations, contexts, token_text
 from layerflow.files import FEATURES_DIR, atomic
@@ -77,7 +78,7 @@ def cache_path(root: str | Path, model: str, hook: str) -> Path:
 
 
 def _sae_key(sae_folder: Path | None) -> str:
-    weights = sae_folder / "sae_weights.safetensors" if sae_folder else None
+    weights = weights_file(sae_folder) if sae_folder else None
     if weights is None or not weights.exists():
         return "unknown"
     stat = weights.stat()

@@ -8,7 +8,6 @@ the capture store.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +16,7 @@ import torch
 from jaxtyping import Int
 
 from layerflow.capture.store import ActivationStore
-from layerflow.dictionaries.io import load_saes
+from layerflow.dictionaries.io import load_saes, read_config, sae_folders
 from layerflow.dictionaries.kinds import encode, output_hook
 from layerflow.dictionaries.top_activations import token_text
 from layerflow.errors import LayerflowError, did_you_mean
@@ -67,15 +66,15 @@ class RunSAEs:
         name = names[0]
         folder = results.root / SAE_DIR / name
         configs, folders = {}, {}
-        for cfg_file in sorted(folder.rglob("cfg.json")) if folder.is_dir() else []:
-            cfg = json.loads(cfg_file.read_text())
+        for sae_folder in sae_folders(folder):
+            cfg = read_config(sae_folder)
             meta = cfg.get("metadata", {})
             trained_on = meta.get("layerflow_model")
             if trained_on is not None and trained_on != name:
-                raise LayerflowError(f"The SAE in '{cfg_file.parent}' was trained on '{trained_on}', but it sits in the "
+                raise LayerflowError(f"The SAE in '{sae_folder}' was trained on '{trained_on}', but it sits in the "
                                      f"run's folder for '{name}'. Use the run directory that model '{trained_on}' belongs to.")
-            hook = meta.get("hook_name") or cfg_file.parent.name
-            configs[hook], folders[hook] = cfg, cfg_file.parent
+            hook = meta.get("hook_name") or sae_folder.name
+            configs[hook], folders[hook] = cfg, sae_folder
         if not folders:
             raise LayerflowError(f"The run at '{results.root}' has no SAEs for '{name}' yet: run its train stage.")
         order = {h: i for i, h in enumerate(results.models[name].hooks)}

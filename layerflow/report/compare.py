@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from layerflow.dictionaries.io import read_config
+from layerflow.dictionaries.kinds import training_architecture
 from layerflow.errors import LayerflowError
 from layerflow.evaluate.evals import SiteEval, read_eval_results
 from layerflow.files import CURVES_FILE, TRAIN_MANIFEST, TrainManifest
@@ -60,9 +62,8 @@ def compare_layers(run: str | Path, layers: list[int] | None = None) -> LayerCom
             continue
         if site.hook_name not in evals:
             raise LayerflowError(f"No held-out evals for {site.hook_name} in '{run}'. Run `layerflow eval {run}`.")
-        cfg = json.loads((run / site.folder / "cfg.json").read_text())
-        architecture = cfg.get("metadata", {}).get("training_architecture") or cfg["architecture"]
-        sites.append(SiteComparison(site.hook_name, site.layer, architecture, cfg["d_sae"], evals[site.hook_name],
+        cfg = read_config(run / site.folder)
+        sites.append(SiteComparison(site.hook_name, site.layer, training_architecture(cfg), cfg["d_sae"], evals[site.hook_name],
                                     curves.get(site.hook_name, {})))
     return LayerComparison(str(run), manifest.model["name"], sites)
 

@@ -89,7 +89,8 @@ def train(
     while step < setup.steps:
         batch = next(run.batches)
         for members, group in run.groups:
-            log.add(members, group.step(batch), group.metrics, step, out_dir)
+            losses = group.step(batch)
+            log.add(members, losses, group.metrics, step, out_dir)  # a group's metrics are its last step's
         step += 1
         if samples is not None and step % cfg.samples_every == 0:
             samples.record(out_dir, step, run.groups, run.saes)

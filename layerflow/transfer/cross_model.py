@@ -47,6 +47,7 @@ from jaxtyping import Bool, Float, Int
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from layerflow import defaults
 from layerflow.dictionaries.kinds import encode, predict
 from layerflow.errors import LayerflowError
 from layerflow.metrics import reconstruction_metrics
@@ -56,7 +57,7 @@ from layerflow.transfer.matching import ActivationCorrelation
 from layerflow.transfer.matrix import TransferMatrix, metric_names
 
 ENCODE_BATCH = 4096
-MATCH_PAIRS = ("all", "same_depth", "none")
+MATCH_PAIRS = defaults.MATCH_PAIRS
 
 
 # --- affine stitching ----------------------------------------------------------------------------
