@@ -1,6 +1,6 @@
 """`layerflow run`: one experiment config -> capture, train, eval, transfer, cross-model, report.
 
-Each stage hands the next one files with a manifest (results.py has the layout), so a re-run
+Each stage hands the next one files with a manifest (files.py has the layout), so a re-run
 skips every stage whose manifest is there and redoes the rest; an interrupted stage resumes
 from its own checkpoints (capture shards, training checkpoints). `DIR/run.json` holds the
 resolved config, provenance (versions, weight sources, seeds, machine) and, per stage, its

@@ -1,6 +1,6 @@
 """Everything a finished (or partly finished) `layerflow run` directory holds, read back as objects.
 
-The layout (docs/run.md):
+The layout (files.py has every name; docs/run.md):
 
     DIR/run.json                         resolved config, provenance, per-stage status and timings
     DIR/activations/<model>/             capture store (capture.json last)
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from layerflow.errors import LayerflowError
-from layerflow.evaluate.evals import read_eval_results
+from layerflow.evaluate.evals import SiteEval, read_eval_results
 from layerflow.files import (ACTIVATIONS_DIR, CAPTURE_MANIFEST, CROSS_SEPARATOR, DEPTH_FILE, EVAL_JSON, MATRIX_JSON,
                              RUN_FILE, SAE_DIR, SUMMARY_FILE, TRAIN_MANIFEST, TRANSFER_DIR, CaptureManifest,
                              TrainManifest)
@@ -36,9 +36,9 @@ class ModelResults:
     n_layers: int
     capture: CaptureManifest  # per-site mean activation norms in .mean_norm
     train: TrainManifest | None = None
-    evals: dict[str, Any] = field(default_factory=dict)  # hook_name -> evals.SiteEval
-    transfer: Any = None  # transfer_types.TransferMatrix ("within_model")
-    transfer_summaries: dict[str, dict] = field(default_factory=dict)  # metric -> summary.TransferSummary.to_dict()
+    evals: dict[str, SiteEval] = field(default_factory=dict)  # hook_name -> held-out figures
+    transfer: TransferMatrix | None = None  # "within_model"
+    transfer_summaries: dict[str, dict] = field(default_factory=dict)  # metric -> transfer.summary.TransferSummary.to_dict()
 
     @property
     def hooks(self) -> list[str]:
@@ -53,8 +53,8 @@ class ModelResults:
 class CrossModelResults:
     model_a: str
     model_b: str
-    matrix: Any  # transfer_types.TransferMatrix ("cross_model"): sources from model_a, targets from model_b
-    depth_comparison: dict[str, dict]  # metric -> crossmodel.DepthComparison as a dict
+    matrix: TransferMatrix  # "cross_model": sources from model_a, targets from model_b
+    depth_comparison: dict[str, dict]  # metric -> transfer.cross_model.DepthComparison as a dict
 
 
 @dataclass

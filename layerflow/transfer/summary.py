@@ -55,7 +55,7 @@ Summaries, with t = strong_threshold (default 0.7, the notes' "strong") and f = 
   is listed, zero counts included.
 - mean, min, max: over the computed off-diagonal entries.
 
-`TransferSummary.to_dict()` writes NaN as None (JSON null), as transfer_types does.
+`TransferSummary.to_dict()` writes NaN as None (JSON null), as `matrix.TransferMatrix` does.
 """
 
 from __future__ import annotations
