@@ -86,7 +86,7 @@ def within_model_matrix(
     activations, row t of every site being the same token.
     """
     hooks = [s.hook_name for s in sites]
-    _check_inputs(saes, activations, hooks, hooks, transcoders=False)
+    _checked_outputs(saes, activations, hooks, transcoders=False)
     metrics, extras, norms, _ = _pair_matrix(saes, activations, hooks, hooks, options, progress, transcoders=False)
     settings = {"n_tokens": activations[hooks[0]].shape[0], **asdict(options),
                 "scale_matching": "x_j * E||x_i|| / E||x_j|| before SAE_i, reconstruction / the same factor",
@@ -113,9 +113,7 @@ def transcoder_matrix(
     baseline, the same scalar map applied to T_i's own prediction on layer i (docs/transfer.md).
     """
     in_hooks = [s.hook_name for s in sites]
-    _check_inputs(transcoders, activations, in_hooks, None, transcoders=True)
-    out_hooks = [output_hook(transcoders[h], h) for h in in_hooks]
-    _check_inputs(transcoders, activations, in_hooks, out_hooks, transcoders=True)
+    out_hooks = _checked_outputs(transcoders, activations, in_hooks, transcoders=True)
     metrics, extras, in_norms, out_norms = _pair_matrix(transcoders, activations, in_hooks, out_hooks, options,
                                                         progress, transcoders=True)
     settings = {"n_tokens": activations[in_hooks[0]].shape[0], **asdict(options), "coder": "transcoder",
@@ -227,10 +225,11 @@ def _accumulate(coder: Coder, x_t: torch.Tensor, y_t: torch.Tensor, rho_in: floa
     pair.latent_sq_sum += squares.cpu()
 
 
-def _check_inputs(dictionaries: dict[str, SAE], activations: dict[str, torch.Tensor], in_hooks: list[str],
-                  out_hooks: list[str] | None, transcoders: bool) -> None:
-    """Every site has its dictionary, of the right kind, and activations of the right widths on the
-    same tokens (`out_hooks` None: check the dictionaries only)."""
+def _checked_outputs(dictionaries: dict[str, SAE], activations: dict[str, torch.Tensor], in_hooks: list[str],
+                     transcoders: bool) -> list[str]:
+    """The hook each site's dictionary is scored on (an SAE's own site, a transcoder's output
+    hook), once every site has its dictionary, of the right kind, and activations of the right
+    widths on the same tokens."""
     noun = "transcoder" if transcoders else "SAE"
     if not in_hooks:
         raise LayerflowError("No sites to compare.")
@@ -242,8 +241,7 @@ def _check_inputs(dictionaries: dict[str, SAE], activations: dict[str, torch.Ten
             other = "transcoder_matrix" if not transcoders else "within_model_matrix"
             raise LayerflowError(f"The dictionary for '{h}' is {'a transcoder' if not transcoders else 'an SAE'}: use "
                                  f"{other} (transfer_run picks it).")
-    if out_hooks is None:
-        return
+    out_hooks = [output_hook(dictionaries[h], h) for h in in_hooks] if transcoders else in_hooks
     for h, out in zip(in_hooks, out_hooks):
         cfg = dictionaries[h].cfg
         for hook, width, what in ((h, cfg.d_in, "d_in"), (out, getattr(cfg, "d_out", cfg.d_in), "d_out")):
@@ -259,6 +257,7 @@ def _check_inputs(dictionaries: dict[str, SAE], activations: dict[str, torch.Ten
         raise LayerflowError(f"Sites must share the same tokens, but the token counts differ: {lengths}.")
     if not next(iter(lengths.values())):
         raise LayerflowError("No held-out tokens to compare on.")
+    return out_hooks
 
 
 def _grams(xs: list[torch.Tensor], means: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
