@@ -28,7 +28,7 @@ import time
 import torch
 
 from layerflow.models.sites import site_at
-from layerflow.transfer import LinearCoder, TransferOptions, dense_latents, fused_encode, within_model_matrix
+from layerflow.transfer import Calibration, LinearCoder, TransferOptions, dense_latents, fused_encode, within_model_matrix
 
 
 def matmul_flops(tokens: int, d: int, d_sae: int, repeats: int = 15) -> float:
@@ -101,6 +101,7 @@ def main() -> None:
         saes, acts, sites = run_inputs(args.run, args.tokens, args.sites, args.store)
     else:
         saes, acts, sites = synthetic_inputs(args.sites, args.tokens, args.d, args.d_sae, args.l0)
+    calibration = Calibration.of(acts)  # the figures time the kernel; where the statistics come from does not matter
     first = next(iter(saes.values()))
     d, d_sae = first.cfg.d_in, first.cfg.d_sae
     tokens = next(iter(acts.values())).shape[0]
@@ -112,12 +113,12 @@ def main() -> None:
     peaks, kernel_times, torch_times = [matmul_flops(options.batch_tokens, d, d_sae)], [], []
     for _ in range(args.repeats):  # interleaved, so that both see the same machine
         start = time.perf_counter()
-        matrix = within_model_matrix(saes, acts, sites, options)
+        matrix = within_model_matrix(saes, acts, sites, calibration, options)
         kernel_times.append(time.perf_counter() - start)
         peaks.append(matmul_flops(options.batch_tokens, d, d_sae))
         with fused_encode.disabled():  # the same kernel with torch ops for the activations and decodes
             start = time.perf_counter()
-            within_model_matrix(saes, acts, sites, options)
+            within_model_matrix(saes, acts, sites, calibration, options)
             torch_times.append(time.perf_counter() - start)
     peak, kernel_s = max(peaks), min(kernel_times)
     l0 = float(torch.tensor(matrix["l0"]).nanmean())
@@ -137,7 +138,7 @@ def main() -> None:
         LinearCoder.from_sae = classmethod(lambda cls, sae: None)  # each SAE's own encode/decode
         try:
             start = time.perf_counter()
-            within_model_matrix(saes, acts, sites, options)
+            within_model_matrix(saes, acts, sites, calibration, options)
             figures["naive_s"] = time.perf_counter() - start
         finally:
             LinearCoder.from_sae = original

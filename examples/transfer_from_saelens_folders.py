@@ -13,7 +13,7 @@ from pathlib import Path
 
 from layerflow.capture import ActivationStore
 from layerflow.dictionaries.io import load_saes
-from layerflow.transfer import TransferOptions, sites_of_store, within_model_matrix
+from layerflow.transfer import TransferOptions, sites_of_store, store_calibration, within_model_matrix
 
 
 def main() -> None:
@@ -28,8 +28,10 @@ def main() -> None:
     saes = load_saes(args.saes)  # {hook_name: SAE}, each through sae_lens.SAE.load_from_disk
     store = ActivationStore(args.store)
     sites = sites_of_store(store, list(saes))
-    activations = store.heldout([s.hook_name for s in sites], max_tokens=512 if args.quick else args.tokens)
-    matrix = within_model_matrix(saes, activations, sites, TransferOptions(max_tokens=None))
+    hooks = [s.hook_name for s in sites]
+    activations = store.heldout(hooks, max_tokens=512 if args.quick else args.tokens)
+    calibration = store_calibration(store, hooks, max_tokens=8192)  # each site's mean and spread, on the train split
+    matrix = within_model_matrix(saes, activations, sites, calibration, TransferOptions(max_tokens=None))
     json_path, csv_path = matrix.write(args.out)
 
     relative = matrix["relative_transfer"]

@@ -36,6 +36,7 @@ TRANSCODER_TARGET = "mlp_out"
 
 # transfer
 TRANSFER_TOKENS = 8192  # held-out tokens per site
+CALIBRATION_TOKENS = 32_768  # train tokens for each site's mean and spread (the cross-site match)
 TOP_K = 50  # latents of the notes' variance ratio, Spearman and decoder similarity
 MATCH_DISTANCE = 1  # feature matching for sites at most this far apart
 CROSS_MODEL_WORDS = 20_000  # aligned words of text

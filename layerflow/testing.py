@@ -27,6 +27,7 @@ from layerflow.dictionaries.transcoders import (TopKSkipTranscoder, TopKSkipTran
 @dataclass(frozen=True)
 class PlantedLayers:
     activations: list[Float[torch.Tensor, "tokens d"]]  # one per layer, same tokens
+    train: list[Float[torch.Tensor, "train_tokens d"]]  # an independent draw of the same layers (fit the matches on it)
     dictionaries: list[Float[torch.Tensor, "features d"]]  # unit rows
     feature_ids: list[Int[torch.Tensor, " features"]]  # global id of each row; shared rows share ids
     codes: list[Float[torch.Tensor, "tokens features"]]  # the planted sparse codes (ground-truth latents)
@@ -55,12 +56,18 @@ def planted_layers(
     mean_offset: float = 0.5,
     shared_codes: bool = False,
     seed: int = 0,
+    layer_offsets: list[float] | None = None,
+    n_train: int = 4096,
 ) -> PlantedLayers:
     """Layer l keeps round(overlaps[l] * n_features) of layer 0's features (overlaps[0] must be 1).
 
     With `shared_codes`, a shared feature fires on the same tokens with the same magnitude in
     every layer that has it (information carried forward); otherwise each layer draws its own
-    codes, so any transfer is feature reuse and not persistence.
+    codes, so any transfer is feature reuse and not persistence. Every layer shares one mean
+    offset (times its gain) unless `layer_offsets` gives each layer its own: layer l's offset is
+    then a fresh random direction of norm layer_offsets[l] times the norm of its planted signal
+    (E||codes D||), so ||mean|| / E||x|| can be set as in real residual streams. `train` holds
+    `n_train` more tokens of every layer, drawn after the held-out ones.
     """
     if overlaps[0] != 1.0:
         raise ValueError("overlaps[0] must be 1: layer 0 is the reference")
@@ -71,8 +78,9 @@ def planted_layers(
     pool = pool / pool.norm(dim=-1, keepdim=True)
     offset = torch.randn(d, generator=g) * mean_offset
     n_pool = n_features + n_new_total
-    base_codes = _sparse_codes(n_tokens, n_pool, max(k, round(k * n_pool / n_features)), g)
-    acts, dicts, ids, all_codes = [], [], [], []
+    pool_k = max(k, round(k * n_pool / n_features))
+    base_codes = _sparse_codes(n_tokens, n_pool, pool_k, g)
+    acts, dicts, ids, all_codes, offsets = [], [], [], [], []
     next_new = n_features
     for layer, (o, gain) in enumerate(zip(overlaps, gains)):
         keep = round(o * n_features)
@@ -82,12 +90,23 @@ def planted_layers(
         feature_ids = torch.cat([kept, fresh])
         dictionary = pool[feature_ids]
         codes = base_codes[:, feature_ids] if shared_codes else _sparse_codes(n_tokens, n_features, k, g)
-        x = gain * (codes @ dictionary + offset + noise * torch.randn(n_tokens, d, generator=g))
+        layer_offset = offset
+        if layer_offsets is not None:
+            direction = torch.randn(d, generator=g)
+            signal = (codes @ dictionary).norm(dim=-1).mean()
+            layer_offset = direction / direction.norm() * layer_offsets[layer] * signal
+        x = gain * (codes @ dictionary + layer_offset + noise * torch.randn(n_tokens, d, generator=g))
         acts.append(x)
         dicts.append(dictionary)
         ids.append(feature_ids)
         all_codes.append(codes)
-    return PlantedLayers(acts, dicts, ids, all_codes, list(gains), k)
+        offsets.append(layer_offset)
+    train_base = _sparse_codes(n_train, n_pool, pool_k, g)
+    train = []
+    for layer, gain in enumerate(gains):
+        codes = train_base[:, ids[layer]] if shared_codes else _sparse_codes(n_train, n_features, k, g)
+        train.append(gain * (codes @ dicts[layer] + offsets[layer] + noise * torch.randn(n_train, d, generator=g)))
+    return PlantedLayers(acts, train, dicts, ids, all_codes, list(gains), k)
 
 
 def _sparse_codes(n_tokens: int, n_features: int, k: int, g: torch.Generator) -> torch.Tensor:
@@ -138,6 +157,8 @@ class PlantedMaps:
 
     inputs: list[Float[torch.Tensor, "tokens d_in"]]
     outputs: list[Float[torch.Tensor, "tokens d_out"]]
+    train_inputs: list[Float[torch.Tensor, "train_tokens d_in"]]  # an independent draw (fit the matches on it)
+    train_outputs: list[Float[torch.Tensor, "train_tokens d_out"]]
     maps: list[int]  # the map of each layer
     in_features: list[Float[torch.Tensor, "features d_in"]]  # per map
     in_offsets: list[Float[torch.Tensor, " d_in"]]
@@ -162,6 +183,7 @@ def planted_maps(
     mean_offset: float = 1.0,
     shared_codes: bool = False,
     seed: int = 0,
+    n_train: int = 2048,
 ) -> PlantedMaps:
     """Layer l computes planted map number maps[l]. Each layer draws its own codes (tokens), so a
     transcoder transfers only by computing the same map; with `shared_codes` every layer sees the same
@@ -181,7 +203,14 @@ def planted_maps(
         inputs.append(gi * (c @ E[m] + off_in[m] + noise * torch.randn(n_tokens, d_in, generator=g)))
         outputs.append(go * (c @ D[m] + off_out[m]))
         codes.append(c)
-    return PlantedMaps(inputs, outputs, list(maps), E, off_in, D, off_out, codes, list(in_gains), list(out_gains), k)
+    shared = _sparse_codes(n_train, n_features, k, g)
+    train_inputs, train_outputs = [], []
+    for m, gi, go in zip(maps, in_gains, out_gains):
+        c = shared if shared_codes else _sparse_codes(n_train, n_features, k, g)
+        train_inputs.append(gi * (c @ E[m] + off_in[m] + noise * torch.randn(n_train, d_in, generator=g)))
+        train_outputs.append(go * (c @ D[m] + off_out[m]))
+    return PlantedMaps(inputs, outputs, train_inputs, train_outputs, list(maps), E, off_in, D, off_out, codes,
+                       list(in_gains), list(out_gains), k)
 
 
 def true_transcoder(planted: PlantedMaps, layer: int, architecture: str = "jumprelu", skip: bool = False,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from layerflow.models.sites import site_at as SiteId
-from layerflow.transfer import LinearCoder, SparseLatents, TransferOptions, fused_encode, within_model_matrix
+from layerflow.transfer import Calibration, LinearCoder, SparseLatents, TransferOptions, fused_encode, within_model_matrix
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                 reason="no C compiler: layerflow uses torch ops instead")
@@ -139,10 +139,10 @@ def test_transfer_matrix_is_the_same_with_and_without_the_c_kernels():
     saes, acts, sites = _topk_and_jumprelu_saes(d=48, d_sae=160, n=3)
     assert all(LinearCoder.from_sae(sae) is not None for sae in saes.values())
     options = TransferOptions(max_tokens=None, batch_tokens=256, match_distance=0)
-    fused = within_model_matrix(saes, acts, sites, options)
+    fused = within_model_matrix(saes, acts, sites, Calibration.of(acts), options)
     with fused_encode.disabled():
         assert not fused_encode.available()
-        plain = within_model_matrix(saes, acts, sites, options)
+        plain = within_model_matrix(saes, acts, sites, Calibration.of(acts), options)
     for name, values in plain.metrics.items():
         torch.testing.assert_close(torch.tensor(fused[name]), torch.tensor(values), rtol=1e-5, atol=1e-6,
                                    equal_nan=True, msg=name)

@@ -18,7 +18,7 @@ from layerflow.metrics import reconstruction_metrics
 from layerflow.models.sites import SiteKind
 from layerflow.models.sites import site_at as SiteId
 from layerflow.testing import planted_maps, true_transcoder
-from layerflow.transfer import (LinearCoder, TransferMatrix, TransferOptions, transcoder_matrix, transfer_run,
+from layerflow.transfer import (Calibration, LinearCoder, TransferMatrix, TransferOptions, transcoder_matrix, transfer_run,
                                 within_model_matrix)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,7 +40,13 @@ def _matrix(planted, arch="jumprelu", skip=False, options=NO_MATCH, transcoders=
                                                           hook_name_out=_out(i)) for i in range(n)}
     acts = {**{_in(i): planted.inputs[i] for i in range(n)}, **{_out(i): planted.outputs[i] for i in range(n)}}
     sites = [SiteId("planted", _in(i), i, n, "mlp_in") for i in range(n)]
-    return transcoder_matrix(transcoders, acts, sites, options), transcoders
+    return transcoder_matrix(transcoders, acts, sites, _calibration(planted), options), transcoders
+
+
+def _calibration(planted):
+    n = len(planted.inputs)
+    return Calibration.of({**{_in(i): planted.train_inputs[i] for i in range(n)},
+                           **{_out(i): planted.train_outputs[i] for i in range(n)}})
 
 
 def _ev(y, y_hat):  # ratio of totals, variance around the target's own mean
@@ -98,6 +104,8 @@ def test_scale_matching_undoes_planted_norm_growth():
     t1 = true_transcoder(grown, 0, "jumprelu", hook_name=_in(1), hook_name_out=_out(1))
     assert torch.allclose(grown.inputs[0], 0.25 * base.inputs[0], atol=1e-6)
     planted = replace(base, inputs=[base.inputs[0], grown.inputs[0]], outputs=[base.outputs[0], grown.outputs[0]],
+                      train_inputs=[base.train_inputs[0], grown.train_inputs[0]],
+                      train_outputs=[base.train_outputs[0], grown.train_outputs[0]],
                       maps=[0, 0], codes=base.codes * 2, in_gains=[1.0, 0.25], out_gains=[1.0, 3.0])
     m, _ = _matrix(planted, transcoders={_in(0): t0, _in(1): t1})
     own = np.diag(m["explained_variance"])
@@ -142,23 +150,31 @@ def test_metrics_equal_saelens_forward(arch, skip):
         np.testing.assert_allclose(np.diag(m[name]), value, atol=1e-5, err_msg=name)
 
     norm = lambda a: a.norm(dim=-1).double().mean()  # noqa: E731
+    mean = lambda a: a.double().mean(0)  # noqa: E731
+    spread = lambda a: (a.double() - mean(a)).pow(2).sum(-1).mean().sqrt()  # noqa: E731
+    tx, ty = planted.train_inputs, planted.train_outputs  # the match is fit on the train split only
     for s, t in [(0, 1), (1, 0), (2, 1), (0, 2)]:
         rho_in, rho_out = norm(x[s]) / norm(x[t]), norm(y[s]) / norm(y[t])
         scaled = forward(s, (rho_in * x[t].double()).float()) / rho_out.item()
+        into = (x[t].double() - mean(tx[t])) * spread(tx[s]) / spread(tx[t]) + mean(tx[s])
+        matched = (forward(s, into.float()).double() - mean(ty[s])) * spread(ty[t]) / spread(ty[s]) + mean(ty[t])
         own_t = _ev(y[t], forward(t, x[t]))
         ys_c, yt_c = y[s].double() - y[s].double().mean(0), y[t].double() - y[t].double().mean(0)
         a = (ys_c * yt_c).sum() / ys_c.pow(2).sum()
-        carried = y[t].double().mean(0) + a * (forward(s, x[s]).double() - y[s].double().mean(0))
+        ts_c, tt_c = ty[s].double() - mean(ty[s]), ty[t].double() - mean(ty[t])
+        a_train = (ts_c * tt_c).sum() / ts_c.pow(2).sum()
+        carried = mean(ty[t]) + a_train * (forward(s, x[s]).double() - mean(ty[s]))
         expected = {
             "explained_variance_raw": _ev(y[t], forward(s, x[t])),
-            "explained_variance": _ev(y[t], scaled),
-            "relative_transfer": _ev(y[t], scaled) / own_t,
+            "explained_variance_scale_only": _ev(y[t], scaled),
+            "explained_variance": _ev(y[t], matched),
+            "relative_transfer": _ev(y[t], matched) / own_t,
             "persistence_ev_identity": _ev(y[t], y[s]),
             "persistence_ev_scalar": _ev(y[t], y[t].double().mean(0) + a * ys_c),
-            "persistence_ev_through_source_transcoder": _ev(y[t], carried),
+            "persistence_ev_through_source": _ev(y[t], carried),
             "transfer_recon_ratio": (y[s] - forward(s, x[s])).pow(2).sum(-1).mean().item()
             / (y[t] - forward(s, x[t])).pow(2).sum(-1).mean().item(),
-            "l0": (transcoders[_in(s)].encode((rho_in * x[t].double()).float()) != 0).double().sum(-1).mean().item(),
+            "l0": (transcoders[_in(s)].encode(into.float()) != 0).double().sum(-1).mean().item(),
         }
         for name, value in expected.items():
             assert m[name][s, t] == pytest.approx(value, rel=1e-4, abs=1e-4), (name, s, t)
@@ -190,16 +206,17 @@ def test_bad_transcoder_inputs_are_named():
     transcoders = {_in(i): true_transcoder(planted, i, hook_name=_in(i), hook_name_out=_out(i)) for i in range(2)}
     sites = [SiteId("planted", _in(i), i, 2, "mlp_in") for i in range(2)]
     acts = {_in(0): planted.inputs[0], _in(1): planted.inputs[1], _out(0): planted.outputs[0]}
+    calibration = _calibration(planted)
     with pytest.raises(LayerflowError, match="No held-out activations for 'blocks.1.hook_mlp_out'"):
-        transcoder_matrix(transcoders, acts, sites)
+        transcoder_matrix(transcoders, acts, sites, calibration)
     acts[_out(1)] = planted.inputs[1]  # d_in wide, not d_out
     with pytest.raises(LayerflowError, match="d_out 40, but the activations of 'blocks.1.hook_mlp_out' have width 48"):
-        transcoder_matrix(transcoders, acts, sites)
+        transcoder_matrix(transcoders, acts, sites, calibration)
     with pytest.raises(LayerflowError, match="'blocks.0.mlp.hook_in' is a transcoder: use transcoder_matrix"):
-        within_model_matrix(transcoders, acts, sites)  # it would score the prediction against the input
+        within_model_matrix(transcoders, acts, sites, calibration)  # it would score the prediction against the input
     transcoders[_in(1)].cfg.metadata.hook_name_out = None
     with pytest.raises(LayerflowError, match="no cfg.metadata.hook_name_out"):
-        transcoder_matrix(transcoders, acts, sites)
+        transcoder_matrix(transcoders, acts, sites, calibration)
 
 
 # ---------------------------------------------------------------- a real (tiny) capture, end to end
@@ -254,13 +271,12 @@ def test_transfer_run_on_saved_transcoder_folders(tiny_transcoders, tmp_path):
         assert matrix["l0"][i, i] == pytest.approx(own.l0, rel=1e-6)
     assert type(SAE.load_from_disk(root / "transcoders" / "layer0")) is tc.TopKSkipTranscoder
     assert np.isfinite(matrix["relative_transfer"]).all() and np.isfinite(matrix["decoder_matched_fraction"][0, 1])
-    assert np.isnan(matrix.metrics.get("persistence_ev_through_target_sae", np.full((2, 2), np.nan))).all()
     assert [p.name for p in written][-1] == "transfer_matrix.json"
     assert TransferMatrix.read(tmp_path).equals(matrix)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["summaries"]) >= {"relative_transfer", "transfer_beyond_persistence"}
     docs = json.loads((tmp_path / "transfer_matrix.json").read_text())["metric_docs"]
-    assert "persistence_ev_through_source_transcoder" in docs
+    assert "persistence_ev_through_source" in docs
 
 
 def test_cli_transfer_on_transcoders(tiny_transcoders, tmp_path):

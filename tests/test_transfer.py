@@ -1,6 +1,7 @@
 """Within-model transfer: planted ground truth, independent recomputation, files, runs and the CLI."""
 
 import csv
+import dataclasses
 import io
 import json
 
@@ -18,7 +19,7 @@ from layerflow.evaluate import read_eval_results
 from layerflow.models.sites import site_at as SiteId
 from layerflow.testing import planted_layers, true_sae
 from layerflow.train import LayerSchedule, TrainConfig, train
-from layerflow.transfer import LinearCoder, TransferMatrix, TransferOptions, transfer_run, within_model_matrix
+from layerflow.transfer import Calibration, LinearCoder, TransferMatrix, TransferOptions, transfer_run, within_model_matrix
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,7 +36,8 @@ def _planted_matrix(planted, arch="jumprelu", options=NO_MATCH, saes=None):
     saes = saes or {_hook(i): true_sae(planted, i, arch) for i in range(n)}
     acts = {_hook(i): planted.activations[i] for i in range(n)}
     sites = [SiteId("planted", _hook(i), i, n) for i in range(n)]
-    return within_model_matrix(saes, acts, sites, options), saes
+    calibration = Calibration.of({_hook(i): planted.train[i] for i in range(n)})
+    return within_model_matrix(saes, acts, sites, calibration, options), saes
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,61 @@ def test_carried_forward_residual_is_persistence_not_feature_reuse():
     assert m_reused["transfer_beyond_persistence"][0, 1] > 0.9
 
 
+def _mean_ratio(x):
+    return (x.mean(0).norm() / x.norm(dim=-1).mean()).item()
+
+
+def test_per_layer_means_no_longer_read_as_lost_features():
+    # Four layers with the same features, each with its own mean offset (||mean|| / E||x|| about
+    # 0.75, as in SmolLM2's residual stream) and its own norm. Every pair shares every feature, so
+    # every pair should transfer fully, the far pair (0, 3) included.
+    same = planted_layers([1.0] * 4, [1.0, 3.0, 0.5, 8.0], layer_offsets=[1.2, 1.0, 1.4, 1.1], seed=5)
+    assert all(0.65 < _mean_ratio(x) < 0.85 for x in same.activations)
+    m, _ = _planted_matrix(same)
+    off = ~np.eye(4, dtype=bool)
+    assert m["relative_transfer"][off].min() > 0.97
+    assert m["relative_transfer"][0, 3] > 0.97 and m["relative_transfer"][3, 0] > 0.97
+    # Matching the norm alone hands SAE_i the wrong mean and charges the offset as error.
+    assert m["relative_transfer_scale_only"][off].max() < 0.5
+    assert m["relative_transfer_scale_only"][0, 3] < 0
+
+
+def test_ranking_follows_planted_overlap_not_distance():
+    # Overlap with layer 0 is 0.25 next door and 1.0 two layers away: a metric that only tracked
+    # |i - j| (as norm and mean drift do) would rank them the other way.
+    planted = planted_layers([1.0, 0.25, 1.0, 0.5, 0.75], [1.0, 2.0, 4.0, 6.0, 9.0],
+                             layer_offsets=[1.2, 0.9, 1.3, 1.0, 1.1], seed=6)
+    m, _ = _planted_matrix(planted)
+    pairs = [(i, j) for i in range(5) for j in range(5) if i != j]
+    truth = [planted.overlap(i, j) for i, j in pairs]
+    distance = [-abs(i - j) for i, j in pairs]
+    assert spearmanr(truth, distance).statistic < 0.3  # the planted ranking is not one of distance
+    assert spearmanr(truth, [m["relative_transfer"][p] for p in pairs]).statistic > 0.9
+    assert spearmanr(truth, [m["relative_transfer_scale_only"][p] for p in pairs]).statistic < 0.6
+    assert m["relative_transfer"][0, 2] > 0.95 > 0.5 > m["relative_transfer"][0, 1]
+
+
+def test_a_copy_plus_a_constant_is_all_persistence_whichever_sae_is_better():
+    # Layer 1 = layer 0 + a constant, token for token. SAE_1 is a worse dictionary than SAE_0
+    # (a fifth of its decoder is noise), so EV_00 != EV_11; transfer beyond persistence must still
+    # be 0 both ways: the two sides go through the same dictionary and differ only in the input.
+    base = planted_layers([1.0], seed=7)
+    shift = torch.randn(base.activations[0].shape[1], generator=torch.Generator().manual_seed(1)) * 3
+    copy = dataclasses.replace(base, activations=[base.activations[0], base.activations[0] + shift],
+                               train=[base.train[0], base.train[0] + shift],
+                               dictionaries=base.dictionaries * 2, feature_ids=base.feature_ids * 2,
+                               codes=base.codes * 2, gains=[1.0, 1.0])
+    good, worse = true_sae(copy, 0), true_sae(copy, 1)
+    with torch.no_grad():
+        rows = torch.arange(0, worse.cfg.d_sae, 5)
+        worse.W_dec[rows] = torch.randn(len(rows), worse.cfg.d_in, generator=torch.Generator().manual_seed(2)) * 0.03
+    m, _ = _planted_matrix(copy, saes={_hook(0): good, _hook(1): worse})
+    own = np.diag(m["explained_variance"])
+    assert own[0] - own[1] > 0.05  # the old baseline (through the target's SAE) gave EV_00 / EV_11 - 1 here
+    assert abs(m["transfer_beyond_persistence"][0, 1]) < 1e-4 and abs(m["transfer_beyond_persistence"][1, 0]) < 1e-4
+    assert m["relative_transfer"][0, 1] > 1.05  # SAE_0 beats SAE_1 on layer 1: transfer, but all persistence
+
+
 def test_metrics_equal_an_independent_computation(planted):
     m, saes = _planted_matrix(planted)
     x = [a.double() for a in planted.activations]
@@ -80,24 +137,34 @@ def test_metrics_equal_an_independent_computation(planted):
     def ev(a, a_hat):  # ratio of totals, variance around the mean
         return 1 - (a - a_hat).pow(2).sum() / (a - a.mean(0)).pow(2).sum()
 
+    train = [a.double() for a in planted.train]
     for s, t in [(0, 1), (2, 0), (3, 3), (1, 2)]:
         sae = saes[_hook(s)]
         rho = x[s].norm(dim=-1).mean() / x[t].norm(dim=-1).mean()
+        mu_s, mu_t = train[s].mean(0), train[t].mean(0)  # the match is fit on the train split only
+        spread = lambda a: (a - a.mean(0)).pow(2).sum(-1).mean().sqrt()  # noqa: E731
+        alpha = spread(train[s]) / spread(train[t])
+        matched = (recon(sae, (x[t] - mu_t) * alpha + mu_s) - mu_s) / alpha + mu_t
         own = ev(x[t], recon(saes[_hook(t)], x[t]))
         mse = lambda a, b: (a - b).pow(2).sum(-1).mean()  # noqa: E731
         expected = {
             "transfer_recon_ratio": mse(x[s], recon(sae, x[s])) / mse(x[t], recon(sae, x[t])),
             "explained_variance_raw": ev(x[t], recon(sae, x[t])),
-            "explained_variance": ev(x[t], recon(sae, rho * x[t]) / rho),
-            "relative_transfer": ev(x[t], recon(sae, rho * x[t]) / rho) / own,
+            "explained_variance_scale_only": ev(x[t], recon(sae, rho * x[t]) / rho),
+            "relative_transfer_scale_only": ev(x[t], recon(sae, rho * x[t]) / rho) / own,
+            "explained_variance": ev(x[t], matched),
+            "relative_transfer": ev(x[t], matched) / own,
             "persistence_ev_identity": ev(x[t], x[s]),
         }
         xs_c, xt_c = x[s] - x[s].mean(0), x[t] - x[t].mean(0)
         a = (xs_c * xt_c).sum() / xs_c.pow(2).sum()
-        scalar_prediction = x[t].mean(0) + a * xs_c
-        expected["persistence_ev_scalar"] = ev(x[t], scalar_prediction)
-        expected["persistence_ev_through_target_sae"] = ev(x[t], recon(saes[_hook(t)], scalar_prediction))
-        expected["l0"] = (saes[_hook(s)].encode((rho * x[t]).float()) != 0).double().sum(-1).mean()
+        expected["persistence_ev_scalar"] = ev(x[t], x[t].mean(0) + a * xs_c)
+        ts_c, tt_c = train[s] - mu_s, train[t] - mu_t
+        a_train = (ts_c * tt_c).sum() / ts_c.pow(2).sum()
+        carried = mu_t + a_train * (recon(sae, x[s]) - mu_s)  # SAE_i on its own layer, carried to j
+        expected["persistence_ev_through_source"] = ev(x[t], carried)
+        expected["transfer_beyond_persistence"] = (ev(x[t], matched) - ev(x[t], carried)) / own
+        expected["l0"] = (sae.encode(((x[t] - mu_t) * alpha + mu_s).float()) != 0).double().sum(-1).mean()
         for name, value in expected.items():
             assert m[name][s, t] == pytest.approx(value.item(), rel=1e-4, abs=1e-5), (name, s, t)
 
@@ -109,9 +176,10 @@ def test_diagonal_is_each_sae_on_its_own_layer(planted):
     for i in range(4):
         x = planted.activations[i]
         own = reconstruction_metrics(x, saes[_hook(i)](x))
-        assert m["explained_variance"][i, i] == pytest.approx(own.explained_variance, abs=1e-6)
-        assert m["explained_variance_raw"][i, i] == pytest.approx(own.explained_variance, abs=1e-6)
-    for name, value in [("relative_transfer", 1.0), ("transfer_recon_ratio", 1.0), ("delta_fvu", 0.0),
+        for name in ("explained_variance", "explained_variance_raw", "explained_variance_scale_only"):
+            assert m[name][i, i] == pytest.approx(own.explained_variance, abs=1e-6), name
+    for name, value in [("relative_transfer", 1.0), ("relative_transfer_scale_only", 1.0), ("transfer_recon_ratio", 1.0),
+                        ("delta_fvu", 0.0),
                         ("relative_persistence", 1.0), ("transfer_beyond_persistence", 0.0),
                         ("persistence_ev_scalar", 1.0), ("persistence_ev_identity", 1.0)]:
         np.testing.assert_allclose(np.diag(m[name]), value, atol=1e-6, err_msg=name)
@@ -182,11 +250,15 @@ def test_bad_inputs_are_named(planted):
     saes = {_hook(0): true_sae(planted, 0)}
     acts = {_hook(0): planted.activations[0], _hook(1): planted.activations[1][:10]}
     sites = [SiteId("planted", _hook(i), i, 2) for i in range(2)]
+    calibration = Calibration.of({_hook(i): planted.train[i] for i in range(2)})
     with pytest.raises(LayerflowError, match="No SAE for site 'blocks.1.hook_resid_post'"):
-        within_model_matrix(saes, acts, sites)
+        within_model_matrix(saes, acts, sites, calibration)
     saes[_hook(1)] = true_sae(planted, 1)
     with pytest.raises(LayerflowError, match="same tokens"):
-        within_model_matrix(saes, acts, sites)
+        within_model_matrix(saes, acts, sites, calibration)
+    acts[_hook(1)] = planted.activations[1]
+    with pytest.raises(LayerflowError, match="No train-split statistics for 'blocks.1.hook_resid_post'"):
+        within_model_matrix(saes, acts, sites, Calibration.of({_hook(0): planted.train[0]}))
     with pytest.raises(LayerflowError, match="'nope' is not a within_model metric"):
         TransferMatrix("within_model", sites, sites, {"nope": np.zeros((2, 2))})
 

@@ -1,7 +1,8 @@
 """Transfer: how well a dictionary trained at one site explains another site, of the same model or another.
 
-    within.py        the within-model matrix: one pair loop for SAEs and transcoders (scale-matched
-                     explained variance, persistence baselines, the notes' metrics, feature matching)
+    calibration.py   how a dictionary meets another site: each site's train-split mean and spread
+    within.py        the within-model matrix: one pair loop for SAEs and transcoders (mean-and-spread
+                     matched explained variance, persistence baselines, the notes' metrics, feature matching)
     coder.py         a dictionary as affine maps: one encoder matmul for several encodings of a pair
     fused_encode.py  the C kernel that selects those encodings (+ fused_encode.c), torch where absent
     matrix.py        typed results: one pair's metrics (each with its definition) and the matrix on disk
@@ -13,15 +14,16 @@
 """
 
 from layerflow.transfer.align import AlignedActivations, align_words, capture_aligned
+from layerflow.transfer.calibration import Calibration, SiteMatch
 from layerflow.transfer.coder import LinearCoder, SparseLatents, dense_latents
 from layerflow.transfer.cross_model import compare_same_depth, cross_model_matrix, same_depth_pairs
 from layerflow.transfer.matrix import CrossModelPair, TransferMatrix, WithinModelPair, metric_docs, metric_names
-from layerflow.transfer.runs import cross_model_runs, sites_of_store, transfer_run, write_transfer
+from layerflow.transfer.runs import cross_model_runs, sites_of_store, store_calibration, transfer_run, write_transfer
 from layerflow.transfer.summary import BANDS, TransferSummary, band, summarize
 from layerflow.transfer.within import TransferOptions, transcoder_matrix, within_model_matrix
 
-__all__ = ["AlignedActivations", "BANDS", "CrossModelPair", "LinearCoder", "SparseLatents", "TransferMatrix",
+__all__ = ["AlignedActivations", "BANDS", "Calibration", "CrossModelPair", "LinearCoder", "SparseLatents", "TransferMatrix",
            "TransferOptions", "TransferSummary", "WithinModelPair", "align_words", "band", "capture_aligned",
            "compare_same_depth", "cross_model_matrix", "cross_model_runs", "dense_latents", "metric_docs",
-           "metric_names", "same_depth_pairs", "sites_of_store", "summarize", "transcoder_matrix", "transfer_run",
+           "metric_names", "same_depth_pairs", "SiteMatch", "sites_of_store", "store_calibration", "summarize", "transcoder_matrix", "transfer_run",
            "within_model_matrix", "write_transfer"]

@@ -5,7 +5,7 @@ measures and which direction is better. `TransferMatrix` holds one [sources, tar
 metric plus the identity of every site, and round-trips exactly through JSON (schema below) and
 to a long-format CSV (one row per pair).
 
-JSON schema (`schema_version` 1):
+JSON schema (`schema_version` 2; version 1 matched the norm only, and is refused):
 
     {"schema": "layerflow.transfer_matrix", "schema_version": 1,
      "kind": "within_model" | "cross_model",
@@ -32,7 +32,7 @@ from layerflow.files import MATRIX_JSON, atomic_write_text, write_json
 from layerflow.models.sites import Site
 
 SCHEMA = "layerflow.transfer_matrix"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: explained_variance / relative_transfer match the mean and spread (1: the norm only)
 SITE_KEYS = ("model", "hook_name", "layer", "n_layers", "kind")  # a source or target site in the JSON
 
 
@@ -57,34 +57,36 @@ class WithinModelPair:
         "Notes: Spearman rank correlation between the top-k latents' variances on i and on j. Higher = the same features dominate.")
     decoder_similarity: float = _metric(
         "Mean, over SAE_i's top-k latents (by variance on i), of the best cosine between its decoder direction and any of SAE_j's. The notes left this undefined; this is layerflow's definition.")
-    # Scale-aware metrics: explained variance at the target, with the target's own mean.
+    # Explained variance at the target, with the target's own mean.
     explained_variance_raw: float = _metric(
         "EV of SAE_i applied to layer j's raw activations: 1 - E||x_j - x_hat||^2 / E||x_j - mean_j||^2. Higher is better.")
+    explained_variance_scale_only: float = _metric(
+        "EV of SAE_i on layer j, norm matched only: x_j times E||x_i|| / E||x_j|| before encoding, the reconstruction divided by it. The primary figure before schema 2; it hands SAE_i the wrong mean and charges the offset as error, so it reads far pairs as unrelated when their means differ.")
     explained_variance: float = _metric(
-        "EV of SAE_i on layer j, scale-matched: x_j is multiplied by E||x_i|| / E||x_j|| before encoding and the reconstruction divided by it. The primary transfer figure.")
+        "EV of SAE_i on layer j, mean and spread matched: x_j -> (x_j - mu_j) s_i / s_j + mu_i -> SAE_i -> mapped back by the inverse, with mu and s = sqrt(E||x - mu||^2) fit on the train split. The primary transfer figure.")
     relative_transfer_raw: float = _metric(
         "explained_variance_raw / EV(SAE_j on j): the fraction of the target's own dictionary's performance. 1 on the diagonal.")
+    relative_transfer_scale_only: float = _metric(
+        "explained_variance_scale_only / EV(SAE_j on j). For continuity with schema 1's relative_transfer.")
     relative_transfer: float = _metric(
-        "explained_variance (scale-matched) / EV(SAE_j on j). 1 on the diagonal; may exceed 1.")
+        "explained_variance (mean and spread matched) / EV(SAE_j on j). The primary figure: 1 on the diagonal; may exceed 1.")
     delta_fvu: float = _metric(
-        "FVU(SAE_i on j, scale-matched) - FVU(SAE_j on j). 0 on the diagonal; lower is better.")
-    # Persistence: how much of layer j is layer i carried forward, with no dictionary at all.
+        "FVU(SAE_i on j, matched) - FVU(SAE_j on j). 0 on the diagonal; lower is better.")
+    # Persistence: how much of layer j is layer i carried forward.
     persistence_ev_identity: float = _metric(
-        "EV of x_i as a prediction of x_j (identity map): 1 - E||x_j - x_i||^2 / Var_j. Negative when norms differ.")
+        "EV of x_i as a prediction of x_j (identity map): 1 - E||x_j - x_i||^2 / Var_j. Negative when norms differ. No dictionary.")
     persistence_ev_scalar: float = _metric(
-        "EV of the best least-squares scalar map mean_j + a (x_i - mean_i), fit on the same held-out tokens (one parameter plus means).")
-    persistence_ev_through_target_sae: float = _metric(
-        "EV on x_j of SAE_j applied to the scalar persistence prediction: persistence passed through the same lossy dictionary that relative transfer is measured against.")
-    persistence_ev_through_source_transcoder: float = _metric(
-        "Transcoder matrices only (for them the persistence metrics compare MLP outputs y_i, y_j): EV on y_j of the scalar persistence map y_i -> y_j applied to T_i's own prediction on layer i, mean_j + a (T_i(x_in_i) - mean_i). Layer i's output as T_i predicts it, carried to layer j; equals EV(T_j on j) on the diagonal.")
+        "EV of the best least-squares scalar map mean_j + a (x_i - mean_i), fit on the same held-out tokens (a descriptive r^2; no dictionary).")
+    persistence_ev_through_source: float = _metric(
+        "The like-for-like baseline: EV on x_j of dictionary i's own output on layer i, carried to j by the scalar map fit on the train split, mu_j + a (D_i(x_i) - mu_i). It goes through the same dictionary and statistics as explained_variance and differs only in the input (layer i itself, not layer j read in i's units). Transcoders: the output sites y_i, y_j and T_i(x_in_i).")
     relative_persistence: float = _metric(
-        "persistence_ev_through_target_sae / EV(SAE_j on j) (transcoders: persistence_ev_through_source_transcoder / EV(T_j on j)). 1 on the diagonal.")
+        "persistence_ev_through_source / EV(D_j on j). 1 on the diagonal.")
     transfer_beyond_persistence: float = _metric(
-        "relative_transfer - relative_persistence: how much better SAE_i explains j than layer i's activations, carried forward through SAE_j, do. 0 on the diagonal; > 0 = feature reuse beyond persistence.")
+        "relative_transfer - relative_persistence: how much better dictionary i explains layer j when it reads layer j than when layer i's own content is carried forward. 0 on the diagonal and for a layer that is a copy (plus a constant) of another; > 0 = feature reuse beyond persistence.")
     # The source SAE's behaviour on the target (scale-matched).
-    l0: float = _metric("Mean active latents per token of SAE_i on layer j (scale-matched).")
-    dead_fraction: float = _metric("Fraction of SAE_i's latents that never fire on layer j (scale-matched).")
-    l2_ratio: float = _metric("Mean ||x_hat|| / ||x_j|| of SAE_i on layer j (scale-matched). 1 = no shrinkage.")
+    l0: float = _metric("Mean active latents per token of SAE_i on layer j (matched).")
+    dead_fraction: float = _metric("Fraction of SAE_i's latents that never fire on layer j (matched).")
+    l2_ratio: float = _metric("Mean ||x_hat|| / ||x_j|| of SAE_i on layer j (matched). 1 = no shrinkage.")
     # Feature-level agreement between the two dictionaries.
     decoder_top1_cosine_mean: float = _metric(
         "Mean over all of SAE_i's latents of the best decoder cosine with any of SAE_j's latents.")
@@ -94,7 +96,7 @@ class WithinModelPair:
     activation_matched_fraction: float = _metric(
         "Hungarian matching on activation correlation over the shared held-out tokens: fraction of SAE_i's live latents whose partner's correlation beats the null (tokens permuted). Within the matching distance, else null.")
     # Optional: the source SAE spliced into the model at the target site.
-    spliced_delta_ce: float = _metric("CE (nats) with SAE_i's scale-matched reconstruction spliced in at site j, minus clean CE. Optional.")
+    spliced_delta_ce: float = _metric("CE (nats) with SAE_i's matched reconstruction spliced in at site j, minus clean CE. Optional.")
     spliced_kl: float = _metric("Mean KL(clean || spliced) with SAE_i spliced in at site j. Optional.")
 
 
@@ -180,8 +182,10 @@ class TransferMatrix:
         if data.get("schema") != SCHEMA:
             raise LayerflowError(f"Not a layerflow transfer matrix (schema {data.get('schema')!r}, expected {SCHEMA!r}).")
         if data.get("schema_version") != SCHEMA_VERSION:
-            raise LayerflowError(f"Transfer matrix schema version {data.get('schema_version')} is not supported "
-                                 f"(this layerflow reads version {SCHEMA_VERSION}).")
+            old = " (version 1 matched the norm but not the mean)" if data.get("schema_version") == 1 else ""
+            raise LayerflowError(f"Transfer matrix schema version {data.get('schema_version')} is not supported{old}: "
+                                 f"this layerflow reads version {SCHEMA_VERSION}. Recompute it with `layerflow transfer` "
+                                 f"(or rerun `layerflow run`).")
         metrics = {n: np.array([[np.nan if v is None else v for v in row] for row in m], dtype=np.float64)
                    for n, m in data["metrics"].items()}
         return cls(data["kind"], [Site.from_dict(s) for s in data["sources"]], [Site.from_dict(s) for s in data["targets"]],

@@ -15,17 +15,18 @@ import torch
 from sae_lens import SAE
 
 from layerflow import defaults
-from layerflow.capture.store import ActivationStore
+from layerflow.capture.store import ActivationStore, read_tensor
 from layerflow.data.tokens import iter_documents
 from layerflow.dictionaries.io import load_saes
 from layerflow.dictionaries.kinds import is_transcoder, output_hook
 from layerflow.errors import LayerflowError
 from layerflow.evaluate.splice import splice_start, spliced_metrics
-from layerflow.files import (DEPTH_FILE, MATCHED_FILE, SUMMARY_FILE, TRANSFER_DIR, cross_dir_name, json_safe, run_store,
-                             write_json)
+from layerflow.files import (DEPTH_FILE, MATCHED_FILE, SUMMARY_FILE, TOKENS_KEY, TRANSFER_DIR, cross_dir_name, json_safe,
+                             run_store, write_json)
 from layerflow.models.load import LoadedModel, load_model
 from layerflow.models.sites import Site, parse_hook_name
 from layerflow.transfer.align import capture_aligned
+from layerflow.transfer.calibration import Calibration, SiteMatch
 from layerflow.transfer.cross_model import compare_same_depth, cross_model_matrix
 from layerflow.transfer.matrix import TransferMatrix
 from layerflow.transfer.summary import summarize
@@ -69,13 +70,15 @@ def transfer_run(
                              f"in the capture at '{activation_store.root}' "
                              f"(captured: {', '.join(activation_store.hook_names)}).")
     sites = sites_of_store(activation_store, list(saes))
-    activations = activation_store.heldout(list(dict.fromkeys(h for s in sites for h in needed[s.hook_name])),
-                                           options.max_tokens, options.exclude_special_tokens)
+    hooks_needed = list(dict.fromkeys(h for s in sites for h in needed[s.hook_name]))
+    activations = activation_store.heldout(hooks_needed, options.max_tokens, options.exclude_special_tokens)
+    calibration = store_calibration(activation_store, hooks_needed, options.calibration_tokens,
+                                    options.exclude_special_tokens)
     compute = transcoder_matrix if transcoders else within_model_matrix
-    matrix = compute(saes, activations, sites, options, progress)
+    matrix = compute(saes, activations, sites, calibration, options, progress)
     if options.spliced:
         loaded = loaded or load_model(activation_store.manifest.model["name"])
-        _add_spliced(matrix, saes, activation_store, loaded, options)
+        _add_spliced(matrix, saes, activation_store, loaded, calibration, options)
     matrix.settings["store"] = str(activation_store.root.resolve())
     matrix.settings["saes"] = str(run.resolve())
     return matrix, write_transfer(matrix, Path(out_dir) if out_dir else run / TRANSFER_DIR)
@@ -92,33 +95,56 @@ def _folder_of_transcoders(saes: dict[str, SAE], folder: Path) -> bool:
     return any(kinds.values())
 
 
-class _ScaleMatched:
-    """SAE_i read at site j in scale-matched units: encode(x rho), decode(.) / rho."""
+def store_calibration(store: ActivationStore, hooks: list[str], max_tokens: int | None,
+                      exclude_special_tokens: bool = True) -> Calibration:
+    """Each hook's mean and spread (and their cross moments) on the first `max_tokens` train tokens
+    of `store`, special positions left out: the statistics every cross-site match uses."""
+    shards = store.shards("train")
+    if not shards:
+        raise LayerflowError(f"The capture at '{store.root}' has no train split: the sites' means and spreads are "
+                             "fit on it (capture with --holdout < 1).")
+    specials = torch.tensor(store.manifest.special_token_ids if exclude_special_tokens else [], dtype=torch.long)
 
-    def __init__(self, sae: SAE, rho: float):
-        self.sae, self.rho, self.device, self.dtype = sae, rho, sae.device, sae.dtype
+    def chunks():
+        left = max_tokens if max_tokens is not None else float("inf")
+        for shard in shards:
+            if left <= 0:
+                return
+            keep = ~torch.isin(read_tensor(shard, TOKENS_KEY).long().reshape(-1), specials)
+            rows = keep.nonzero().squeeze(1)[:int(min(left, keep.sum()))]
+            left -= len(rows)
+            yield [read_tensor(shard, h)[rows].float() for h in hooks]
+
+    return Calibration.accumulate(hooks, chunks())
+
+
+class _Matched:
+    """SAE_i read at site j through the mean-and-spread match: encode(into source units), decode back."""
+
+    def __init__(self, sae: SAE, match: SiteMatch):
+        self.sae, self.match, self.device, self.dtype = sae, match, sae.device, sae.dtype
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.sae.encode(x * self.rho)
+        return self.sae.encode(self.match.to(x.device).to_source(x.float()).to(x.dtype))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.sae.decode(latents) / self.rho
+        out = self.sae.decode(latents)
+        return self.match.to(out.device).to_target(out.float()).to(out.dtype)
 
 
 def _add_spliced(matrix: TransferMatrix, saes: dict[str, SAE], store: ActivationStore, loaded: LoadedModel,
-                 options: TransferOptions) -> None:
+                 calibration: Calibration, options: TransferOptions) -> None:
     """spliced_delta_ce / spliced_kl: one spliced pass per source SAE, covering every target site."""
     if loaded.name != store.manifest.model["name"]:
         raise LayerflowError(f"The capture at '{store.root}' is of model '{store.manifest.model['name']}', "
                              f"but the loaded model is '{loaded.name}'.")
     tokens = store.tokens("heldout")
     specials = store.manifest.special_token_ids if options.exclude_special_tokens else []
-    norms = matrix.settings["mean_activation_norm"]
     starts = {t.hook_name: splice_start(t.layer, t.kind) for t in matrix.targets}
     delta_ce = np.full((len(matrix.sources), len(matrix.targets)), np.nan)
     kl = delta_ce.copy()
     for i, source in enumerate(matrix.sources):
-        placed = {t.hook_name: _ScaleMatched(saes[source.hook_name], norms[source.hook_name] / norms[t.hook_name])
+        placed = {t.hook_name: _Matched(saes[source.hook_name], calibration.match(source.hook_name, t.hook_name))
                   for t in matrix.targets}
         results = spliced_metrics(placed, loaded.model, tokens, starts, specials)
         for j, target in enumerate(matrix.targets):

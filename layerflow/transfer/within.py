@@ -3,25 +3,29 @@ activations of site j, for every ordered pair, in one pair loop for SAEs and tra
 
 For every ordered pair (i, j) of sites, on the same held-out tokens (special tokens left out),
 this computes every field of `matrix.WithinModelPair`:
+- explained variance at the target with the target's own mean (`metrics.ReconstructionStats`),
+  three ways: raw; mean and spread matched, the primary figure (`calibration`: x_j is read in
+  site i's units, its mean and spread fit on the train split, and the output mapped back); and
+  scale-only (x_j times E||x_i|| / E||x_j||, the figure before the mean was matched, kept for
+  continuity). relative_transfer = matched EV / EV of SAE_j on j;
+- a like-for-like persistence baseline: dictionary i on its own site i, carried to j by the
+  least-squares scalar map fit on the train split. Both sides go through the same dictionary
+  and the same statistics and differ only in the input (layer j read in i's units, or layer i
+  itself), so a layer that is a copy of another (plus a constant) gives 0 beyond persistence
+  whichever dictionary is better trained; plus two dictionary-free figures (identity, scalar map);
 - the notes' metrics (raw loss ratio both ways, feature-variance ratio, top-k Spearman, decoder
   similarity), kept for continuity;
-- explained variance at the target with the target's own mean (`metrics.ReconstructionStats`),
-  "raw" and "scale-matched": x_j times rho = E||x_i|| / E||x_j|| before encoding, the
-  reconstruction divided by rho, so SAE_i sees inputs of the size it was trained on;
-- a persistence baseline: layer i's activations as a prediction of layer j (identity, and the
-  best scalar map mean_j + a (x_i - mean_i)), and that prediction passed through SAE_j, so
-  that transfer and persistence are compared like with like (docs/transfer.md);
-- L0, dead fraction and l2 ratio of SAE_i on j; decoder and activation matching (`matching.py`).
+- L0, dead fraction and l2 ratio of SAE_i on j (matched); decoder and activation matching.
 
 Transcoders (`transcoder_matrix`; `runs.transfer_run` detects a folder of them): T_i reads layer
-j's input site and is scored on layer j's output site y_j. The pair loop is the same; the scale
-matching has an input and an output factor, and persistence compares the output sites
-(docs/transfer.md, "Transcoders"): the scalar map y_i -> y_j applied to T_i's own prediction.
+j's input site and is scored on layer j's output site y_j. The pair loop is the same; the input
+is matched with the input sites' statistics and the prediction mapped back with the output
+sites', and persistence compares the output sites (T_i's own prediction, carried y_i -> y_j).
 
 Speed. Each source's encoder matmul P = x_j W_enc is shared by its encodings of a pair: raw
-(P + c), scale-matched (rho P + c) and, for SAEs, persistence through SAE_i of the pair (j -> i)
-(a P + c'), because each is an affine function of x_j (`coder.LinearCoder`; the C kernel of
-`fused_encode` selects them together on a CPU). Decoding touches only active latents.
+(P + c), scale-only (rho P + c) and matched (alpha P + c'), because each is an affine function of
+x_j (`coder.LinearCoder`; the C kernel of `fused_encode` selects them together on a CPU).
+Decoding touches only active latents.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from layerflow.dictionaries.kinds import is_transcoder, output_hook
 from layerflow.errors import LayerflowError
 from layerflow.metrics import InputSums, ReconstructionStats
 from layerflow.models.sites import Site
+from layerflow.transfer.calibration import Calibration, SiteMatch
 from layerflow.transfer.coder import Coder, LinearCoder, dense_latents, make_coder, predict_batch, with_skip
 from layerflow.transfer.matching import decoder_top1_cosine, match_activations, match_decoders
 from layerflow.transfer.matrix import TransferMatrix
@@ -48,12 +53,13 @@ from layerflow.transfer.matrix import TransferMatrix
 @dataclass(frozen=True)
 class TransferOptions:
     max_tokens: int | None = defaults.TRANSFER_TOKENS  # held-out tokens per site (None: all)
+    calibration_tokens: int | None = defaults.CALIBRATION_TOKENS  # train tokens for each site's mean and spread
     batch_tokens: int = 2048  # tokens per encoder matmul ([2048, d_sae] buffers stay cache-friendlier than 4096)
     top_k: int = defaults.TOP_K  # latents used by the notes' variance ratio, Spearman and decoder similarity
     match_distance: int = defaults.MATCH_DISTANCE  # Hungarian matching for pairs at most this many sites apart (0 = none)
     null_quantile: float = 0.99
     exclude_special_tokens: bool = True
-    spliced: bool = False  # also splice SAE_i (scale-matched) into the model at site j: delta CE and KL
+    spliced: bool = False  # also splice SAE_i (matched) into the model at site j: delta CE and KL
     device: str = defaults.DEVICE  # where the pair kernel runs ("cuda" for large matrices); sums stay float64 on the CPU
     seed: int = defaults.SEED
 
@@ -61,14 +67,15 @@ class TransferOptions:
 @dataclass
 class _PairAccumulators:
     raw: ReconstructionStats
-    scaled: ReconstructionStats
-    persistence: ReconstructionStats  # SAEs: of the pair (target -> source), through the source's SAE
+    scale_only: ReconstructionStats
+    matched: ReconstructionStats  # the primary figure: mean and spread matched (`calibration`)
+    persistence: ReconstructionStats  # the source dictionary on its own site, carried to the target
     latent_sum: torch.Tensor  # raw mode, per latent, for the notes' variance ratio
     latent_sq_sum: torch.Tensor
 
     @classmethod
     def empty(cls, d_sae: int) -> "_PairAccumulators":
-        return cls(ReconstructionStats(), ReconstructionStats(), ReconstructionStats(),
+        return cls(ReconstructionStats(), ReconstructionStats(), ReconstructionStats(), ReconstructionStats(),
                    torch.zeros(d_sae, dtype=torch.float64), torch.zeros(d_sae, dtype=torch.float64))
 
 
@@ -77,20 +84,24 @@ def within_model_matrix(
     saes: dict[str, SAE],
     activations: dict[str, Float[torch.Tensor, "tokens d"]],
     sites: list[Site],
+    calibration: Calibration,
     options: TransferOptions = TransferOptions(),
     progress: Callable[[int, int], None] | None = None,
 ) -> TransferMatrix:
     """Every ordered pair of `sites` (source SAE x target activations), all on the same tokens.
 
     `saes[hook]` reads raw activations of `hook`; `activations[hook]` are that site's held-out
-    activations, row t of every site being the same token.
+    activations, row t of every site being the same token. `calibration` holds every site's
+    train-split mean and spread (`Calibration.of` on train activations, never on these tokens).
     """
     hooks = [s.hook_name for s in sites]
     _checked_outputs(saes, activations, hooks, transcoders=False)
-    metrics, extras, norms, _ = _pair_matrix(saes, activations, hooks, hooks, options, progress, transcoders=False)
+    metrics, extras, norms, _ = _pair_matrix(saes, activations, calibration, hooks, hooks, options, progress,
+                                             transcoders=False)
     settings = {"n_tokens": activations[hooks[0]].shape[0], **asdict(options),
-                "scale_matching": "x_j * E||x_i|| / E||x_j|| before SAE_i, reconstruction / the same factor",
-                "mean_activation_norm": dict(zip(hooks, norms))}
+                "matching": MATCHING, "scale_only_matching": "x_j * E||x_i|| / E||x_j|| before SAE_i, "
+                "reconstruction / the same factor", "persistence": PERSISTENCE,
+                "calibration": calibration.summary(), "mean_activation_norm": dict(zip(hooks, norms))}
     return TransferMatrix("within_model", sites, sites, metrics, settings, extras)
 
 
@@ -99,6 +110,7 @@ def transcoder_matrix(
     transcoders: dict[str, SAE],
     activations: dict[str, Float[torch.Tensor, "tokens d"]],
     sites: list[Site],
+    calibration: Calibration,
     options: TransferOptions = TransferOptions(),
     progress: Callable[[int, int], None] | None = None,
 ) -> TransferMatrix:
@@ -107,78 +119,78 @@ def transcoder_matrix(
 
     `transcoders[hook]` reads `hook` (its input site; `sites` are the input sites) and predicts
     `output_hook(transcoder)`; `activations` holds the held-out activations of every input and output
-    hook, row t of each being the same token. Scale matching multiplies x_in_j by
-    rho_in = E||x_in_i|| / E||x_in_j|| and divides the prediction by rho_out = E||y_i|| / E||y_j||.
-    Persistence compares the output sites: y_i as a prediction of y_j, and, as the dictionary-side
-    baseline, the same scalar map applied to T_i's own prediction on layer i (docs/transfer.md).
+    hook, row t of each being the same token, and `calibration` their train-split statistics. The
+    match reads x_in_j in T_i's input units and maps the prediction back with the output sites'
+    statistics; the scale-only figures multiply x_in_j by E||x_in_i|| / E||x_in_j|| and divide the
+    prediction by E||y_i|| / E||y_j||. Persistence compares the output sites (docs/transfer.md).
     """
     in_hooks = [s.hook_name for s in sites]
     out_hooks = _checked_outputs(transcoders, activations, in_hooks, transcoders=True)
-    metrics, extras, in_norms, out_norms = _pair_matrix(transcoders, activations, in_hooks, out_hooks, options,
-                                                        progress, transcoders=True)
+    metrics, extras, in_norms, out_norms = _pair_matrix(transcoders, activations, calibration, in_hooks, out_hooks,
+                                                        options, progress, transcoders=True)
     settings = {"n_tokens": activations[in_hooks[0]].shape[0], **asdict(options), "coder": "transcoder",
-                "hook_name_out": dict(zip(in_hooks, out_hooks)),
-                "scale_matching": "x_in_j * E||x_in_i|| / E||x_in_j|| before T_i, prediction / (E||y_i|| / E||y_j||)",
-                "persistence": "output sites: y_i -> y_j (identity, best scalar map), and that map applied to T_i(x_in_i)",
+                "hook_name_out": dict(zip(in_hooks, out_hooks)), "matching": MATCHING + " (input sites in, output "
+                "sites back)", "scale_only_matching": "x_in_j * E||x_in_i|| / E||x_in_j|| before T_i, prediction / "
+                "(E||y_i|| / E||y_j||)", "persistence": PERSISTENCE + " (output sites)",
+                "calibration": calibration.summary(),
                 "mean_activation_norm": dict(zip(in_hooks, in_norms)),
                 "mean_output_norm": dict(zip(out_hooks, out_norms))}
     return TransferMatrix("within_model", sites, sites, metrics, settings, extras)
 
 
-class _Carry(NamedTuple):
-    """SAEs' persistence input for a pair (source s, target t): x_t carried to site s by the scalar
-    map, alpha x_t + shift, and the encoder bias of that shift."""
-
-    alpha: float
-    shift: torch.Tensor
-    bias: torch.Tensor | None  # LinearCoder only
+MATCHING = "x_j -> (x_j - mu_j) s_i / s_j + mu_i before dictionary i, output -> (out - mu_i) s_j / s_i + mu_j; " \
+           "mu, s = mean, sqrt(E||x - mu||^2) on the train split"
+PERSISTENCE = "dictionary i on its own site i, carried to j: mu_j + a (D_i(x_i) - mu_i), a = least-squares slope " \
+              "of x_j on x_i on the train split"
 
 
-def _pair_matrix(dictionaries: dict[str, SAE], activations: dict[str, torch.Tensor], in_hooks: list[str],
-                 out_hooks: list[str], options: TransferOptions, progress: Callable[[int, int], None] | None,
+class _Match(NamedTuple):
+    """How the source reads one target, in the pair loop: the site matches in and back, and for
+    `LinearCoder`s the encoder bias of the shift and the skip term of the shift (skip transcoders)."""
+
+    into: SiteMatch
+    back: SiteMatch
+    bias: torch.Tensor | None
+    skip_shift: torch.Tensor | None
+
+
+def _pair_matrix(dictionaries: dict[str, SAE], activations: dict[str, torch.Tensor], calibration: Calibration,
+                 in_hooks: list[str], out_hooks: list[str], options: TransferOptions,
+                 progress: Callable[[int, int], None] | None,
                  transcoders: bool) -> tuple[dict[str, np.ndarray], dict[str, Any], list[float], list[float]]:
     """The pair loop: each source dictionary (reading `in_hooks[s]`) on each target site, scored
     against `out_hooks[t]` (for an SAE, the same site). Returns (metrics, extras, mean input norms,
     mean output norms)."""
-    bt, n = options.batch_tokens, len(in_hooks)
-    xs = [activations[h].to(options.device, torch.float32) for h in in_hooks]
-    ys = xs if not transcoders else [activations[h].to(options.device, torch.float32) for h in out_hooks]
+    bt, n, device = options.batch_tokens, len(in_hooks), options.device
+    xs = [activations[h].to(device, torch.float32) for h in in_hooks]
+    ys = xs if not transcoders else [activations[h].to(device, torch.float32) for h in out_hooks]
     n_tokens = xs[0].shape[0]
     in_norms = [x.norm(dim=-1).double().mean().item() for x in xs]
     out_norms = in_norms if not transcoders else [y.norm(dim=-1).double().mean().item() for y in ys]
     y_means = [y.double().mean(0) for y in ys]
     centered_gram, raw_gram = _grams(ys, y_means)
-    coders = [make_coder(dictionaries[h], options.device) for h in in_hooks]
+    coders = [make_coder(dictionaries[h], device) for h in in_hooks]
     y_sums = [[InputSums.of(chunk) for chunk in y.split(bt)] for y in ys]
     acc: dict[tuple[int, int], _PairAccumulators] = {}
     total = n * n + (n if options.match_distance else 0)
     report = progress or (lambda done, total: None)
     for s, coder in enumerate(coders):
         d_sae = dictionaries[in_hooks[s]].cfg.d_sae
-        buffers = tuple(torch.empty(2, min(bt, n_tokens), d_sae, device=options.device))  # P, pre-activations
-        own = [predict_batch(coder, x, buffers) for x in xs[s].split(bt)] if transcoders else []  # T_s on its layer
+        buffers = tuple(torch.empty(2, min(bt, n_tokens), d_sae, device=device))  # P, pre-activations
+        own = [predict_batch(coder, x, buffers) for x in xs[s].split(bt)]  # the source on its own site
         for t in range(n):
             pair = _PairAccumulators.empty(d_sae)
             rho_in, rho_out = in_norms[s] / in_norms[t], out_norms[s] / out_norms[t]
-            if transcoders:  # the scalar map y_s -> y_t, applied to T_s's own prediction
-                a, shift = _scalar_map(centered_gram, y_means, s, t)
-                carry = None
-            else:  # the scalar map x_t -> x_s, through SAE_s; its bias once per pair
-                a, shift = _scalar_map(centered_gram, y_means, t, s)
-                carry = _Carry(a, shift, coder.bias_for(shift) if isinstance(coder, LinearCoder) else None)
-            for c, (x_t, y_t, y_s) in enumerate(zip(xs[t].split(bt), ys[t].split(bt), ys[s].split(bt))):
-                _accumulate(coder, x_t, y_t, rho_in, rho_out, pair, buffers, y_sums[t][c],
-                            carry and (carry, y_s, y_sums[s][c]))
-                if transcoders:
-                    pair.persistence.add(y_t, torch.add(shift, own[c], alpha=a), x_sums=y_sums[t][c])
+            match = _match(coder, calibration, in_hooks, out_hooks, s, t, device)
+            a = calibration.slope(out_hooks[s], out_hooks[t])
+            carried = (calibration.means[out_hooks[t]] - a * calibration.means[out_hooks[s]]).float().to(device)
+            for c, (x_t, y_t) in enumerate(zip(xs[t].split(bt), ys[t].split(bt))):
+                _accumulate(coder, x_t, y_t, rho_in, rho_out, match, pair, buffers, y_sums[t][c])
+                pair.persistence.add(y_t, torch.add(carried, own[c], alpha=a), x_sums=y_sums[t][c])
             acc[s, t] = pair
             report(s * n + t + 1, total)
 
-    # an SAE pair's persistence is that of the pair (t -> s): key it by its own (source, target)
-    persist = {((s, t) if transcoders else (t, s)): v.persistence.compute() for (s, t), v in acc.items()}
-    name = "persistence_ev_through_source_transcoder" if transcoders else "persistence_ev_through_target_sae"
-    metrics = _assemble(acc, persist, name, n, centered_gram, raw_gram, n_tokens, options,
-                        [dictionaries[h] for h in in_hooks])
+    metrics = _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, [dictionaries[h] for h in in_hooks])
     extras: dict[str, Any] = {}
     if options.match_distance:
         _feature_matching(metrics, extras, dictionaries, xs, in_hooks, coders, options,
@@ -186,40 +198,44 @@ def _pair_matrix(dictionaries: dict[str, SAE], activations: dict[str, torch.Tens
     return metrics, extras, in_norms, out_norms
 
 
-def _scalar_map(centered_gram: torch.Tensor, means: list[torch.Tensor], i: int, j: int) -> tuple[float, torch.Tensor]:
-    """(a, shift) of the least-squares scalar map site i -> site j: mean_j + a (x_i - mean_i) = a x_i + shift."""
-    a = (centered_gram[i, j] / centered_gram[i, i]).item() if centered_gram[i, i] > 0 else 0.0
-    return a, (means[j] - a * means[i]).float()
+def _match(coder: Coder, calibration: Calibration, in_hooks: list[str], out_hooks: list[str], s: int, t: int,
+           device: str) -> _Match:
+    into = calibration.match(in_hooks[s], in_hooks[t]).to(device)
+    back = into if in_hooks == out_hooks else calibration.match(out_hooks[s], out_hooks[t]).to(device)
+    if not isinstance(coder, LinearCoder):
+        return _Match(into, back, None, None)
+    skip_shift = coder.skip(into.shift[None])
+    return _Match(into, back, coder.bias_for(into.shift), None if skip_shift is None else skip_shift[0])
 
 
-def _accumulate(coder: Coder, x_t: torch.Tensor, y_t: torch.Tensor, rho_in: float, rho_out: float,
-                pair: _PairAccumulators, buffers: tuple[torch.Tensor, torch.Tensor], y_sums: InputSums,
-                carried: tuple[_Carry, torch.Tensor, InputSums] | None) -> None:
-    """The source on one batch of the target, against y_t: raw and scale-matched, and for SAEs the
-    carried persistence input against y_s (`carried`: (carry, y_s, its sums)), from one encoder matmul."""
+def _accumulate(coder: Coder, x_t: torch.Tensor, y_t: torch.Tensor, rho_in: float, rho_out: float, match: _Match,
+                pair: _PairAccumulators, buffers: tuple[torch.Tensor, torch.Tensor], y_sums: InputSums) -> None:
+    """The source on one batch of the target, against y_t: raw, scale-only and matched, from one
+    encoder matmul."""
     d_sae = len(pair.latent_sum)
     if isinstance(coder, LinearCoder):
         P, buffer = buffers[0][:len(x_t)], buffers[1][:len(x_t)]
         torch.mm(x_t, coder.W_enc, out=P)
         bias, skip = coder.bias_for(), coder.skip(x_t)
-        variants = [(1.0, bias), (rho_in, bias)] + ([(carried[0].alpha, carried[0].bias)] if carried else [])
-        latents, scaled, *persisted = coder.encode_variants(P, variants, buffer)
+        variants = [(1.0, bias), (rho_in, bias), (match.into.alpha, match.bias)]
+        latents, scaled, matched = coder.encode_variants(P, variants, buffer)
         pair.raw.add(y_t, with_skip(coder.decode(latents), skip, 1.0), x_sums=y_sums)
         pair.raw.add_firing(*latents.firing(d_sae))
         total, squares = latents.sums(d_sae)
-        pair.scaled.add(y_t, with_skip(coder.decode(scaled), skip, rho_in) / rho_out, x_sums=y_sums)
-        pair.scaled.add_firing(*scaled.firing(d_sae))
-        if carried:
-            carry, y_s, y_s_sums = carried
-            pair.persistence.add(y_s, coder.decode(persisted[0]), x_sums=y_s_sums)
+        pair.scale_only.add(y_t, with_skip(coder.decode(scaled), skip, rho_in) / rho_out, x_sums=y_sums)
+        pair.scale_only.add_firing(*scaled.firing(d_sae))
+        prediction = with_skip(coder.decode(matched), skip, match.into.alpha)
+        if match.skip_shift is not None:
+            prediction += match.skip_shift
+        pair.matched.add(y_t, match.back.to_target(prediction), x_sums=y_sums)
+        pair.matched.add_firing(*matched.firing(d_sae))
     else:
         lat, prediction = coder.reconstruct(x_t)
         pair.raw.add(y_t, prediction, lat)
         lat_s, prediction_s = coder.reconstruct(rho_in * x_t)
-        pair.scaled.add(y_t, prediction_s / rho_out, lat_s)
-        if carried:
-            carry, y_s, _ = carried
-            pair.persistence.add(y_s, coder.reconstruct(carry.alpha * x_t + carry.shift)[1])
+        pair.scale_only.add(y_t, prediction_s / rho_out, lat_s)
+        lat_m, prediction_m = coder.reconstruct(match.into.to_source(x_t))
+        pair.matched.add(y_t, match.back.to_target(prediction_m), lat_m)
         total, squares = lat.sum(0, dtype=torch.float64), lat.square().sum(0, dtype=torch.float64)
     pair.latent_sum += total.cpu()
     pair.latent_sq_sum += squares.cpu()
@@ -270,22 +286,23 @@ def _grams(xs: list[torch.Tensor], means: list[torch.Tensor]) -> tuple[torch.Ten
     return centered, raw
 
 
-def _assemble(acc, persist, persistence_name, n, centered_gram, raw_gram, n_tokens, options, saes) -> dict[str, np.ndarray]:
-    """Every metric of `_PairAccumulators`; `persist[s, t]`: the persistence of the pair (s -> t) through
-    a dictionary, reported as `persistence_name`; the grams are those of the sites compared with."""
+def _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, saes) -> dict[str, np.ndarray]:
+    """Every metric of `_PairAccumulators`; the grams are those of the sites compared with."""
     names = ["transfer_recon_ratio", "transfer_recon_ratio_inverse", "feature_variance_ratio", "top_k_spearman",
-             "decoder_similarity", "explained_variance_raw", "explained_variance", "relative_transfer_raw",
-             "relative_transfer", "delta_fvu", "persistence_ev_identity", "persistence_ev_scalar",
-             persistence_name, "relative_persistence", "transfer_beyond_persistence",
-             "l0", "dead_fraction", "l2_ratio"]
+             "decoder_similarity", "explained_variance_raw", "explained_variance_scale_only", "explained_variance",
+             "relative_transfer_raw", "relative_transfer_scale_only", "relative_transfer", "delta_fvu",
+             "persistence_ev_identity", "persistence_ev_scalar", "persistence_ev_through_source",
+             "relative_persistence", "transfer_beyond_persistence", "l0", "dead_fraction", "l2_ratio"]
     m = {name: np.full((n, n), np.nan) for name in names}
     raw = {k: v.raw.compute() for k, v in acc.items()}
-    scaled = {k: v.scaled.compute() for k, v in acc.items()}
+    scaled = {k: v.scale_only.compute() for k, v in acc.items()}
+    matched = {k: v.matched.compute() for k, v in acc.items()}
+    persist = {k: v.persistence.compute() for k, v in acc.items()}
     variances = {k: (v.latent_sq_sum / n_tokens - (v.latent_sum / n_tokens) ** 2).clamp(min=0) for k, v in acc.items()}
     top = {s: variances[s, s].topk(min(options.top_k, len(variances[s, s]))).indices for s in range(n)}
     decoders = [sae.W_dec.detach().float() for sae in saes]
     for (s, t) in acc:
-        own = scaled[t, t].explained_variance
+        own = matched[t, t].explained_variance
         m["transfer_recon_ratio"][s, t] = raw[s, s].mse / raw[s, t].mse
         m["transfer_recon_ratio_inverse"][s, t] = raw[s, t].mse / raw[s, s].mse
         var_s, var_t = variances[s, s][top[s]], variances[s, t][top[s]]
@@ -293,19 +310,21 @@ def _assemble(acc, persist, persistence_name, n, centered_gram, raw_gram, n_toke
         m["top_k_spearman"][s, t] = spearmanr(var_s.numpy(), var_t.numpy()).statistic if var_t.std() > 0 else np.nan
         m["decoder_similarity"][s, t] = decoder_top1_cosine(decoders[s][top[s]], decoders[t]).mean().item()
         m["explained_variance_raw"][s, t] = raw[s, t].explained_variance
-        m["explained_variance"][s, t] = scaled[s, t].explained_variance
+        m["explained_variance_scale_only"][s, t] = scaled[s, t].explained_variance
+        m["explained_variance"][s, t] = matched[s, t].explained_variance
         m["relative_transfer_raw"][s, t] = raw[s, t].explained_variance / own
-        m["relative_transfer"][s, t] = scaled[s, t].explained_variance / own
-        m["delta_fvu"][s, t] = scaled[s, t].fvu - scaled[t, t].fvu
+        m["relative_transfer_scale_only"][s, t] = scaled[s, t].explained_variance / own
+        m["relative_transfer"][s, t] = matched[s, t].explained_variance / own
+        m["delta_fvu"][s, t] = matched[s, t].fvu - matched[t, t].fvu
         var_t_total = centered_gram[t, t].item()
         m["persistence_ev_identity"][s, t] = 1 - (raw_gram[t, t] + raw_gram[s, s] - 2 * raw_gram[s, t]).item() / var_t_total
         m["persistence_ev_scalar"][s, t] = (centered_gram[s, t] ** 2 / (centered_gram[s, s] * centered_gram[t, t])).item()
-        m[persistence_name][s, t] = persist[s, t].explained_variance
+        m["persistence_ev_through_source"][s, t] = persist[s, t].explained_variance
         m["relative_persistence"][s, t] = persist[s, t].explained_variance / own
         m["transfer_beyond_persistence"][s, t] = m["relative_transfer"][s, t] - m["relative_persistence"][s, t]
-        m["l0"][s, t] = scaled[s, t].l0
-        m["dead_fraction"][s, t] = scaled[s, t].dead_fraction
-        m["l2_ratio"][s, t] = scaled[s, t].l2_ratio
+        m["l0"][s, t] = matched[s, t].l0
+        m["dead_fraction"][s, t] = matched[s, t].dead_fraction
+        m["l2_ratio"][s, t] = matched[s, t].l2_ratio
     return m
 
 
