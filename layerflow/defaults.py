@@ -39,6 +39,7 @@ TRANSFER_TOKENS = 8192  # held-out tokens per site
 CALIBRATION_TOKENS = 32_768  # train tokens for each site's mean and spread (the cross-site match)
 TOP_K = 50  # latents of the notes' variance ratio, Spearman and decoder similarity
 MATCH_DISTANCE = 1  # feature matching for sites at most this far apart
+MIN_DECODER_COSINE = 0.7  # a decoder match must also reach this cosine, whatever the null says
 CROSS_MODEL_WORDS = 20_000  # aligned words of text
 MATCH_PAIRS = ("all", "same_depth", "none")  # cross-model feature matching: every pair, each source's same-depth target, none
 

@@ -7,8 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from layerflow.testing import planted_layers
-from layerflow.transfer.matching import (
+from layerflow.metrics import reconstruction_metrics
+from layerflow.testing import planted_layers, true_sae
+from layerflow.transfer.calibration import Calibration
+from layerflow.transfer.coder import LinearCoder
+from layerflow.transfer.within import feature_flow_ev
+from layerflow.transfer.matching import (null_shift, 
     ActivationCorrelation,
     FeatureMatching,
     decoder_top1_cosine,
@@ -150,3 +154,81 @@ def test_feature_matching_json_round_trip():
     empty = FeatureMatching("activation", [], [], [], float("nan"), [])
     assert FeatureMatching.from_dict(json.loads(json.dumps(empty.to_dict()))) == empty
     assert back != FeatureMatching.from_dict({**m.to_dict(), "significant": [not s for s in m.significant.tolist()]})
+
+
+def _subspace_dictionary(n: int, basis: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    return _unit(torch.randn(n, basis.shape[0], generator=g) @ basis)
+
+
+def test_decoder_null_inside_the_data_subspace_is_not_beaten_by_unrelated_dictionaries():
+    # Two unrelated dictionaries whose rows live in the data's 12-dimensional principal subspace of
+    # a 128-dimensional space. Against a rotation of the whole space, chance cosines inside the
+    # subspace look significant; against a rotation inside the subspace they do not.
+    g = torch.Generator().manual_seed(0)
+    d, m = 128, 12
+    basis = torch.linalg.qr(torch.randn(d, m, generator=g)).Q.T  # [m, d] orthonormal rows
+    data = torch.randn(20_000, m, generator=g) @ basis + 0.01 * torch.randn(20_000, d, generator=g)
+    calibration = Calibration.of({"site": data}, covariance=True)
+    assert m - 2 <= calibration.principal_dimension("site") <= m  # 90% of an isotropic 12-d subspace
+    a, b = _subspace_dictionary(64, basis, g), _subspace_dictionary(64, basis, g)
+    whole = match_decoders(a, b, min_cosine=-1.0)
+    inside = match_decoders(a, b, rotation=calibration.rotation("site", seed=1), min_cosine=-1.0)
+    assert whole.fraction_significant > 0.5  # the old null: most unrelated pairs "match"
+    assert inside.fraction_significant < 0.1
+    assert inside.null_threshold > whole.null_threshold + 0.2
+    # The absolute floor: a cosine below 0.7 is never a match, whatever the null.
+    assert match_decoders(a, b).significant.sum() == (whole.similarity > max(whole.null_threshold, 0.7)).sum()
+    # Shared features still match inside the subspace.
+    shared = _unit(a + 0.05 * _subspace_dictionary(64, basis, g))
+    assert match_decoders(a, shared, rotation=calibration.rotation("site", seed=1)).fraction_significant > 0.95
+
+
+def test_calibration_rotation_stays_inside_the_principal_subspace():
+    g = torch.Generator().manual_seed(3)
+    basis = torch.linalg.qr(torch.randn(32, 5, generator=g)).Q  # [32, 5]
+    data = torch.randn(5000, 5, generator=g) @ basis.T * 3 + 0.01 * torch.randn(5000, 32, generator=g) + 7
+    calibration = Calibration.of({"site": data}, covariance=True)
+    Q = calibration.rotation("site", seed=0).double()
+    torch.testing.assert_close(Q @ Q.T, torch.eye(32, dtype=torch.float64), atol=1e-5, rtol=0)
+    outside = torch.eye(32, dtype=torch.float64) - basis.double() @ basis.double().T
+    torch.testing.assert_close(Q @ outside, outside, atol=2e-3, rtol=0)  # the complement is left alone
+    centered = data.double() - data.double().mean(0)
+    torch.testing.assert_close(calibration.covariances["site"], centered.T @ centered / len(data), atol=1e-4, rtol=1e-4)
+
+
+def test_activation_null_keeps_dependence_within_sequences():
+    # Latents that hold one value for a whole sequence (a topic), independent between A and B: on
+    # 40 sequences chance correlations are of order 1 / sqrt(40), far above what a permutation of
+    # single tokens (1 / sqrt(2560)) would allow. The whole-sequence shift calls few of them matches.
+    g = torch.Generator().manual_seed(0)
+    n_seq, length, f = 40, 64, 24
+    sequences = torch.arange(n_seq).repeat_interleave(length)
+    a = torch.rand(n_seq, f, generator=g).repeat_interleave(length, 0)
+    b = torch.rand(n_seq, f, generator=g).repeat_interleave(length, 0)
+    m = match_activations(a, b, sequences=sequences)
+    assert m.fraction_significant < 0.15
+    # The single-token permutation null that this replaced: nearly every chance match beats it.
+    perm = torch.randperm(len(b), generator=g)
+    token_null = match_activations(a, b[perm], sequences=sequences).similarity
+    assert (m.similarity > np.quantile(token_null, 0.99)).mean() > 0.5
+    assert null_shift(len(a), sequences, seed=0) % length == 0
+
+
+def test_feature_flow_transition_recovers_a_planted_relabelling():
+    # Layer 1 holds layer 0's features in another order on the same tokens, at 3x the spread:
+    # sending each latent to its top-1 decoder partner reconstructs layer 1 as SAE_1 itself does.
+    p = planted_layers([1.0, 1.0], [1.0, 3.0], shared_codes=True, seed=4, noise=0.0)
+    sae0, sae1 = true_sae(p, 0), true_sae(p, 1)
+    coder1 = LinearCoder.from_sae(sae1)
+    z0 = sae0.encode(p.activations[0]).detach()
+    calibration = Calibration.of({"0": p.train[0], "1": p.train[1]})
+    ev = feature_flow_ev(z0, LinearCoder.from_sae(sae0), coder1, p.activations[1],
+                         calibration.spread("1") / calibration.spread("0"), 1000)
+    own = reconstruction_metrics(p.activations[1], sae1(p.activations[1]).detach()).explained_variance
+    assert ev == pytest.approx(own, abs=0.02) and ev > 0.9
+    fresh = planted_layers([1.0, 0.0], [1.0, 3.0], seed=4, noise=0.0)  # layer 1 shares no feature
+    sae_fresh = true_sae(fresh, 1)
+    z_fresh = true_sae(fresh, 0).encode(fresh.activations[0]).detach()
+    unrelated = feature_flow_ev(z_fresh, LinearCoder.from_sae(true_sae(fresh, 0)), LinearCoder.from_sae(sae_fresh),
+                                fresh.activations[1], 3.0, 1000)
+    assert unrelated < 0.1

@@ -58,6 +58,15 @@ class ActivationStore:
             out[hook] = x[:max_tokens].float()
         return out
 
+    def heldout_sequences(self, max_tokens: int | None = None,
+                          exclude_special_tokens: bool = True) -> Int[torch.Tensor, " tokens"]:
+        """The sequence each row of `heldout(...)` (same arguments) comes from."""
+        tokens = self.tokens("heldout")
+        ids = torch.arange(tokens.shape[0]).repeat_interleave(tokens.shape[1])
+        if exclude_special_tokens:
+            ids = ids[~self.special_mask("heldout")]
+        return ids[:max_tokens]
+
     def special_mask(self, split: str = "train") -> torch.Tensor:
         """True at positions holding BOS or another special token, flattened like `activations`."""
         specials = torch.tensor(self.manifest.special_token_ids, dtype=torch.long)

@@ -377,8 +377,10 @@ def _how_to_read(conv: dict) -> list[str]:
     return [
         "## How to read this", "",
         "- **Relative transfer** (source layer i, target layer j): the variance of layer j explained by layer i's "
-        "SAE, scale-matched to layer i's norm, divided by what layer j's own SAE explains. One means layer i's "
-        "dictionary is as good on j as j's own; it can be negative when the reconstruction is worse than the mean.",
+        "SAE, divided by what layer j's own SAE explains. Layer i's SAE reads layer j with layer j's mean and "
+        "spread replaced by layer i's (both fit on the train split), and its output is mapped back, so neither "
+        "norm growth nor the residual stream's large, depth-dependent mean is charged as error. One means layer "
+        "i's dictionary is as good on j as j's own; it can be negative when the reconstruction is worse than the mean.",
         "- **FVU**: fraction of variance unexplained by a layer's own SAE on held-out tokens (lower is better); "
         "**L0**: active latents per token; **dead**: fraction of latents that never fire.",
         f"- **Bands** (the notes' heatmap bands): HIGH >= {fmt(b['HIGH'])}, MODERATE >= {fmt(b['MODERATE'])}, "
@@ -392,7 +394,10 @@ def _how_to_read(conv: dict) -> list[str]:
         "- **Why raw ratios mislead**: the notes' ratio divides raw reconstruction errors. The residual norm grows "
         "with depth, so errors on deep layers are larger simply because the numbers are larger: the ratio "
         "measures norm growth, and exceeds one when the target's norm is smaller. Relative transfer is measured "
-        "against the target's own variance and its own dictionary, so it does not see the norm.", ""]
+        "against the target's own variance and its own dictionary, so it does not see the norm. Matching the norm "
+        "alone is not enough either: residual streams carry a large mean that changes with depth, and an SAE "
+        "handed the wrong mean is charged for the offset (the scale-only figures, kept in the matrix as "
+        "relative_transfer_scale_only, read far layers as unrelated for that reason).", ""]
 
 
 def write_report(results: RunResults, summary: dict, plots: dict[str, list[Path]], path: str | Path) -> Path:

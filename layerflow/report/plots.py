@@ -184,7 +184,7 @@ def transfer_heatmap(matrix: TransferMatrix, stem: Path, metric: str = "relative
     _layer_axes(ax, matrix)
     rel = metric == "relative_transfer"
     _band_colorbar(fig, mesh, ax, RELATIVE_TRANSFER if rel else f"{metric} (coloured on the notes' bands)")
-    doc = "scale-matched EV of SAE_i on layer j / EV of SAE_j on layer j" if rel else metric_docs(matrix.kind)[metric]
+    doc = "EV of SAE_i on layer j (mean and spread matched) / EV of SAE_j on layer j" if rel else metric_docs(matrix.kind)[metric]
     ax.set_title(f"{matrix.sources[0].model}: {metric.replace('_', ' ')}\n" + textwrap.fill(doc, 90), fontsize=10)
     _footnote(ax, _clip_note(values, rel) + (_hatch_unreliable(ax, matrix) if rel else ""))
     return _save(fig, stem)

@@ -14,7 +14,10 @@ being charged as error. mu and s come from the train split (`Calibration.of`,
 `ActivationStore.calibration`), never from the tokens a figure is scored on.
 
 The same statistics give the persistence baseline its one parameter: the least-squares slope of
-x_j on x_i (`Calibration.slope`), also fit on the train split.
+x_j on x_i (`Calibration.slope`), also fit on the train split. With `covariance=True` each site's
+covariance is kept too, for `Calibration.rotation`: a random rotation inside the site's principal
+subspace, which the floors and the decoder null of feature matching use (real decoders live in
+the data's high-variance subspace, so a rotation of the whole space is too easy a null).
 """
 
 from __future__ import annotations
@@ -58,25 +61,35 @@ class Calibration:
     means: dict[str, Float[Tensor, " d"]]  # float64
     moments: Float[Tensor, "sites sites"]  # float64; NaN between sites of different widths
     n_tokens: int
+    covariances: dict[str, Float[Tensor, "d d"]] | None = None  # float64, with `covariance=True`
 
     @classmethod
-    def of(cls, activations: dict[str, Float[Tensor, "tokens d"]]) -> "Calibration":
+    def of(cls, activations: dict[str, Float[Tensor, "tokens d"]], covariance: bool = False) -> "Calibration":
         """From in-memory activations (row t of every site the same token)."""
-        return cls.accumulate(list(activations), [[activations[h] for h in activations]])
+        return cls.accumulate(list(activations), [[activations[h] for h in activations]], covariance)
 
     @classmethod
-    def accumulate(cls, hooks: list[str], chunks: Iterable[list[Float[Tensor, "tokens d"]]]) -> "Calibration":
+    def accumulate(cls, hooks: list[str], chunks: Iterable[list[Float[Tensor, "tokens d"]]],
+                   covariance: bool = False) -> "Calibration":
         """Streaming: `chunks` yields, per batch of tokens, one tensor per hook (in `hooks` order)."""
         n, total = len(hooks), 0
         sums: list[Tensor] = []
         raw = torch.zeros(n, n, dtype=torch.float64)
         widths: list[int] = []
+        centre: list[Tensor] = []  # second moments are summed around the first chunk's mean (float32 matmuls)
+        scatter: list[Tensor] = []
         for chunk in chunks:
             flat = [x.double() for x in chunk]
             if not sums:
                 sums, widths = [x.sum(0) for x in flat], [x.shape[1] for x in flat]
+                if covariance:
+                    centre = [x.mean(0) for x in flat]
+                    scatter = [torch.zeros(w, w, dtype=torch.float64) for w in widths]
             else:
                 sums = [s + x.sum(0) for s, x in zip(sums, flat)]
+            for i, c in enumerate(centre):
+                xc = (flat[i] - c).float()
+                scatter[i] += (xc.T @ xc).double()
             for width in set(widths):
                 group = [i for i in range(n) if widths[i] == width]
                 stacked = torch.stack([flat[i].reshape(-1) for i in group])
@@ -90,7 +103,11 @@ class Calibration:
             for j in range(n):
                 if widths[i] == widths[j]:
                     moments[i, j] = raw[i, j] / total - means[i] @ means[j]
-        return cls(list(hooks), dict(zip(hooks, means)), moments, total)
+        covariances = None
+        if covariance:
+            shifts = [m - c for m, c in zip(means, centre)]
+            covariances = {h: scatter[i] / total - torch.outer(shifts[i], shifts[i]) for i, h in enumerate(hooks)}
+        return cls(list(hooks), dict(zip(hooks, means)), moments, total, covariances)
 
     def _index(self, hook: str) -> int:
         if hook not in self.means:
@@ -118,8 +135,36 @@ class Calibration:
         var = self.moments[i, i].item()
         return self.moments[i, j].item() / var if var > 0 else 0.0
 
+    def rotation(self, hook: str, seed: int, variance_kept: float = 0.9) -> Float[Tensor, "d d"]:
+        """A Haar-random rotation (float32) inside the span of the fewest principal directions of
+        `hook` that hold `variance_kept` of its variance (at least 2), the identity outside it."""
+        vectors, m = self._principal(hook, variance_kept)
+        U = vectors[:, :m]
+        R = haar_orthogonal(m, seed)
+        return (torch.eye(len(U), dtype=torch.float64) - U @ U.T + U @ R @ U.T).float()
+
+    def principal_dimension(self, hook: str, variance_kept: float = 0.9) -> int:
+        """How many principal directions hold `variance_kept` of the site's variance (at least 2)."""
+        return self._principal(hook, variance_kept)[1]
+
+    def _principal(self, hook: str, variance_kept: float) -> tuple[Tensor, int]:
+        if self.covariances is None:
+            raise LayerflowError("This calibration has no covariances: build it with covariance=True.")
+        self._index(hook)
+        values, vectors = torch.linalg.eigh(self.covariances[hook])
+        values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
+        m = int((values.cumsum(0) < variance_kept * values.sum()).sum().item()) + 1
+        return vectors, max(2, min(m, len(values)))
+
     def summary(self) -> dict:
         """What a matrix's settings record about its calibration."""
         return {"split": "train", "n_tokens": self.n_tokens,
                 "spread": {h: self.spread(h) for h in self.hooks},
                 "mean_norm": {h: self.means[h].norm().item() for h in self.hooks}}
+
+
+def haar_orthogonal(d: int, seed: int) -> Float[Tensor, "d d"]:
+    """A Haar-distributed random d x d orthogonal matrix (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))  # QR's sign convention biases Q; diag(R) > 0 makes it exactly Haar

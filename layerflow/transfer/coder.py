@@ -2,7 +2,7 @@
 
 `LinearCoder` spells out SAELens' inference math (encoder, activation, decoder, skip term) so that
 one encoder matmul P = x W_enc serves several encodings of affine functions of x (alpha x + shift
-has pre-activations alpha P + c): the raw, the scale-matched and the persistence inputs of a pair.
+has pre-activations alpha P + c): the raw, the scale-only and the mean-and-spread matched inputs of a pair.
 The encodings are selected by the C kernel of `fused_encode` on a CPU (bit for bit the latents
 torch gives, several times faster), by torch ops elsewhere, and only active latents are decoded
 (`SparseLatents`, `embedding_bag`). A dictionary whose math `LinearCoder` does not cover goes

@@ -1,7 +1,7 @@
 """The transfer kernel's encoder activations, fused in C.
 
 From one pre-activation matrix P = x W_enc, the transfer kernel needs several affine variants
-z_v = (alpha_v P + bias_v) * scale (raw, scale-matched, persistence), each reduced to its active
+z_v = (alpha_v P + bias_v) * scale (raw, scale-only, matched), each reduced to its active
 latents. In torch that is, per variant, a pass writing z_v, a pass scaling it and a top-k (or a
 comparison and `nonzero`) over [tokens, d_sae]: on a CPU those passes cost more than the
 matmul itself. `fused_encode.c` reads each row of P once for all variants and keeps only the

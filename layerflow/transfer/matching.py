@@ -5,14 +5,21 @@ Definitions (rows of a dictionary are its latents' decoder directions):
 - Top-1 decoder cosine: for each row of A, the largest signed cosine with any row of B.
 - Decoder matching: the one-to-one assignment of A's rows to B's rows that maximises the total
   cosine (Hungarian; with fa != fb only min(fa, fb) rows are matched). Null model: the same
-  matching against B's rows rotated by a Haar-random orthogonal matrix, which keeps B's geometry
-  (norms, mutual angles) but destroys any alignment with A.
+  matching against B's rows rotated at random, which keeps B's geometry (norms, mutual angles)
+  but destroys any alignment with A. The rotation should stay inside the data's principal
+  subspace (`Calibration.rotation`): real decoders live there, and against a rotation of the
+  whole space (the fallback) chance cosines are far smaller than chance within the subspace,
+  so the null threshold is too easy to beat.
 - Activation matching: the same assignment on the Pearson correlation between A's and B's latents
   over shared tokens, among live latents only (non-zero variance on those tokens). Null model:
-  the same matching after a random permutation of B's tokens, which keeps every latent's
-  marginal distribution but breaks co-occurrence.
-- A matched pair is significant when its similarity exceeds the `null_quantile` quantile of the
-  null's matched similarities (one seeded null draw).
+  the same matching with B's tokens shifted by whole sequences (circularly, by about half the
+  tokens, to a sequence boundary when `sequences` is given): every latent keeps its marginal
+  distribution and its dependence within a sequence, and only co-occurrence is broken. (A
+  permutation of single tokens also breaks the dependence within a sequence, which makes chance
+  correlations look smaller than they are.)
+- A matched pair is significant when its similarity exceeds both the `null_quantile` quantile of
+  the null's matched similarities (one seeded null draw) and an absolute floor (`min_similarity`;
+  decoder matches default to a cosine of 0.7, `defaults.MIN_DECODER_COSINE`).
 """
 
 from __future__ import annotations
@@ -24,9 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
+
+from layerflow import defaults
+from layerflow.transfer.calibration import haar_orthogonal
 
 KINDS = ("decoder", "activation")
 
@@ -38,7 +48,8 @@ class FeatureMatching:
     target_index: np.ndarray  # int64 [n_matched], partner row of B
     similarity: np.ndarray  # float64 [n_matched], cosine or Pearson correlation of each pair
     null_threshold: float  # the null's `null_quantile` quantile of matched similarities
-    significant: np.ndarray  # bool [n_matched], similarity > null_threshold
+    significant: np.ndarray  # bool [n_matched], similarity > max(null_threshold, min_similarity)
+    min_similarity: float = -1.0  # the absolute floor a match must also beat
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -69,6 +80,7 @@ class FeatureMatching:
             "similarity": self.similarity.tolist(),
             "null_threshold": None if math.isnan(self.null_threshold) else self.null_threshold,
             "significant": self.significant.tolist(),
+            "min_similarity": self.min_similarity,
         }
 
     @classmethod
@@ -76,14 +88,14 @@ class FeatureMatching:
         threshold = d["null_threshold"]
         return cls(d["kind"], np.array(d["source_index"]), np.array(d["target_index"]),
                    np.array(d["similarity"]), math.nan if threshold is None else threshold,
-                   np.array(d["significant"]))
+                   np.array(d["significant"]), d.get("min_similarity", -1.0))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, FeatureMatching):
             return NotImplemented
         same_threshold = self.null_threshold == other.null_threshold or (
             math.isnan(self.null_threshold) and math.isnan(other.null_threshold))
-        return (self.kind == other.kind and same_threshold
+        return (self.kind == other.kind and same_threshold and self.min_similarity == other.min_similarity
                 and all(np.array_equal(getattr(self, f), getattr(other, f))
                         for f in ("source_index", "target_index", "similarity", "significant")))
 
@@ -105,23 +117,19 @@ def decoder_top1_cosine(
 
 @torch.no_grad()
 def match_decoders(
-    dec_a: Float[Tensor, "fa d"], dec_b: Float[Tensor, "fb d"], null_quantile: float = 0.99, seed: int = 0
+    dec_a: Float[Tensor, "fa d"], dec_b: Float[Tensor, "fb d"], null_quantile: float = 0.99, seed: int = 0,
+    rotation: Float[Tensor, "d d"] | None = None, min_cosine: float = defaults.MIN_DECODER_COSINE,
 ) -> FeatureMatching:
-    """One-to-one matching maximising total decoder cosine; null: B's rows Haar-rotated (seeded)."""
+    """One-to-one matching maximising total decoder cosine. Null: B's rows rotated by `rotation`
+    (give one inside the data's principal subspace: `Calibration.rotation`), else by a seeded
+    rotation of the whole space. A match must beat the null's quantile and `min_cosine`."""
     a = F.normalize(torch.as_tensor(dec_a).float(), dim=-1)
     b = F.normalize(torch.as_tensor(dec_b).float(), dim=-1).to(a.device)
     rows, cols, sim = _hungarian((a @ b.T).double().cpu().numpy())
-    rotation = _haar_orthogonal(a.shape[1], seed).to(a.device)
-    *_, null_sim = _hungarian((a @ (b @ rotation).T).double().cpu().numpy())
-    return _result("decoder", rows, cols, sim, null_sim, null_quantile)
-
-
-def _haar_orthogonal(d: int, seed: int) -> Tensor:
-    """A Haar-distributed random d x d orthogonal matrix (float32)."""
-    g = torch.Generator().manual_seed(seed)
-    q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-    # QR's sign convention biases Q; fixing diag(R) > 0 makes it exactly Haar.
-    return (q * torch.sign(torch.diagonal(r))).float()
+    if rotation is None:
+        rotation = haar_orthogonal(a.shape[1], seed).float()
+    *_, null_sim = _hungarian((a @ (b @ rotation.to(a.device).T).T).double().cpu().numpy())
+    return _result("decoder", rows, cols, sim, null_sim, null_quantile, min_cosine)
 
 
 # ---- activations ----
@@ -196,24 +204,40 @@ def match_activations(
     null_quantile: float = 0.99,
     seed: int = 0,
     chunk: int = 8192,
+    sequences: Int[Tensor, " t"] | None = None,
 ) -> FeatureMatching:
     """One-to-one matching maximising total activation correlation among live latents.
 
-    Indices refer to the original rows. Null: the same matching after a seeded random
-    permutation of B's tokens. Tokens are streamed `chunk` at a time into float64 sums.
+    Indices refer to the original rows. Null: the same matching with B's tokens shifted by whole
+    sequences (`null_shift`; `sequences` gives each token's sequence, tokens of a sequence
+    consecutive). Tokens are streamed `chunk` at a time into float64 sums.
     """
     lat_a, lat_b = torch.as_tensor(lat_a), torch.as_tensor(lat_b)
     if len(lat_a) != len(lat_b):
         raise ValueError(f"lat_a and lat_b must cover the same tokens: {len(lat_a)} != {len(lat_b)}")
-    perm = torch.randperm(len(lat_b), generator=torch.Generator().manual_seed(seed)).to(lat_b.device)
+    shifted = torch.roll(torch.arange(len(lat_b)), -null_shift(len(lat_b), sequences, seed)).to(lat_b.device)
     real, null = ActivationCorrelation(), ActivationCorrelation()
     for i in range(0, len(lat_a), chunk):
         real.add(lat_a[i:i + chunk], lat_b[i:i + chunk])
-        null.add(lat_a[i:i + chunk], lat_b[perm[i:i + chunk]])
+        null.add(lat_a[i:i + chunk], lat_b[shifted[i:i + chunk]])
     live_a, live_b = (np.flatnonzero(m) for m in real.live())
     rows, cols, sim = _hungarian(real.compute()[np.ix_(live_a, live_b)])
     *_, null_sim = _hungarian(null.compute()[np.ix_(live_a, live_b)])
     return _result("activation", live_a[rows], live_b[cols], sim, null_sim, null_quantile)
+
+
+def null_shift(n_tokens: int, sequences: Int[Tensor, " t"] | None, seed: int) -> int:
+    """A seeded shift between a quarter and three quarters of the tokens, moved to the start of a
+    sequence when `sequences` is given (token t of A is then paired with token t + shift of B)."""
+    g = torch.Generator().manual_seed(seed)
+    shift = n_tokens // 4 + int(torch.randint(max(1, n_tokens // 2), (1,), generator=g))
+    if sequences is None or n_tokens < 2:
+        return shift % max(n_tokens, 1)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), (sequences.diff() != 0).nonzero().squeeze(1) + 1])
+    inner = starts[starts > 0]
+    if not len(inner):  # one sequence: no whole-sequence shift exists
+        return shift % n_tokens
+    return int(inner[(inner - shift).abs().argmin()])
 
 
 # ---- shared ----
@@ -225,6 +249,6 @@ def _hungarian(sim: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _result(kind: str, rows: np.ndarray, cols: np.ndarray, sim: np.ndarray, null_sim: np.ndarray,
-            null_quantile: float) -> FeatureMatching:
+            null_quantile: float, min_similarity: float = -1.0) -> FeatureMatching:
     threshold = float(np.quantile(null_sim, null_quantile)) if len(null_sim) else math.nan
-    return FeatureMatching(kind, rows, cols, sim, threshold, sim > threshold)
+    return FeatureMatching(kind, rows, cols, sim, threshold, (sim > threshold) & (sim > min_similarity), min_similarity)

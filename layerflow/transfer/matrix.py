@@ -83,7 +83,7 @@ class WithinModelPair:
         "persistence_ev_through_source / EV(D_j on j). 1 on the diagonal.")
     transfer_beyond_persistence: float = _metric(
         "relative_transfer - relative_persistence: how much better dictionary i explains layer j when it reads layer j than when layer i's own content is carried forward. 0 on the diagonal and for a layer that is a copy (plus a constant) of another; > 0 = feature reuse beyond persistence.")
-    # The source SAE's behaviour on the target (scale-matched).
+    # The source SAE's behaviour on the target (matched).
     l0: float = _metric("Mean active latents per token of SAE_i on layer j (matched).")
     dead_fraction: float = _metric("Fraction of SAE_i's latents that never fire on layer j (matched).")
     l2_ratio: float = _metric("Mean ||x_hat|| / ||x_j|| of SAE_i on layer j (matched). 1 = no shrinkage.")
@@ -92,9 +92,11 @@ class WithinModelPair:
         "Mean over all of SAE_i's latents of the best decoder cosine with any of SAE_j's latents.")
     decoder_top1_cosine_median: float = _metric("Median of the same distribution.")
     decoder_matched_fraction: float = _metric(
-        "Hungarian one-to-one matching of decoder directions: fraction of SAE_i's latents whose match beats the 99th percentile of matches to a randomly rotated SAE_j. Computed for pairs within the matching distance, else null.")
+        "Hungarian one-to-one matching of decoder directions: fraction of SAE_i's latents whose match reaches a cosine of 0.7 and beats the 99th percentile of matches to SAE_j rotated inside site j's principal subspace (settings.decoder_null). Computed for pairs within the matching distance, else null.")
     activation_matched_fraction: float = _metric(
-        "Hungarian matching on activation correlation over the shared held-out tokens: fraction of SAE_i's live latents whose partner's correlation beats the null (tokens permuted). Within the matching distance, else null.")
+        "Hungarian matching on activation correlation over the shared held-out tokens: fraction of SAE_i's live latents whose partner's correlation beats the null (SAE_j's tokens shifted by whole sequences). Within the matching distance, else null.")
+    feature_flow_ev: float = _metric(
+        "Feature Flow's transition (Laptev et al. 2025): each latent of SAE_i sent to its top-1 decoder-cosine partner in SAE_j; EV on x_j of decode_j(T encode_i(x_i)), latents times s_j / s_i. SAEs within the matching distance, else null.")
     # Optional: the source SAE spliced into the model at the target site.
     spliced_delta_ce: float = _metric("CE (nats) with SAE_i's matched reconstruction spliced in at site j, minus clean CE. Optional.")
     spliced_kl: float = _metric("Mean KL(clean || spliced) with SAE_i spliced in at site j. Optional.")

@@ -73,9 +73,10 @@ def transfer_run(
     hooks_needed = list(dict.fromkeys(h for s in sites for h in needed[s.hook_name]))
     activations = activation_store.heldout(hooks_needed, options.max_tokens, options.exclude_special_tokens)
     calibration = store_calibration(activation_store, hooks_needed, options.calibration_tokens,
-                                    options.exclude_special_tokens)
+                                    options.exclude_special_tokens, covariance=bool(options.match_distance))
+    sequences = activation_store.heldout_sequences(options.max_tokens, options.exclude_special_tokens)
     compute = transcoder_matrix if transcoders else within_model_matrix
-    matrix = compute(saes, activations, sites, calibration, options, progress)
+    matrix = compute(saes, activations, sites, calibration, options, progress, sequences)
     if options.spliced:
         loaded = loaded or load_model(activation_store.manifest.model["name"])
         _add_spliced(matrix, saes, activation_store, loaded, calibration, options)
@@ -96,9 +97,10 @@ def _folder_of_transcoders(saes: dict[str, SAE], folder: Path) -> bool:
 
 
 def store_calibration(store: ActivationStore, hooks: list[str], max_tokens: int | None,
-                      exclude_special_tokens: bool = True) -> Calibration:
-    """Each hook's mean and spread (and their cross moments) on the first `max_tokens` train tokens
-    of `store`, special positions left out: the statistics every cross-site match uses."""
+                      exclude_special_tokens: bool = True, covariance: bool = False) -> Calibration:
+    """Each hook's mean and spread (and their cross moments; with `covariance`, its covariance) on
+    the first `max_tokens` train tokens of `store`, special positions left out: the statistics
+    every cross-site match uses."""
     shards = store.shards("train")
     if not shards:
         raise LayerflowError(f"The capture at '{store.root}' has no train split: the sites' means and spreads are "
@@ -115,7 +117,7 @@ def store_calibration(store: ActivationStore, hooks: list[str], max_tokens: int 
             left -= len(rows)
             yield [read_tensor(shard, h)[rows].float() for h in hooks]
 
-    return Calibration.accumulate(hooks, chunks())
+    return Calibration.accumulate(hooks, chunks(), covariance)
 
 
 class _Matched:

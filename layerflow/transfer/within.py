@@ -35,7 +35,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from sae_lens import SAE
 from scipy.stats import spearmanr
 
@@ -87,21 +87,25 @@ def within_model_matrix(
     calibration: Calibration,
     options: TransferOptions = TransferOptions(),
     progress: Callable[[int, int], None] | None = None,
+    sequences: Int[torch.Tensor, " tokens"] | None = None,
 ) -> TransferMatrix:
     """Every ordered pair of `sites` (source SAE x target activations), all on the same tokens.
 
     `saes[hook]` reads raw activations of `hook`; `activations[hook]` are that site's held-out
     activations, row t of every site being the same token. `calibration` holds every site's
-    train-split mean and spread (`Calibration.of` on train activations, never on these tokens).
+    train-split mean and spread (`Calibration.of` on train activations, never on these tokens;
+    with covariances, feature matching's decoder null stays in each site's principal subspace).
+    `sequences` (each held-out token's sequence) lets the activation null shift whole sequences.
     """
     hooks = [s.hook_name for s in sites]
     _checked_outputs(saes, activations, hooks, transcoders=False)
     metrics, extras, norms, _ = _pair_matrix(saes, activations, calibration, hooks, hooks, options, progress,
-                                             transcoders=False)
+                                             transcoders=False, sequences=sequences)
     settings = {"n_tokens": activations[hooks[0]].shape[0], **asdict(options),
                 "matching": MATCHING, "scale_only_matching": "x_j * E||x_i|| / E||x_j|| before SAE_i, "
                 "reconstruction / the same factor", "persistence": PERSISTENCE,
-                "calibration": calibration.summary(), "mean_activation_norm": dict(zip(hooks, norms))}
+                "calibration": calibration.summary(), **_null_settings(calibration, sequences),
+                "mean_activation_norm": dict(zip(hooks, norms))}
     return TransferMatrix("within_model", sites, sites, metrics, settings, extras)
 
 
@@ -113,6 +117,7 @@ def transcoder_matrix(
     calibration: Calibration,
     options: TransferOptions = TransferOptions(),
     progress: Callable[[int, int], None] | None = None,
+    sequences: Int[torch.Tensor, " tokens"] | None = None,
 ) -> TransferMatrix:
     """Every ordered pair of `sites` (source transcoder T_i, target layer j), all on the same tokens:
     T_i reads layer j's input and its prediction is compared with layer j's output.
@@ -127,12 +132,12 @@ def transcoder_matrix(
     in_hooks = [s.hook_name for s in sites]
     out_hooks = _checked_outputs(transcoders, activations, in_hooks, transcoders=True)
     metrics, extras, in_norms, out_norms = _pair_matrix(transcoders, activations, calibration, in_hooks, out_hooks,
-                                                        options, progress, transcoders=True)
+                                                        options, progress, transcoders=True, sequences=sequences)
     settings = {"n_tokens": activations[in_hooks[0]].shape[0], **asdict(options), "coder": "transcoder",
                 "hook_name_out": dict(zip(in_hooks, out_hooks)), "matching": MATCHING + " (input sites in, output "
                 "sites back)", "scale_only_matching": "x_in_j * E||x_in_i|| / E||x_in_j|| before T_i, prediction / "
                 "(E||y_i|| / E||y_j||)", "persistence": PERSISTENCE + " (output sites)",
-                "calibration": calibration.summary(),
+                "calibration": calibration.summary(), **_null_settings(calibration, sequences),
                 "mean_activation_norm": dict(zip(in_hooks, in_norms)),
                 "mean_output_norm": dict(zip(out_hooks, out_norms))}
     return TransferMatrix("within_model", sites, sites, metrics, settings, extras)
@@ -156,8 +161,8 @@ class _Match(NamedTuple):
 
 def _pair_matrix(dictionaries: dict[str, SAE], activations: dict[str, torch.Tensor], calibration: Calibration,
                  in_hooks: list[str], out_hooks: list[str], options: TransferOptions,
-                 progress: Callable[[int, int], None] | None,
-                 transcoders: bool) -> tuple[dict[str, np.ndarray], dict[str, Any], list[float], list[float]]:
+                 progress: Callable[[int, int], None] | None, transcoders: bool,
+                 sequences: torch.Tensor | None) -> tuple[dict[str, np.ndarray], dict[str, Any], list[float], list[float]]:
     """The pair loop: each source dictionary (reading `in_hooks[s]`) on each target site, scored
     against `out_hooks[t]` (for an SAE, the same site). Returns (metrics, extras, mean input norms,
     mean output norms)."""
@@ -193,8 +198,8 @@ def _pair_matrix(dictionaries: dict[str, SAE], activations: dict[str, torch.Tens
     metrics = _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, [dictionaries[h] for h in in_hooks])
     extras: dict[str, Any] = {}
     if options.match_distance:
-        _feature_matching(metrics, extras, dictionaries, xs, in_hooks, coders, options,
-                          lambda i: report(n * n + i, total))
+        _feature_matching(metrics, extras, dictionaries, xs, in_hooks, out_hooks, coders, calibration, sequences,
+                          options, lambda i: report(n * n + i, total))
     return metrics, extras, in_norms, out_norms
 
 
@@ -328,18 +333,22 @@ def _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, saes) -> dict[
     return m
 
 
-def _feature_matching(metrics, extras, saes, xs, hooks, coders, options, report) -> None:
-    """Decoder top-1 cosines for every pair; Hungarian matchings for pairs within `match_distance`."""
-    n = len(hooks)
-    decoders = [saes[h].W_dec.detach().float() for h in hooks]
+def _feature_matching(metrics, extras, saes, xs, in_hooks, out_hooks, coders, calibration, sequences, options,
+                      report) -> None:
+    """Decoder top-1 cosines for every pair; Hungarian matchings and Feature Flow's transition for pairs
+    within `match_distance`. The decoder null rotates inside the principal subspace of the site the
+    decoders write to when `calibration` has covariances, else the whole space."""
+    n = len(in_hooks)
+    decoders = [saes[h].W_dec.detach().float() for h in in_hooks]
     for name in ("decoder_top1_cosine_mean", "decoder_top1_cosine_median", "decoder_matched_fraction",
-                 "activation_matched_fraction"):
+                 "activation_matched_fraction", "feature_flow_ev"):
         metrics[name] = np.full((n, n), np.nan)
     for s in range(n):
         for t in range(n):
             top1 = decoder_top1_cosine(decoders[s], decoders[t])
             metrics["decoder_top1_cosine_mean"][s, t] = top1.mean().item()
             metrics["decoder_top1_cosine_median"][s, t] = top1.median().item()
+    rotations = {}
     # One-to-one matchings are symmetric, so each unordered pair is matched once and mirrored.
     latents = {}
     matched = {}
@@ -348,12 +357,55 @@ def _feature_matching(metrics, extras, saes, xs, hooks, coders, options, report)
             for i in (s, t):
                 if i not in latents:
                     latents[i] = dense_latents(coders[i], xs[i], options.batch_tokens)
-            dec = match_decoders(decoders[s], decoders[t], options.null_quantile, options.seed)
-            act = match_activations(latents[s], latents[t], options.null_quantile, options.seed)
+            if t not in rotations and calibration.covariances is not None:
+                rotations[t] = calibration.rotation(out_hooks[t], options.seed + t)
+            dec = match_decoders(decoders[s], decoders[t], options.null_quantile, options.seed, rotations.get(t))
+            act = match_activations(latents[s], latents[t], options.null_quantile, options.seed, sequences=sequences)
             for i, j in ((s, t), (t, s)):
                 metrics["decoder_matched_fraction"][i, j] = dec.fraction_significant
                 metrics["activation_matched_fraction"][i, j] = act.fraction_significant
-            matched[hooks[s], hooks[t]] = {"decoder": dec, "activation": act}
+                if in_hooks == out_hooks:  # SAEs: Feature Flow's transition (a transcoder's latents predict another site)
+                    metrics["feature_flow_ev"][i, j] = feature_flow_ev(
+                        latents[i], coders[i], coders[j], xs[j],
+                        calibration.spread(in_hooks[j]) / calibration.spread(in_hooks[i]), options.batch_tokens)
+            matched[in_hooks[s], in_hooks[t]] = {"decoder": dec, "activation": act}
         latents.pop(s, None)
         report(s + 1)
     extras["matched_features"] = matched
+
+
+def _null_settings(calibration: Calibration, sequences: torch.Tensor | None) -> dict[str, str]:
+    """How the matchings' nulls were drawn, for a matrix's settings."""
+    return {"decoder_null": "rotation inside the target site's principal subspace (90% of its train-split variance)"
+            if calibration.covariances is not None else "rotation of the whole space",
+            "activation_null": "tokens shifted by whole sequences" if sequences is not None
+            else "tokens shifted circularly by about half (no sequence boundaries given)",
+            "min_decoder_cosine": defaults.MIN_DECODER_COSINE}
+
+
+def feature_flow_ev(latents_i: torch.Tensor, coder_i: Coder, coder_j: Coder, x_j: torch.Tensor, spread_ratio: float,
+                    batch_tokens: int) -> float:
+    """Feature Flow's transition (Laptev et al. 2025, appendix): each latent of SAE_i is sent to its
+    top-1 decoder-cosine partner in SAE_j, and EV on x_j of decode_j(T encode_i(x_i)). A latent's
+    contribution keeps its size in data units times s_j / s_i (the spread rule of the cross-site
+    match): its value is multiplied by ||d_i|| s_j / (s_i ||d_partner||)."""
+    dec_i, dec_j = _decoding_rows(coder_i), _decoding_rows(coder_j)
+    norm_i, norm_j = dec_i.norm(dim=-1), dec_j.norm(dim=-1)
+    a, b = dec_i / norm_i.clamp(min=1e-12)[:, None], dec_j / norm_j.clamp(min=1e-12)[:, None]
+    partner = torch.cat([(a[k:k + 4096] @ b.T).argmax(1) for k in range(0, len(a), 4096)])
+    weight = norm_i * spread_ratio / norm_j[partner].clamp(min=1e-12)
+    stats = ReconstructionStats()
+    for z, x in zip(latents_i.split(batch_tokens), x_j.split(batch_tokens)):
+        mapped = torch.zeros(len(z), len(dec_j), dtype=torch.float32, device=z.device)
+        mapped.index_add_(1, partner.to(z.device), z.float() * weight.to(z.device))
+        if isinstance(coder_j, LinearCoder):
+            x_hat = mapped @ coder_j.W_dec + coder_j.b_dec
+        else:
+            x_hat = coder_j.sae.decode(mapped.to(coder_j.sae.dtype)).float()
+        stats.add(x, x_hat)
+    return stats.compute().explained_variance
+
+
+def _decoding_rows(coder: Coder) -> torch.Tensor:
+    """The rows a coder's latents multiply when it decodes (a TopK rescale's are unit norm)."""
+    return coder.W_dec if isinstance(coder, LinearCoder) else coder.sae.W_dec.detach().float()
