@@ -252,6 +252,8 @@ def transfer(
                                        "this far apart (0: none)."),
     include_special_tokens: bool = typer.Option(False, help="Count BOS/special positions too."),
     spliced: bool = typer.Option(False, help="Also splice each SAE into the model at every other site: delta CE and KL (one model pass per source per batch; slow)."),
+    twins: Optional[Path] = typer.Option(None, help="SAEs of some of the same sites trained with another seed (a run's "
+                                         "ceiling/<model> folder): the ceilings beside the figures. Floors are always computed."),
     cross_model: Optional[Path] = typer.Option(None, help="A second model's run: cross-model transfer, SAES' model -> this one's."),
     words: int = typer.Option(defaults.CROSS_MODEL_WORDS, min=10, help="With --cross-model: aligned words of the text source "
                               "(1 in 5 documents held out)."),
@@ -276,8 +278,9 @@ def transfer(
                               exclude_special_tokens=not include_special_tokens, spliced=spliced)
     with render.progress("transfer", "pairs") as report:
         matrix, written = transfer_run(saes, store, out_dir, options, hooks.split(",") if hooks else None,
-                                       progress=report)
+                                       progress=report, twins=twins)
     render.transfer_table(matrix)
+    render.references(matrix.references)
     layers = [s.layer for s in matrix.sources]
     if len(set(layers)) == len(layers) > 1:
         for metric in ("relative_transfer", "transfer_recon_ratio"):

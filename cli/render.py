@@ -202,6 +202,26 @@ def transfer_table(matrix: Any) -> None:
     out.print(table)
 
 
+def references(refs: dict) -> None:
+    """The floor and ceiling of each figure (`transfer.references`), as means over the sites measured."""
+    if not refs:
+        return
+    labels = {"relative_transfer": "relative transfer", "decoder_matched_fraction": "decoder matches",
+              "activation_matched_fraction": "activation matches", "decoder_top1_cosine_mean": "decoder top-1 cos"}
+    for metric, label in labels.items():
+        parts = []
+        for kind in ("floor", "ceiling"):
+            values = [v for v in refs.get(kind, {}).get(metric, {}).values() if v is not None]
+            if values:
+                parts.append(f"{kind} {np.mean(values):.3f} ({len(values)} site{'s' if len(values) > 1 else ''})")
+        if parts:
+            out.print(f"[bold]{label}[/bold]: " + ", ".join(parts))
+    out.print("floor: each dictionary rotated inside its site's principal subspace (no shared features); "
+              "ceiling: a second dictionary trained with another seed" if refs.get("ceiling", {}).get("relative_transfer")
+              else "floor: each dictionary rotated inside its site's principal subspace (no shared features); "
+                   "no ceiling (pass --twins)")
+
+
 def transfer_summary(s: Any) -> None:
     """One line of `transfer.summary.TransferSummary`."""
     divergence = "none" if s.divergence_layer is None else f"layer {s.divergence_layer}"

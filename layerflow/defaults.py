@@ -39,7 +39,9 @@ TRANSFER_TOKENS = 8192  # held-out tokens per site
 CALIBRATION_TOKENS = 32_768  # train tokens for each site's mean and spread (the cross-site match)
 TOP_K = 50  # latents of the notes' variance ratio, Spearman and decoder similarity
 MATCH_DISTANCE = 1  # feature matching for sites at most this far apart
+REFERENCE_SITES = 3  # sites with a seed twin (the ceiling) and a matching floor; interpolated in depth between them
 MIN_DECODER_COSINE = 0.7  # a decoder match must also reach this cosine, whatever the null says
+MIN_ACTIVATION_CORRELATION = 0.5  # and an activation match this correlation
 CROSS_MODEL_WORDS = 20_000  # aligned words of text
 MATCH_PAIRS = ("all", "same_depth", "none")  # cross-model feature matching: every pair, each source's same-depth target, none
 

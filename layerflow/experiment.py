@@ -94,6 +94,7 @@ class TransferSection:
     max_tokens: int = 4096  # the study's budget: held-out tokens per site
     top_k: int = defaults.TOP_K
     match_distance: int = defaults.MATCH_DISTANCE  # Hungarian matching for sites this close (0: none)
+    reference_sites: int = defaults.REFERENCE_SITES  # sites with a second-seed SAE, the ceilings (0: none; floors stay)
     spliced: bool = False
     exclude_special_tokens: bool = True
 
@@ -168,6 +169,9 @@ class ExperimentConfig:
                                  f"{did_you_mean(self.cross_model.match_pairs, list(defaults.MATCH_PAIRS))}")
         if self.transfer.match_distance < 0:
             raise LayerflowError(f"{where}: transfer.match_distance = {self.transfer.match_distance} must be >= 0.")
+        if self.transfer.reference_sites < 0:
+            raise LayerflowError(f"{where}: transfer.reference_sites = {self.transfer.reference_sites} must be >= 0 "
+                                 "(0: no seed twins, so no ceilings).")
         schedule = self.train.schedule()  # unknown architectures, hyperparameters and depth bands are refused here
         from layerflow.dictionaries.kinds import SAE_ARCHITECTURES, is_transcoder  # loaded by schedule() just now
 

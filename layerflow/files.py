@@ -55,6 +55,7 @@ SAE_DIR = "saes"  # a training run's SAE folders; in a run folder, one training 
 EVAL_JSON, EVAL_CSV, FREQUENCY_FILE = "evals.json", "evals.csv", "feature_frequency.safetensors"
 
 TRANSFER_DIR = "transfer"
+CEILING_DIR = "ceiling"  # in a run folder, per model: SAEs of a few sites trained with another seed (transfer ceilings)
 MATRIX_JSON, MATRIX_CSV = "transfer_matrix.json", "transfer_matrix.csv"
 MATCHED_FILE = "matched_features.json"
 SUMMARY_FILE = "summary.json"  # a transfer folder's summaries, and a run's summary
@@ -100,7 +101,7 @@ CAPTURE = FolderKind("capture", PLAN_FILE, CAPTURE_MANIFEST, "a different captur
 TRAINING_RUN = FolderKind("training run", PLAN_FILE, TRAIN_MANIFEST, "SAEs from a different training run")
 # A run folder also keeps the feature-description cache and whatever else its owner puts there.
 RUN = FolderKind("run", RUN_FILE, None, "a run with a different config", plan_key="config",
-                 owned=(ACTIVATIONS_DIR, SAE_DIR, TRANSFER_DIR, PLOTS_DIR, REPORT_FILE, SUMMARY_FILE, RUN_FILE))
+                 owned=(ACTIVATIONS_DIR, SAE_DIR, CEILING_DIR, TRANSFER_DIR, PLOTS_DIR, REPORT_FILE, SUMMARY_FILE, RUN_FILE))
 
 
 def prepare_out_dir(folder: str | Path, kind: FolderKind, plan: dict[str, Any], overwrite: bool = False) -> str:

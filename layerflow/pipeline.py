@@ -9,6 +9,7 @@ status and wall time; it is rewritten after every stage.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -21,9 +22,9 @@ from layerflow.capture.writer import CaptureConfig, capture
 from layerflow.errors import LayerflowError, did_you_mean
 from layerflow.evaluate.evals import evaluate_run
 from layerflow.experiment import ExperimentConfig
-from layerflow.files import (ACTIVATIONS_DIR, CAPTURE_MANIFEST, EVAL_JSON, MATRIX_JSON, PLOTS_DIR, REPORT_FILE, RUN,
-                             RUN_FILE, SAE_DIR, TRAIN_MANIFEST, TRANSFER_DIR, CaptureManifest, cross_dir_name,
-                             prepare_out_dir, write_json)
+from layerflow.files import (ACTIVATIONS_DIR, CAPTURE_MANIFEST, CEILING_DIR, EVAL_JSON, MATRIX_JSON, PLOTS_DIR,
+                             REPORT_FILE, RUN, RUN_FILE, SAE_DIR, TRAIN_MANIFEST, TRANSFER_DIR, CaptureManifest,
+                             cross_dir_name, prepare_out_dir, write_json)
 from layerflow.models.load import load_model
 from layerflow.models.sites import parse_kind
 from layerflow.report.findings import report_run
@@ -31,7 +32,8 @@ from layerflow.report.plots import make_plots
 from layerflow.results import RunResults
 from layerflow.train.config import TrainConfig
 from layerflow.train.trainer import train
-from layerflow.transfer.runs import cross_model_runs, transfer_run
+from layerflow.transfer.matrix import is_current_matrix
+from layerflow.transfer.runs import cross_model_runs, spread_over_depth, transfer_run
 from layerflow.transfer.within import TransferOptions
 
 STAGES = ("capture", "train", "eval", "transfer", "cross_model", "report")
@@ -162,18 +164,20 @@ def _stage_work(stage: str, cfg: ExperimentConfig, root: Path, models: _ModelCac
         return [(m.name, lambda m=m: _capture(cfg, m, root, models, report),
                  (root / ACTIVATIONS_DIR / m.name / CAPTURE_MANIFEST).exists()) for m in cfg.models]
     if stage == "train":
+        twins = [(f"{n} (seed twins)", lambda n=n: _train_twins(cfg, n, root, report),
+                  (root / CEILING_DIR / n / TRAIN_MANIFEST).exists()) for n in names if cfg.transfer.reference_sites]
         return [(n, lambda n=n: _train(cfg, n, root, models, report),
-                 (root / SAE_DIR / n / TRAIN_MANIFEST).exists()) for n in names]
+                 (root / SAE_DIR / n / TRAIN_MANIFEST).exists()) for n in names] + twins
     if stage == "eval":
         return [(n, lambda n=n: _evaluate(cfg, n, root, models), (root / SAE_DIR / n / EVAL_JSON).exists())
                 for n in names]
     if stage == "transfer":
         return [(n, lambda n=n: _transfer(cfg, n, root, models, report),
-                 (root / TRANSFER_DIR / n / MATRIX_JSON).exists()) for n in names]
+                 is_current_matrix(root / TRANSFER_DIR / n / MATRIX_JSON)) for n in names]
     if stage == "cross_model":
         pairs = [(a, b) for a in names for b in names if a != b]
         return [(f"{a} -> {b}", lambda a=a, b=b: _cross_model(cfg, a, b, root, models),
-                 (root / TRANSFER_DIR / cross_dir_name(a, b) / MATRIX_JSON).exists()) for a, b in pairs]
+                 is_current_matrix(root / TRANSFER_DIR / cross_dir_name(a, b) / MATRIX_JSON)) for a, b in pairs]
     return [("report", lambda: write_outputs(root), (root / REPORT_FILE).exists())]
 
 
@@ -187,12 +191,23 @@ def _capture(cfg: ExperimentConfig, entry, root: Path, models: _ModelCache, repo
 
 
 def _train(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache, report: Progress) -> None:
-    t = cfg.train
-    train_cfg = TrainConfig(str((root / ACTIVATIONS_DIR / name).resolve()), schedule=t.schedule(), steps=t.steps,
-                            epochs=t.epochs, batch_tokens=t.batch_tokens, checkpoint_every=t.checkpoint_every,
-                            seed=cfg.seed)
-    train(train_cfg, root / SAE_DIR / name, evaluate=False, sae_subdir="",
+    train(_train_config(cfg, name, root), root / SAE_DIR / name, evaluate=False, sae_subdir="",
           progress=lambda done, total: report("train", name, done, total))
+
+
+def _train_twins(cfg: ExperimentConfig, name: str, root: Path, report: Progress) -> None:
+    """Second-seed SAEs at a few sites spread over depth: the ceilings of the transfer figures."""
+    hooks = [s.hook_name for s in CaptureManifest.read(root / ACTIVATIONS_DIR / name).sites]
+    twin_cfg = dataclasses.replace(_train_config(cfg, name, root), hooks=spread_over_depth(hooks, cfg.transfer.reference_sites),
+                                   seed=cfg.seed + 1)
+    train(twin_cfg, root / CEILING_DIR / name, evaluate=False, sae_subdir="",
+          progress=lambda done, total: report("train", f"{name} (seed twins)", done, total))
+
+
+def _train_config(cfg: ExperimentConfig, name: str, root: Path) -> TrainConfig:
+    t = cfg.train
+    return TrainConfig(str((root / ACTIVATIONS_DIR / name).resolve()), schedule=t.schedule(), steps=t.steps,
+                       epochs=t.epochs, batch_tokens=t.batch_tokens, checkpoint_every=t.checkpoint_every, seed=cfg.seed)
 
 
 def _evaluate(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache) -> None:
@@ -203,8 +218,11 @@ def _evaluate(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache)
 def _transfer(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache, report: Progress) -> None:
     t = cfg.transfer
     options = TransferOptions(max_tokens=t.max_tokens, top_k=t.top_k, match_distance=t.match_distance, spliced=t.spliced,
-                              exclude_special_tokens=t.exclude_special_tokens, seed=cfg.seed, device=cfg.device)
+                              exclude_special_tokens=t.exclude_special_tokens, seed=cfg.seed, device=cfg.device,
+                              reference_sites=t.reference_sites)
+    twins = root / CEILING_DIR / name
     transfer_run(root / SAE_DIR / name, out_dir=root / TRANSFER_DIR / name, options=options,
+                 twins=twins if (twins / TRAIN_MANIFEST).exists() else None,
                  loaded=models.get(name) if options.spliced else None,
                  progress=lambda done, total: report("transfer", name, done, total))
 

@@ -323,3 +323,52 @@ def test_spliced_diagonal_equals_the_spliced_evals(tiny_run, tmp_path):
         assert matrix["spliced_delta_ce"][i, i] == pytest.approx(evals[site.hook_name].delta_ce, rel=1e-4, abs=1e-6)
         assert matrix["spliced_kl"][i, i] == pytest.approx(evals[site.hook_name].kl_div, rel=1e-4, abs=1e-6)
     assert np.isfinite(matrix["spliced_delta_ce"]).all()
+
+
+# ---------------------------------------------------------------- floors and ceilings
+
+
+def test_floor_is_the_dictionary_rotated_inside_the_data_subspace_and_the_ceiling_a_seed_twin(planted):
+    from layerflow.transfer.references import measure_references
+
+    hooks = [_hook(i) for i in range(4)]
+    saes = {h: true_sae(planted, i) for i, h in enumerate(hooks)}
+    acts = {h: planted.activations[i] for i, h in enumerate(hooks)}
+    calibration = Calibration.of({h: planted.train[i] for i, h in enumerate(hooks)}, covariance=True)
+    twins = {hooks[1]: true_sae(planted, 1)}  # a perfect twin: the ceiling is "the same features"
+    refs = measure_references(saes, acts, {h: i for i, h in enumerate(hooks)}, calibration, twins, seed=0)
+    # The floor, recomputed from its definition: D_i rotated inside the principal subspace, on x_i.
+    for i, h in enumerate(hooks):
+        x, sae = acts[h].double(), saes[h]
+        mu = calibration.means[h]
+        Q = calibration.rotation(h, 7919 * (i + 1)).double()
+        rotated_out = mu + (sae((mu + (x - mu) @ Q).float()).double() - mu) @ Q.T
+        ev = lambda a, a_hat: 1 - (a - a_hat).pow(2).sum() / (a - a.mean(0)).pow(2).sum()  # noqa: E731
+        expected = ev(x, rotated_out) / ev(x, sae(x.float()).double())
+        assert refs.floor["relative_transfer"][h] == pytest.approx(expected.item(), abs=1e-4)
+        assert refs.floor["relative_transfer"][h] < 0.6  # no shared features: far below the real transfer
+    assert refs.ceiling["relative_transfer"][hooks[1]] == pytest.approx(1.0, abs=1e-6)
+    assert refs.ceiling["decoder_matched_fraction"][hooks[1]] == 1.0
+    assert refs.ceiling["activation_matched_fraction"][hooks[1]] == 1.0
+    assert refs.floor["decoder_matched_fraction"][hooks[1]] < 0.05
+    assert refs.floor["activation_matched_fraction"][hooks[1]] < 0.2
+    # Between measured sites the ceiling is interpolated in depth, and says so.
+    assert refs.at("ceiling", "relative_transfer", hooks[1]) == (refs.ceiling["relative_transfer"][hooks[1]], False)
+    value, interpolated = refs.at("ceiling", "relative_transfer", hooks[3])
+    assert interpolated and value == pytest.approx(1.0, abs=1e-6)
+
+
+def test_run_writes_floors_and_ceilings_beside_the_matrix(tiny_run, tmp_path):
+    import shutil
+
+    twin_dir = tmp_path / "twins"
+    shutil.copytree(tiny_run / "run" / "saes" / "blocks.1.hook_resid_post", twin_dir / "blocks.1.hook_resid_post")
+    matrix, _ = transfer_run(tiny_run / "run", out_dir=tmp_path / "t", twins=twin_dir,
+                             options=TransferOptions(max_tokens=1024, match_distance=1))
+    refs = matrix.references
+    assert refs["ceiling"]["relative_transfer"] == {"blocks.1.hook_resid_post": pytest.approx(1.0, abs=1e-9)}
+    assert set(refs["floor"]["relative_transfer"]) == {"blocks.0.hook_resid_post", "blocks.1.hook_resid_post"}
+    assert TransferMatrix.read(tmp_path / "t").references == refs
+    with pytest.raises(LayerflowError, match="seed twins in .* are for none of the sites"):
+        transfer_run(tiny_run / "run", out_dir=tmp_path / "u", twins=twin_dir, hooks=["blocks.0.hook_resid_post"],
+                     options=TransferOptions(max_tokens=256, match_distance=0))

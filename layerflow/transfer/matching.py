@@ -19,7 +19,11 @@ Definitions (rows of a dictionary are its latents' decoder directions):
   correlations look smaller than they are.)
 - A matched pair is significant when its similarity exceeds both the `null_quantile` quantile of
   the null's matched similarities (one seeded null draw) and an absolute floor (`min_similarity`;
-  decoder matches default to a cosine of 0.7, `defaults.MIN_DECODER_COSINE`).
+  by default a decoder cosine of 0.7 and an activation correlation of 0.5, in `defaults`). The
+  floor matters most for activations: latents of any two dictionaries read from the same tokens
+  are linear functions of related inputs, so weak correlations beat a shuffled null easily (a
+  dictionary rotated inside the data's subspace, which shares no feature, "matches" every latent
+  at p < 0.01 in a planted test).
 """
 
 from __future__ import annotations
@@ -205,12 +209,14 @@ def match_activations(
     seed: int = 0,
     chunk: int = 8192,
     sequences: Int[Tensor, " t"] | None = None,
+    min_correlation: float = defaults.MIN_ACTIVATION_CORRELATION,
 ) -> FeatureMatching:
     """One-to-one matching maximising total activation correlation among live latents.
 
     Indices refer to the original rows. Null: the same matching with B's tokens shifted by whole
     sequences (`null_shift`; `sequences` gives each token's sequence, tokens of a sequence
-    consecutive). Tokens are streamed `chunk` at a time into float64 sums.
+    consecutive). A match must beat the null's quantile and `min_correlation`. Tokens are streamed
+    `chunk` at a time into float64 sums.
     """
     lat_a, lat_b = torch.as_tensor(lat_a), torch.as_tensor(lat_b)
     if len(lat_a) != len(lat_b):
@@ -223,7 +229,7 @@ def match_activations(
     live_a, live_b = (np.flatnonzero(m) for m in real.live())
     rows, cols, sim = _hungarian(real.compute()[np.ix_(live_a, live_b)])
     *_, null_sim = _hungarian(null.compute()[np.ix_(live_a, live_b)])
-    return _result("activation", live_a[rows], live_b[cols], sim, null_sim, null_quantile)
+    return _result("activation", live_a[rows], live_b[cols], sim, null_sim, null_quantile, min_correlation)
 
 
 def null_shift(n_tokens: int, sequences: Int[Tensor, " t"] | None, seed: int) -> int:

@@ -12,7 +12,9 @@ JSON schema (`schema_version` 2; version 1 matched the norm only, and is refused
      "sources": [site...], "targets": [site...],         # site: model, hook_name, layer, n_layers, kind
      "metrics": {name: [[value per target] per source]},  # NaN written as null
      "metric_docs": {name: text},
-     "settings": {...}}                                    # how it was computed (tokens, options)
+     "settings": {...},                                    # how it was computed (tokens, options)
+     "references": {"floor": {metric: {hook: value}}, "ceiling": {...}, "layers": {hook: layer}, "how": {...}}}
+                                                           # optional: `references.py`
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ class TransferMatrix:
     metrics: dict[str, np.ndarray]  # name -> float64 [len(sources), len(targets)]; NaN = not computed
     settings: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. matched feature pairs; not serialized here
+    references: dict[str, Any] = field(default_factory=dict)  # floors and ceilings (`references.References.to_dict`)
 
     def __post_init__(self) -> None:
         if self.kind not in PAIR_TYPES:
@@ -177,6 +180,7 @@ class TransferMatrix:
             "metrics": {n: [[_to_float(v) for v in row] for row in m] for n, m in self.metrics.items()},
             "metric_docs": {n: d for n, d in metric_docs(self.kind).items() if n in self.metrics},
             "settings": self.settings,
+            **({"references": self.references} if self.references else {}),
         }
 
     @classmethod
@@ -191,7 +195,7 @@ class TransferMatrix:
         metrics = {n: np.array([[np.nan if v is None else v for v in row] for row in m], dtype=np.float64)
                    for n, m in data["metrics"].items()}
         return cls(data["kind"], [Site.from_dict(s) for s in data["sources"]], [Site.from_dict(s) for s in data["targets"]],
-                   metrics, data.get("settings", {}))
+                   metrics, data.get("settings", {}), references=data.get("references", {}))
 
     def to_csv(self) -> str:
         text = io.StringIO()
@@ -225,7 +229,19 @@ class TransferMatrix:
     def equals(self, other: "TransferMatrix") -> bool:
         return (self.kind == other.kind and self.sources == other.sources and self.targets == other.targets
                 and self.metrics.keys() == other.metrics.keys() and self.settings == other.settings
+                and self.references == other.references
                 and all(np.array_equal(self.metrics[n], other.metrics[n], equal_nan=True) for n in self.metrics))
+
+
+def is_current_matrix(path: str | Path) -> bool:
+    """Whether a finished matrix of this schema version is at `path` (an older one is to be recomputed)."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    try:
+        return json.loads(path.read_text()).get("schema_version") == SCHEMA_VERSION
+    except (OSError, ValueError):
+        return False
 
 
 def _to_float(v: Any) -> float | None:

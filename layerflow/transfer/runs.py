@@ -29,6 +29,7 @@ from layerflow.transfer.align import capture_aligned
 from layerflow.transfer.calibration import Calibration, SiteMatch
 from layerflow.transfer.cross_model import compare_same_depth, cross_model_matrix
 from layerflow.transfer.matrix import TransferMatrix
+from layerflow.transfer.references import References, measure_references
 from layerflow.transfer.summary import summarize
 from layerflow.transfer.within import TransferOptions, transcoder_matrix, within_model_matrix
 
@@ -50,13 +51,17 @@ def transfer_run(
     hooks: list[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
     loaded: LoadedModel | None = None,  # for options.spliced (else loaded from the store's manifest)
+    twins: str | Path | None = None,
 ) -> tuple[TransferMatrix, list[Path]]:
     """The within-model matrix of every SAE under `run` (a training run, or any folder of SAELens
     SAE folders with `store`), on the store's held-out tokens; written to `out_dir`
     (default `<run>/transfer`). Returns the matrix and the files written (manifest last).
 
     A folder of transcoders (`is_transcoder`) gets `transcoder_matrix` instead: the store must hold
-    each transcoder's input and output hooks. A folder mixing SAEs and transcoders is an error."""
+    each transcoder's input and output hooks. A folder mixing SAEs and transcoders is an error.
+
+    With `options.references`, SAE matrices carry floors and ceilings (`references.py`): `twins`
+    is a folder of SAEs of some of the same sites trained with another seed (a run's `ceiling/`)."""
     run = Path(run)
     saes = load_saes(run, hooks)
     transcoders = _folder_of_transcoders(saes, run)
@@ -72,11 +77,15 @@ def transfer_run(
     sites = sites_of_store(activation_store, list(saes))
     hooks_needed = list(dict.fromkeys(h for s in sites for h in needed[s.hook_name]))
     activations = activation_store.heldout(hooks_needed, options.max_tokens, options.exclude_special_tokens)
+    with_references = options.references and not transcoders
     calibration = store_calibration(activation_store, hooks_needed, options.calibration_tokens,
-                                    options.exclude_special_tokens, covariance=bool(options.match_distance))
+                                    options.exclude_special_tokens,
+                                    covariance=bool(options.match_distance) or with_references)
     sequences = activation_store.heldout_sequences(options.max_tokens, options.exclude_special_tokens)
     compute = transcoder_matrix if transcoders else within_model_matrix
     matrix = compute(saes, activations, sites, calibration, options, progress, sequences)
+    if with_references:
+        matrix.references = _references(saes, activations, sites, calibration, twins, sequences, options).to_dict()
     if options.spliced:
         loaded = loaded or load_model(activation_store.manifest.model["name"])
         _add_spliced(matrix, saes, activation_store, loaded, calibration, options)
@@ -94,6 +103,30 @@ def _folder_of_transcoders(saes: dict[str, SAE], folder: Path) -> bool:
         raise LayerflowError(f"'{folder}' mixes transcoders ({', '.join(tcs)}) and SAEs ({', '.join(plain)}): a "
                              "transfer matrix compares one kind. Put them in separate folders, or pass --hooks.")
     return any(kinds.values())
+
+
+def _references(saes: dict[str, SAE], activations: dict[str, torch.Tensor], sites: list[Site],
+                calibration: Calibration, twins: str | Path | None, sequences: torch.Tensor,
+                options: TransferOptions) -> References:
+    """Floors at every site, ceilings where `twins` has a seed twin, matching floors at the twins'
+    sites (or, without twins, at `options.reference_sites` sites spread over depth)."""
+    twin_saes = {}
+    if twins is not None:
+        twin_saes = {h: sae for h, sae in load_saes(Path(twins)).items() if h in saes}
+        if not twin_saes:
+            raise LayerflowError(f"The seed twins in '{twins}' are for none of the sites compared "
+                                 f"({', '.join(s.hook_name for s in sites)}).")
+    reference_hooks = list(twin_saes) or spread_over_depth([s.hook_name for s in sites], options.reference_sites)
+    return measure_references({s.hook_name: saes[s.hook_name] for s in sites}, activations,
+                              {s.hook_name: s.layer for s in sites}, calibration, twin_saes, reference_hooks, sequences,
+                              options.batch_tokens, options.null_quantile, options.seed, options.device)
+
+
+def spread_over_depth(hooks: list[str], n: int) -> list[str]:
+    """`n` of `hooks` (in depth order) spread over depth: the middles of n equal slices."""
+    if n <= 0 or not hooks:
+        return []
+    return list(dict.fromkeys(hooks[min(len(hooks) - 1, int((k + 0.5) * len(hooks) / n))] for k in range(n)))
 
 
 def store_calibration(store: ActivationStore, hooks: list[str], max_tokens: int | None,

@@ -59,6 +59,8 @@ class TransferOptions:
     match_distance: int = defaults.MATCH_DISTANCE  # Hungarian matching for pairs at most this many sites apart (0 = none)
     null_quantile: float = 0.99
     exclude_special_tokens: bool = True
+    references: bool = True  # floors (and, given seed twins, ceilings) beside the matrix: `references.py`
+    reference_sites: int = defaults.REFERENCE_SITES  # sites where matching floors are measured without twins
     spliced: bool = False  # also splice SAE_i (matched) into the model at site j: delta CE and KL
     device: str = defaults.DEVICE  # where the pair kernel runs ("cuda" for large matrices); sums stay float64 on the CPU
     seed: int = defaults.SEED
