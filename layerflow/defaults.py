@@ -43,6 +43,8 @@ REFERENCE_SITES = 3  # sites with a seed twin (the ceiling) and a matching floor
 MIN_DECODER_COSINE = 0.7  # a decoder match must also reach this cosine, whatever the null says
 MIN_ACTIVATION_CORRELATION = 0.5  # and an activation match this correlation
 CROSS_MODEL_WORDS = 20_000  # aligned words of text
+CROSS_MODEL_DOCUMENTS = 72  # cross-model words are spread over about this many documents (the shipped corpus has 73)
+HELDOUT_EVERY = 3  # cross-model: every 3rd document is held out (the permutation tests shuffle whole documents)
 MATCH_PAIRS = ("all", "same_depth", "none")  # cross-model feature matching: every pair, each source's same-depth target, none
 
 # features

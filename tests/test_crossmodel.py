@@ -21,7 +21,8 @@ from layerflow.transfer import TransferMatrix
 from layerflow.transfer.align import (AlignedActivations, align_words, capture_aligned, split_document, tokenize_text,
                                       word_ends)
 from layerflow.transfer.cross_model import (benjamini_hochberg, compare_same_depth, cross_model_matrix, fit_affine,
-                                            fit_stitch, linear_cka, same_depth_pairs)
+                                            document_permutations, fit_stitch, linear_cka, match_features,
+                                            paired_svcca, same_depth_pairs)
 
 R0, R1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 
@@ -186,7 +187,71 @@ def test_linear_cka_definition_and_invariances():
     w = torch.randn(200, 7, generator=g, dtype=torch.float64) + z[:, :7]
     zc, wc = z - z.mean(0), w - w.mean(0)
     feature_form = (zc.T @ wc).norm() ** 2 / ((zc.T @ zc).norm() * (wc.T @ wc).norm())
-    assert linear_cka(z, w) == pytest.approx(float(feature_form))
+    assert linear_cka(z, w, debiased=False) == pytest.approx(float(feature_form))
+    # The debiased estimator, recomputed from the unbiased HSIC's U-statistic form (Song et al. 2012).
+    def hsic1(k, l):  # noqa: E306
+        n = len(k)
+        k, l = k.clone().fill_diagonal_(0), l.clone().fill_diagonal_(0)
+        ones = torch.ones(n, dtype=torch.float64)
+        return ((k * l).sum() + (ones @ k @ ones) * (ones @ l @ ones) / ((n - 1) * (n - 2))
+                - 2 / (n - 2) * (ones @ k @ l @ ones)) / (n * (n - 3))
+    k, l = z @ z.T, w @ w.T
+    expected = hsic1(k, l) / (hsic1(k, k) * hsic1(l, l)).sqrt()
+    assert linear_cka(z, w) == pytest.approx(float(expected), rel=1e-9)
+
+
+@pytest.mark.parametrize("latents,biased_at_least", [(4096, 0.5), (16_384, 0.75)])
+def test_debiased_cka_is_near_zero_for_independent_wide_sparse_codes(latents, biased_at_least):
+    # Independent sparse codes, many more latents than words: the plain estimator reads ~0.6 / ~0.83.
+    g = torch.Generator().manual_seed(latents)
+    n, k = 2048, 32
+    codes = []
+    for _ in range(2):
+        z = torch.zeros(n, latents)
+        z.scatter_(1, torch.rand(n, latents, generator=g).topk(k, dim=1).indices, torch.rand(n, k, generator=g) + 1)
+        codes.append(z)
+    assert linear_cka(*codes, debiased=False) > biased_at_least
+    assert abs(linear_cka(*codes)) < 0.02
+    assert linear_cka(codes[0], codes[0] * 3) == pytest.approx(1.0)
+
+
+def test_document_permutations_move_whole_documents():
+    documents = torch.tensor([0] * 5 + [1] * 7 + [2] * 6 + [3] * 2 + [4] * 6)
+    rows, perms = document_permutations(documents, max_words=100, n_perm=20, seed=0)
+    # w = the median length (6): documents 0 and 3 (5 and 2 words) are left out, the others give their first 6.
+    assert rows.tolist() == [*range(5, 11), *range(12, 18), *range(20, 26)]
+    kept_docs = documents[rows].reshape(-1, 6)
+    assert kept_docs[:, 0].tolist() == [1, 2, 4] and (kept_docs == kept_docs[:, :1]).all()
+    for perm in perms:
+        blocks = perm.reshape(-1, 6)
+        assert (blocks // 6 == blocks[:, :1] // 6).all() and (blocks % 6 == torch.arange(6)).all()
+    rows, perms = document_permutations(torch.zeros(10, dtype=torch.long), 100, 5, 0)
+    assert rows.tolist() == list(range(10)) and perms == []  # one document: nothing to permute
+
+
+def test_document_permutations_keep_p_values_honest_under_dependence():
+    # Two unrelated signals that each hold one value per document (e.g. its topic): a permutation of
+    # single words calls them correlated, a permutation of whole documents does not.
+    g = torch.Generator().manual_seed(0)
+    n_docs, w = 20, 50
+    documents = torch.arange(n_docs).repeat_interleave(w)
+    a_train, b_train, a, b = (torch.randn(n_docs, 40, generator=g).repeat_interleave(w, 0) for _ in range(4))
+    by_documents = match_features(a_train, b_train, a, b, n_perm=200, documents=documents)
+    by_words = match_features(a_train, b_train, a, b, n_perm=200)
+    assert by_documents.significant.mean() < 0.1
+    assert by_words.significant.mean() > 0.3  # one-sided: nearly every positive chance correlation
+
+
+def test_paired_svcca_finds_a_shared_geometry_and_reports_its_components():
+    g = torch.Generator().manual_seed(1)
+    n, d_a, d_b = 400, 64, 80
+    rows_a = torch.randn(n, d_a, generator=g)
+    to_b = torch.randn(d_a, d_b, generator=g)
+    same = paired_svcca(rows_a, rows_a @ to_b + 0.01 * torch.randn(n, d_b, generator=g), n_perm=50)
+    assert same.score > 0.95 and same.p_value == pytest.approx(1 / 51)
+    assert all(1 < k <= n // 4 for k in same.components)  # not just one
+    unrelated = paired_svcca(rows_a, torch.randn(n, d_b, generator=g), n_perm=50)
+    assert unrelated.p_value > 0.05
 
 
 # --- planted cross-"model" transfer --------------------------------------------------------------
@@ -259,14 +324,15 @@ def test_matching_only_same_depth_pairs_leaves_the_rest_nan(planted_matrix):
     to_b, shift = torch.randn(128, 160, generator=g) / 128**0.5, torch.randn(160, generator=g)
     saes_b = {hook: _mapped_sae(sae, to_b, shift) for hook, sae in saes_a.items()}
     same = cross_model_matrix(saes_a, saes_b, aligned, n_perm=100, n_perm_features=200, match_pairs="same_depth")
-    matched = ("fraction_features_with_partner", "matched_feature_correlation_mean")
+    matched = ("fraction_features_with_partner", "matched_feature_correlation_mean", "paired_svcca",
+               "paired_svcca_p_value", "paired_svcca_pairs", "paired_svcca_components")
     for name in same.metrics:
         for i in (0, 1):
             for j in (0, 1):
                 if name in matched and i != j:
                     assert np.isnan(same[name][i, j])  # not matched
                 else:
-                    assert same[name][i, j] == pytest.approx(full[name][i, j])  # the same figures as matching all
+                    assert same[name][i, j] == pytest.approx(full[name][i, j], nan_ok=True)  # as when matching all
     assert set(same.extras["matched_features"]) == {(R0, R0), (R1, R1)}
     with pytest.raises(LayerflowError, match="Unknown match_pairs 'some'. Valid: all, same_depth, none"):
         cross_model_matrix(saes_a, saes_b, aligned, match_pairs="some")
@@ -354,6 +420,9 @@ def test_capture_and_matrix_on_real_models(smollm2, gemma3, tmp_path):
     assert matrix.targets == [SiteId("gemma3-270m", hooks_b[0], 2, 18, "resid_post"),
                               SiteId("gemma3-270m", hooks_b[1], 4, 18, "mlp_out")]
     assert set(matrix.extras["matched_features"]) == {(a, b) for a in hooks_a for b in hooks_b}
+    # One held-out document: nothing to permute, so no p-values rather than p-values that mean nothing.
+    assert np.isnan(matrix["cka_p_value"]).all() and np.isnan(matrix["fraction_features_with_partner"]).all()
+    assert matrix.settings["permutations"].startswith("none") and np.isfinite(matrix["cka"]).all()
     json_path, _ = matrix.write(tmp_path)
     assert TransferMatrix.read(json_path).equals(matrix)
 

@@ -17,8 +17,10 @@ Two tokenizers cut a text differently; a word is where both agree. Definitions:
   Each chunk is tokenized on its own, exactly as the models read it. A single word longer than a
   chunk is dropped.
 - Split: documents are numbered in the order given; document i is held out when
-  i % heldout_every == heldout_every - 1 (with the default 5: documents 4, 9, 14, ...), else it is
+  i % heldout_every == heldout_every - 1 (with the default 3: documents 2, 5, 8, ...), else it is
   train. Every word carries its document's split.
+- Junk words (`junk`): a word with no letter or digit, or the first word of a chunk (next to the
+  BOS, where activations are outliers); paired SVCCA leaves out features that fire mostly there.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from layerflow import defaults
 from layerflow.errors import LayerflowError
 from layerflow.models.load import LoadedModel
 from layerflow.models.sites import Site, parse_hook_name, prepare_hooks, site_at
@@ -69,10 +72,18 @@ def word_positions(tokens: TokenizedText, ends: Int[np.ndarray, " words"]) -> In
     return np.array([last.get(int(e), -1) for e in ends], dtype=np.int64)
 
 
-def _align(a: TokenizedText, b: TokenizedText, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _align(a: TokenizedText, b: TokenizedText, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(positions in a, positions in b) of the words that align, and which words those are."""
     pos_a, pos_b = word_positions(a, ends), word_positions(b, ends)
     keep = (pos_a >= 0) & (pos_b >= 0)
-    return pos_a[keep], pos_b[keep]
+    return pos_a[keep], pos_b[keep], keep
+
+
+def _junk_words(text: str) -> np.ndarray:
+    """Per word of `text`: no letter or digit, or the first word."""
+    junk = np.array([not any(ch.isalnum() for ch in m.group()) for m in WORD.finditer(text)], dtype=bool)
+    junk[:1] = True
+    return junk
 
 
 def align_words(
@@ -84,7 +95,7 @@ def align_words(
     `len(word_ends(text)) - len(pos_a)`.
     """
     ends = word_ends(text)
-    return _align(tokenize_text(tok_a, text, prepend_bos[0]), tokenize_text(tok_b, text, prepend_bos[1]), ends)
+    return _align(tokenize_text(tok_a, text, prepend_bos[0]), tokenize_text(tok_b, text, prepend_bos[1]), ends)[:2]
 
 
 def split_document(text: str, tokenizers: Sequence[Any], max_tokens: Sequence[int]) -> list[str]:
@@ -135,6 +146,7 @@ class AlignedActivations:
     n_dropped: int  # words of the documents read that did not align (or fit in no chunk)
     context_size: int
     heldout_every: int
+    junk: Bool[Tensor, " words"] | None = None  # a word of punctuation only, or the first word of its chunk
 
     @property
     def n_words(self) -> int:
@@ -167,6 +179,7 @@ class _Chunk:
     tokens_b: np.ndarray
     pos_a: np.ndarray
     pos_b: np.ndarray
+    junk: np.ndarray  # per aligned word: punctuation only, or the chunk's first word (an attention sink's neighbour)
 
 
 def _chunks(loaded_a: LoadedModel, loaded_b: LoadedModel, documents: Iterable[str], context_size: int,
@@ -182,7 +195,7 @@ def _chunks(loaded_a: LoadedModel, loaded_b: LoadedModel, documents: Iterable[st
         for piece in pieces:
             ta, tb = tokenize_text(tok_a, piece, bos_a), tokenize_text(tok_b, piece, bos_b)
             ends = word_ends(piece)
-            pos_a, pos_b = _align(ta, tb, ends)
+            pos_a, pos_b, aligned = _align(ta, tb, ends)
             n_dropped += len(ends) - len(pos_a)
             budget = len(pos_a)
             if max_words is not None:
@@ -190,7 +203,8 @@ def _chunks(loaded_a: LoadedModel, loaded_b: LoadedModel, documents: Iterable[st
             if max_words_per_document is not None:
                 budget = min(budget, max_words_per_document - doc_words)
             if budget > 0:
-                chunks.append(_Chunk(doc_index, ta.ids, tb.ids, pos_a[:budget], pos_b[:budget]))
+                chunks.append(_Chunk(doc_index, ta.ids, tb.ids, pos_a[:budget], pos_b[:budget],
+                                     _junk_words(piece)[aligned][:budget]))
                 n_words, doc_words = n_words + budget, doc_words + budget
             if budget < len(pos_a):
                 break
@@ -240,14 +254,16 @@ def capture_aligned(
     context_size: int = 128,
     max_words: int | None = 20_000,
     max_words_per_document: int | None = 1000,
-    heldout_every: int = 5,
+    heldout_every: int = defaults.HELDOUT_EVERY,
     batch_size: int = 8,
 ) -> AlignedActivations:
     """Run both models on the same chunks of `documents` and keep their activations at aligned words.
 
     Reading stops after `max_words` aligned words, and after `max_words_per_document` within each
-    document, so that a small budget still spans many documents and both splits (the shipped
-    corpus's documents hold about 11,700 words each: the defaults read 20 of them, 4 held out).
+    document, so that a small budget still spans many documents and both splits: the statistics
+    permute whole held-out documents, so their number bounds what a p-value can mean
+    (`cross_model_runs` spreads its words over every document of the shipped corpus's 73, 24 of
+    them held out).
     """
     for loaded in (loaded_a, loaded_b):
         if loaded.tokenizer is None:
@@ -267,4 +283,5 @@ def capture_aligned(
         acts_b=_gather(loaded_b, list(hooks_b), [c.tokens_b for c in chunks], [c.pos_b for c in chunks], batch_size),
         heldout=document % heldout_every == heldout_every - 1,
         document=document, n_dropped=n_dropped, context_size=context_size, heldout_every=heldout_every,
+        junk=torch.from_numpy(np.concatenate([c.junk for c in chunks])),
     )

@@ -11,18 +11,22 @@ The words come from `align.capture_aligned`. Definitions:
   relative_transfer = stitched / target EV (NaN when the target EV is not positive). The round
   trip alone explains some variance even between unrelated sites (it shrinks x_B along spurious
   train-set canonical directions, of order d / n_train); the SAE in the middle removes it.
-- CKA: linear CKA between the latent matrices Z_A = SAE_A.encode(x_A), Z_B = SAE_B.encode(x_B)
-  on the same held-out words (at most `cka_max_words` of them, a seeded subset shared by every
-  pair): HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) with K = Z_A Z_A^T, L = Z_B Z_B^T, both
-  double-centered, HSIC(K, L) = sum(Kc * Lc). p-value: (1 + #{perm: CKA >= observed}) /
-  (1 + n_perm), B's words permuted (seeded permutations shared by every pair).
+- CKA: debiased linear CKA between the latent matrices Z_A = SAE_A.encode(x_A), Z_B = SAE_B.encode(x_B)
+  on the same held-out words: HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) with K = Z_A Z_A^T and
+  L = Z_B Z_B^T U-centered (`centered_gram`), HSIC(K, L) = sum(Kc * Lc), the unbiased estimator.
+  The plain (double-centered) estimator is biased upward when latents outnumber words: independent
+  sparse codes with 4096 latents on 2048 words give about 0.6, with 16,384 about 0.83.
+  p-value: (1 + #{perm: CKA >= observed}) / (1 + n_perm), whole held-out documents of B permuted
+  (`document_permutations`: each document contributes the same number of words, at most
+  `cka_max_words` in all; the permutations are shared by every pair).
 - Feature matching: Pearson correlation between every live latent of SAE_A (x_A) and every live
   latent of SAE_B (x_B) on train words (live: non-zero variance on train words;
   `layerflow.matching.ActivationCorrelation`), then the one-to-one assignment maximising total
   correlation (Hungarian). Each matched pair's held-out correlation is tested one-sided against
-  `n_perm_features` permutations of B's held-out words (shared by all pairs): p =
+  `n_perm_features` permutations of B's held-out documents (shared by all pairs): p =
   (1 + #{perm: r >= observed}) / (1 + n_perm_features). A latent constant on the held-out words
-  has held-out correlation 0 and p = 1. Benjamini-Hochberg at `fdr` over the matched pairs.
+  has held-out correlation 0 and p = 1. The permutations move whole held-out documents, as for CKA.
+  Benjamini-Hochberg at `fdr` over the matched pairs.
   fraction_features_with_partner = significant pairs / SAE_A's live latents;
   matched_feature_correlation_mean = mean held-out correlation over matched pairs.
   With P permutations no p-value is below 1/(P + 1), so BH at fdr q rejects nothing unless at
@@ -31,6 +35,10 @@ The words come from `align.capture_aligned`. Definitions:
 - Cost: per target site a [cka words]^2 float64 Gram matrix is kept (32 MB at 2048 words); train
   latents are streamed ENCODE_BATCH words at a time into ActivationCorrelation's float64
   [d_sae_A, d_sae_B] sums; the Hungarian step is cubic in the number of live latents.
+- Paired SVCCA (Lan et al. 2024), for matched pairs: the significant pairs, less those whose
+  features fire mostly on junk words (`align.AlignedActivations.junk`); SVCCA over their paired
+  decoder rows (`svcca`); p-value against shuffles of the pairing. The number of singular
+  directions kept is reported (Lan et al.'s public code keeps one by mistake).
 - Same depth: each source is paired with the target of nearest relative depth
   (`Site.relative_depth`, ties to the shallower target).
 """
@@ -134,15 +142,31 @@ def _ev(x: Tensor, x_hat: Tensor) -> float:
     return reconstruction_metrics(x, x_hat).explained_variance
 
 
-def centered_gram(z: Float[Tensor, "n f"]) -> Float[Tensor, "n n"]:
-    """Double-centered linear kernel H Z Z^T H (float64)."""
-    zc = z.double() - z.double().mean(0)
-    return zc @ zc.T
+def centered_gram(z: Float[Tensor, "n f"], debiased: bool = True) -> Float[Tensor, "n n"]:
+    """The linear kernel Z Z^T (float64), U-centered (diagonal 0; the unbiased HSIC estimator of
+    Song et al. 2012, as in Kornblith et al.'s debiased CKA) or, with `debiased=False`,
+    double-centered H Z Z^T H."""
+    z = z.double()
+    if not debiased:
+        zc = z - z.mean(0)
+        return zc @ zc.T
+    n = len(z)
+    if n < 4:
+        raise LayerflowError(f"Debiased CKA needs at least 4 items, got {n}.")
+    gram = z @ z.T
+    gram.fill_diagonal_(0)
+    means = gram.sum(0) / (n - 2)
+    means -= means.sum() / (2 * (n - 1))
+    gram -= means[:, None] + means[None, :]
+    return gram.fill_diagonal_(0)
 
 
-def linear_cka(z_a: Float[Tensor, "n fa"], z_b: Float[Tensor, "n fb"]) -> float:
-    """Linear CKA between two representations of the same n items (NaN if either is constant)."""
-    return _cka_with_p(centered_gram(z_a), centered_gram(z_b), [])[0]
+def linear_cka(z_a: Float[Tensor, "n fa"], z_b: Float[Tensor, "n fb"], debiased: bool = True) -> float:
+    """Linear CKA between two representations of the same n items (NaN if either is constant).
+
+    Debiased by default: the plain estimator is biased upward when features outnumber items
+    (independent sparse codes with 4096 latents on 2048 words give about 0.6)."""
+    return _cka_with_p(centered_gram(z_a, debiased), centered_gram(z_b, debiased), [])[0]
 
 
 def _cka_with_p(kc: Tensor, lc: Tensor, perms: list[Tensor]) -> tuple[float, float]:
@@ -150,6 +174,8 @@ def _cka_with_p(kc: Tensor, lc: Tensor, perms: list[Tensor]) -> tuple[float, flo
     if norm == 0:
         return math.nan, math.nan
     observed = float((kc * lc).sum() / norm)
+    if not perms:
+        return observed, math.nan
     exceed = sum(float((kc * lc[p][:, p]).sum() / norm) >= observed - 1e-12 for p in perms)
     return observed, (1 + exceed) / (1 + len(perms))
 
@@ -177,30 +203,110 @@ def benjamini_hochberg(p: Float[np.ndarray, " m"], fdr: float = 0.05) -> Bool[np
 def match_features(
     train_a: Float[Tensor, "n_train fa"], train_b: Float[Tensor, "n_train fb"],
     heldout_a: Float[Tensor, "n_heldout fa"], heldout_b: Float[Tensor, "n_heldout fb"],
-    n_perm: int = 1000, fdr: float = 0.05, seed: int = 0,
+    n_perm: int = 1000, fdr: float = 0.05, seed: int = 0, documents: Int[Tensor, " n_heldout"] | None = None,
 ) -> MatchedFeatures:
-    """Hungarian matching on train-word correlation, then held-out correlation, permutation p and BH."""
+    """Hungarian matching on train-word correlation, then held-out correlation, permutation p and BH.
+    With `documents` (each held-out word's document) the permutations move whole documents."""
     corr = ActivationCorrelation()
     corr.add(train_a, train_b)
-    return _test_matches(corr, heldout_a, heldout_b, n_perm, fdr, seed)
+    if documents is None:
+        g = torch.Generator().manual_seed(seed)
+        rows, perms = torch.arange(len(heldout_a)), [torch.randperm(len(heldout_b), generator=g) for _ in range(n_perm)]
+    else:
+        rows, perms = document_permutations(documents, len(heldout_a), n_perm, seed)
+    return _test_matches(corr, heldout_a[rows], heldout_b[rows], perms, fdr)
 
 
-def _test_matches(corr: ActivationCorrelation, heldout_a: Tensor, heldout_b: Tensor, n_perm: int, fdr: float,
-                  seed: int) -> MatchedFeatures:
+def document_permutations(documents: Int[Tensor, " n"], max_words: int, n_perm: int,
+                          seed: int) -> tuple[Int[Tensor, " m"], list[Int[Tensor, " m"]]]:
+    """Rows to test on, and `n_perm` permutations of them that move whole documents.
+
+    Each document contributes its first w words, w = min(the median document's length,
+    max_words // documents); shorter documents are left out. A permutation sends document d's
+    k-th word to document pi(d)'s k-th word, so the dependence between nearby words survives and
+    only the pairing of documents is broken (a permutation of single words would make chance
+    correlations look smaller than they are)."""
+    docs, counts = torch.unique_consecutive(documents, return_counts=True)
+    if len(docs) != len(torch.unique(documents)):
+        raise LayerflowError("The words of each document must be consecutive.")
+    w = int(min(counts.double().median().item(), max(1, max_words // len(docs))))
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)[:-1]])
+    kept = starts[counts >= w]
+    if len(kept) < 2:
+        return torch.arange(min(len(documents), max_words)), []
+    blocks = kept[:, None] + torch.arange(w)[None, :]  # [documents, w] row indices
+    rows = blocks.reshape(-1)
+    positions = torch.arange(len(rows)).reshape(len(kept), w)
+    g = torch.Generator().manual_seed(seed)
+    return rows, [positions[torch.randperm(len(kept), generator=g)].reshape(-1) for _ in range(n_perm)]
+
+
+def _test_matches(corr: ActivationCorrelation, heldout_a: Tensor, heldout_b: Tensor, perms: list[Tensor],
+                  fdr: float) -> MatchedFeatures:
     live_a, live_b = (np.flatnonzero(m) for m in corr.live())
     sim = corr.compute()[np.ix_(live_a, live_b)]
     rows, cols = linear_sum_assignment(sim, maximize=True)
     src, tgt = live_a[rows], live_b[cols]
     a, b = _standardize(heldout_a[:, src]), _standardize(heldout_b[:, tgt])
     observed = (a * b).sum(0)
-    g = torch.Generator().manual_seed(seed)
     exceed = torch.zeros(len(src), dtype=torch.long)
-    for _ in range(n_perm):
-        exceed += (a * b[torch.randperm(len(b), generator=g)]).sum(0) >= observed - 1e-12
+    for perm in perms:
+        exceed += (a * b[perm]).sum(0) >= observed - 1e-12
     live_heldout = (a.abs().sum(0) > 0) & (b.abs().sum(0) > 0)
-    p = torch.where(live_heldout, (1 + exceed) / (1 + n_perm), torch.ones(())).double().numpy()
+    p = torch.where(live_heldout, (1 + exceed) / (1 + len(perms)), torch.ones(())).double().numpy()
+    if not perms:  # nothing to permute: no test
+        p = np.full(len(src), np.nan)
     return MatchedFeatures(src.astype(np.int64), tgt.astype(np.int64), sim[rows, cols].astype(np.float64),
                            observed.numpy(), p, benjamini_hochberg(p, fdr), len(live_a))
+
+
+# --- paired SVCCA (Lan et al. 2024) --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairedSVCCA:
+    score: float  # mean canonical correlation between the paired decoder rows
+    p_value: float  # against shuffles of the pairing
+    components: tuple[int, int]  # singular directions kept on each side
+    n_pairs: int  # pairs used (significant matches whose features are not junk)
+
+
+def svcca(a: Float[Tensor, "n da"], b: Float[Tensor, "n db"], variance_kept: float = 0.99,
+          max_fraction: float = 0.25) -> tuple[float, tuple[int, int]]:
+    """SVCCA between two matrices of the same n items (rows): each side centered and reduced to its
+    top singular directions holding `variance_kept` of its variance (at most `max_fraction` n of
+    them, so that CCA does not fit noise), then the mean canonical correlation."""
+    reduced, kept = [], []
+    for m in (a, b):
+        m = m.double() - m.double().mean(0)
+        u, sv, _ = torch.linalg.svd(m, full_matrices=False)
+        share = (sv ** 2).cumsum(0) / (sv ** 2).sum()
+        k = int((share < variance_kept).sum().item()) + 1
+        k = max(1, min(k, int(max_fraction * len(m)), len(sv)))
+        reduced.append(u[:, :k])  # an orthonormal basis of the kept directions (CCA needs no more)
+        kept.append(k)
+    canonical = torch.linalg.svdvals(reduced[0].T @ reduced[1]).clamp(max=1.0)
+    return float(canonical.mean()), (kept[0], kept[1])
+
+
+def paired_svcca(dec_a: Float[Tensor, "n da"], dec_b: Float[Tensor, "n db"], n_perm: int = 200,
+                 seed: int = 0) -> PairedSVCCA:
+    """Lan et al.'s paired SVCCA: row i of `dec_a` and of `dec_b` are a matched pair of features;
+    p-value against `n_perm` shuffles of the pairing."""
+    if len(dec_a) < 8:
+        return PairedSVCCA(math.nan, math.nan, (0, 0), len(dec_a))
+    score, kept = svcca(dec_a, dec_b)
+    g = torch.Generator().manual_seed(seed)
+    exceed = sum(svcca(dec_a, dec_b[torch.randperm(len(dec_b), generator=g)])[0] >= score - 1e-12
+                 for _ in range(n_perm))
+    return PairedSVCCA(score, (1 + exceed) / (1 + n_perm) if n_perm else math.nan, kept, len(dec_a))
+
+
+def junk_features(latents: Float[Tensor, "words f"], junk: Bool[Tensor, " words"], top: int = 10) -> Bool[Tensor, " f"]:
+    """Features whose `top` strongest activations fall mostly (at least half) on junk words."""
+    values, rows = latents.topk(min(top, len(latents)), dim=0)
+    on_junk = (junk[rows] & (values > 0)).sum(0)
+    return on_junk * 2 >= min(top, len(latents))
 
 
 def _train_correlation(sae_a: Any, sae_b: Any, x_a: Tensor, x_b: Tensor) -> ActivationCorrelation:
@@ -213,7 +319,7 @@ def _train_correlation(sae_a: Any, sae_b: Any, x_a: Tensor, x_b: Tensor) -> Acti
 
 @dataclass(frozen=True)
 class _SiteData:
-    """One site's SAE, train/held-out activations, held-out latents, and centered Gram matrix (for CKA)."""
+    """One site's SAE, train/held-out activations, held-out latents, and U-centered Gram matrix (for CKA)."""
 
     sae: Any
     x_train: Tensor
@@ -227,32 +333,60 @@ def _site(sae: Any, acts: Tensor, heldout: Tensor, cka_words: Tensor, keep_laten
     return _SiteData(sae, acts[~heldout], acts[heldout], latents if keep_latents else None, centered_gram(latents[cka_words]))
 
 
-def _pair_metrics(a: _SiteData, b: _SiteData, maps: tuple[AffineMap, AffineMap], target_ev: float, cka_perms: list[Tensor],
-                  n_perm_features: int, fdr: float, seed: int, match: bool) -> tuple[dict[str, float], MatchedFeatures | None]:
+@dataclass(frozen=True)
+class _Tests:
+    """The permutation tests' shared draws: held-out rows in whole-document blocks and permutations of the
+    documents (CKA: `cka_rows`, `cka_perms`; matched features: `rows`, `perms`)."""
+
+    cka_rows: Tensor
+    cka_perms: list[Tensor]
+    rows: Tensor
+    perms: list[Tensor]
+    junk: Tensor | None  # per held-out word
+    n_perm_svcca: int
+    fdr: float
+    seed: int
+
+
+def _pair_metrics(a: _SiteData, b: _SiteData, maps: tuple[AffineMap, AffineMap], target_ev: float, tests: _Tests,
+                  match: bool) -> tuple[dict[str, float], MatchedFeatures | None]:
     map_ab, map_ba = maps
     x_b = b.x_heldout
     in_a = map_ba.apply(x_b)
     stitched = _ev(x_b, map_ab.apply(_reconstruct(a.sae, in_a)))
     stitch_only = _ev(x_b, map_ab.apply(in_a))
-    cka, cka_p = _cka_with_p(a.gram, b.gram, cka_perms)
+    cka, cka_p = _cka_with_p(a.gram, b.gram, tests.cka_perms)
     metrics = {
         "stitched_explained_variance": stitched,
         "stitch_only_explained_variance": stitch_only,
         "target_sae_explained_variance": target_ev,
         "relative_transfer": stitched / target_ev if target_ev > 0 else math.nan,
+        "stitched_beyond_stitch": stitched - stitch_only,
         "cka": cka,
         "cka_p_value": cka_p,
         "matched_feature_correlation_mean": math.nan,
         "fraction_features_with_partner": math.nan,
+        "paired_svcca": math.nan, "paired_svcca_p_value": math.nan, "paired_svcca_pairs": math.nan,
+        "paired_svcca_components": math.nan,
     }
     if not match:
         return metrics, None
     corr = _train_correlation(a.sae, b.sae, a.x_train, b.x_train)
-    matched = _test_matches(corr, a.latents_heldout, _encode(b.sae, x_b), n_perm_features, fdr, seed)
+    latents_b = _encode(b.sae, x_b)
+    matched = _test_matches(corr, a.latents_heldout[tests.rows], latents_b[tests.rows], tests.perms, tests.fdr)
     if len(matched.source_index):
         metrics["matched_feature_correlation_mean"] = float(matched.heldout_correlation.mean())
-    if matched.n_live_source:
+    if matched.n_live_source and tests.perms:
         metrics["fraction_features_with_partner"] = matched.significant.sum() / matched.n_live_source
+    keep = torch.from_numpy(matched.significant)
+    if tests.junk is not None:
+        keep &= ~junk_features(a.latents_heldout, tests.junk)[matched.source_index]
+        keep &= ~junk_features(latents_b, tests.junk)[matched.target_index]
+    src, tgt = matched.source_index[keep.numpy()], matched.target_index[keep.numpy()]
+    svcca_result = paired_svcca(a.sae.W_dec.detach().float()[src], b.sae.W_dec.detach().float()[tgt],
+                                tests.n_perm_svcca, tests.seed)
+    metrics.update(paired_svcca=svcca_result.score, paired_svcca_p_value=svcca_result.p_value,
+                   paired_svcca_pairs=svcca_result.n_pairs, paired_svcca_components=min(svcca_result.components))
     return metrics, matched
 
 
@@ -277,12 +411,13 @@ def cross_model_matrix(
     if match_pairs not in MATCH_PAIRS:
         raise LayerflowError(f"Unknown match_pairs '{match_pairs}'. Valid: {', '.join(MATCH_PAIRS)}.")
     _check_inputs(saes_a, saes_b, aligned)
-    g = torch.Generator().manual_seed(seed)
-    n_cka = min(aligned.n_heldout, cka_max_words)
-    cka_words = torch.randperm(aligned.n_heldout, generator=g)[:n_cka].sort().values
-    cka_perms = [torch.randperm(n_cka, generator=g) for _ in range(n_perm)]
     heldout = aligned.heldout
-    targets = {h: _site(sae, aligned.acts_b[h], heldout, cka_words, keep_latents=False) for h, sae in saes_b.items()}
+    documents = aligned.document[heldout]
+    cka_rows, cka_perms = document_permutations(documents, cka_max_words, n_perm, seed)
+    rows, perms = document_permutations(documents, aligned.n_heldout, n_perm_features, seed + 1)
+    junk = aligned.junk[heldout] if aligned.junk is not None else None
+    tests = _Tests(cka_rows, cka_perms, rows, perms, junk, n_perm if perms else 0, fdr, seed)
+    targets = {h: _site(sae, aligned.acts_b[h], heldout, cka_rows, keep_latents=False) for h, sae in saes_b.items()}
     target_ev = {h: _ev(site.x_heldout, _reconstruct(site.sae, site.x_heldout)) for h, site in targets.items()}
     shape = (len(saes_a), len(saes_b))
     metrics = {name: np.full(shape, np.nan) for name in metric_names("cross_model")}
@@ -290,12 +425,11 @@ def cross_model_matrix(
     sites_a, sites_b = [aligned.site("a", h) for h in saes_a], [aligned.site("b", h) for h in saes_b]
     same_depth = set(nearest_depth_pairs(sites_a, sites_b))
     for i, (hook_a, sae_a) in enumerate(saes_a.items()):
-        source = _site(sae_a, aligned.acts_a[hook_a], heldout, cka_words, keep_latents=True)
+        source = _site(sae_a, aligned.acts_a[hook_a], heldout, cka_rows, keep_latents=True)
         for j, hook_b in enumerate(saes_b):
             maps = fit_stitch(aligned, hook_a, hook_b, ridge)
             match = match_pairs == "all" or (match_pairs == "same_depth" and (i, j) in same_depth)
-            values, pair_matched = _pair_metrics(source, targets[hook_b], maps, target_ev[hook_b], cka_perms,
-                                                 n_perm_features, fdr, seed, match)
+            values, pair_matched = _pair_metrics(source, targets[hook_b], maps, target_ev[hook_b], tests, match)
             if pair_matched is not None:
                 matched[hook_a, hook_b] = pair_matched
             for name, value in values.items():
@@ -303,9 +437,14 @@ def cross_model_matrix(
     settings = {
         "model_a": aligned.model_a, "model_b": aligned.model_b,
         "n_train_words": aligned.n_train, "n_heldout_words": aligned.n_heldout,
+        "n_train_documents": len(torch.unique(aligned.document[~heldout])),
+        "n_heldout_documents": len(torch.unique(documents)),
         "n_dropped_words": aligned.n_dropped, "context_size": aligned.context_size,
         "heldout_every": aligned.heldout_every, "ridge": ridge, "n_perm": n_perm,
-        "n_perm_features": n_perm_features, "cka_words": n_cka, "fdr": fdr, "seed": seed, "match_pairs": match_pairs,
+        "n_perm_features": n_perm_features, "cka_words": len(cka_rows), "cka": "debiased (unbiased HSIC)",
+        "permutations": "whole held-out documents (each contributes the same number of words)" if perms else
+                        "none: fewer than 2 held-out documents of equal length, so no p-values (read more documents)",
+        "fdr": fdr, "seed": seed, "match_pairs": match_pairs,
     }
     return TransferMatrix("cross_model", sites_a, sites_b, metrics, settings, extras={"matched_features": matched})
 

@@ -116,12 +116,20 @@ class CrossModelPair:
         "EV on x_B of the round trip through the two affine maps alone, no SAE: the ceiling for stitched EV.")
     target_sae_explained_variance: float = _metric("EV of SAE_B on x_B at the same held-out words.")
     relative_transfer: float = _metric("stitched_explained_variance / target_sae_explained_variance.")
-    cka: float = _metric("Linear CKA between SAE_A's latents on x_A and SAE_B's latents on x_B at the same held-out words.")
-    cka_p_value: float = _metric("Permutation p-value of the CKA (held-out words shuffled on one side).")
+    stitched_beyond_stitch: float = _metric(
+        "stitched_explained_variance - stitch_only_explained_variance: what the SAE in the middle adds to (or loses from) the stitch alone. The stitch is affine, so it carries the means and spreads as the within-model match does.")
+    cka: float = _metric(
+        "Debiased linear CKA (unbiased HSIC, Song et al. 2012) between SAE_A's latents on x_A and SAE_B's latents on x_B at the same held-out words. About 0 for unrelated codes however many latents (the plain estimator gives about 0.6 for independent 4096-latent codes on 2048 words).")
+    cka_p_value: float = _metric("Permutation p-value of the CKA: whole held-out documents shuffled on one side.")
     matched_feature_correlation_mean: float = _metric(
         "Features matched one-to-one by activation correlation on train words; mean of their held-out correlations.")
     fraction_features_with_partner: float = _metric(
-        "Fraction of SAE_A's live features whose matched partner's held-out correlation is significant (permutation test, Benjamini-Hochberg at 0.05).")
+        "Fraction of SAE_A's live features whose matched partner's held-out correlation is significant (whole held-out documents permuted, Benjamini-Hochberg at 0.05).")
+    paired_svcca: float = _metric(
+        "Lan et al.'s (2024) paired SVCCA: the significant matched pairs, less those whose features fire mostly on junk words (punctuation, a chunk's first word); SVCCA between their decoder rows (each side reduced to the singular directions holding 99% of its variance, at most a quarter of the pairs). Matched pairs only.")
+    paired_svcca_p_value: float = _metric("p-value of paired_svcca against shuffles of the pairing.")
+    paired_svcca_pairs: float = _metric("Feature pairs paired_svcca used.")
+    paired_svcca_components: float = _metric("Singular directions SVCCA kept (the smaller side); Lan et al.'s public code keeps one by mistake.")
 
 
 PAIR_TYPES = {"within_model": WithinModelPair, "cross_model": CrossModelPair}

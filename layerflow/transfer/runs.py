@@ -234,7 +234,7 @@ def cross_model_runs(
     loaded_a, loaded_b = loaded or (load_model(model_a), load_model(model_b))
     aligned = capture_aligned(loaded_a, list(saes_a), loaded_b, list(saes_b), iter_documents(source),
                               context_size=context_size, max_words=max_words,
-                              max_words_per_document=max(10, max_words // 20))  # spread over ~20 documents, 4 held out
+                              max_words_per_document=max(10, max_words // defaults.CROSS_MODEL_DOCUMENTS))
     matrix = cross_model_matrix(saes_a, saes_b, aligned, **options)
     matrix.settings["source"] = source
     folder = Path(out_dir) if out_dir else run_a / TRANSFER_DIR / cross_dir_name(model_a, model_b)
