@@ -34,11 +34,13 @@ from layerflow.files import PLOTS_DIR, REPORT_FILE, SUMMARY_FILE, atomic_write_t
 from layerflow.results import CrossModelResults, ModelResults, RunResults
 from layerflow.transfer.cross_model import compare_same_depth, same_depth_pairs
 from layerflow.transfer.matrix import TransferMatrix
+from layerflow.transfer.references import References
 from layerflow.transfer.summary import BANDS, band, summarize
 
 SCHEMA = "layerflow.run_summary"
 SCHEMA_VERSION = 1
 SCALE_AWARE, RAW = "relative_transfer", "transfer_recon_ratio"
+REFERENCE_METRICS = ("relative_transfer", "decoder_matched_fraction", "activation_matched_fraction")
 CROSS_METRICS = ("relative_transfer", "stitched_explained_variance", "cka", "fraction_features_with_partner")
 UNIVERSAL_BANDS = ("HIGH", "MODERATE")  # a layer is universal when its universality falls in these bands
 UNRELIABLE_FVU = 1.0  # an SAE at or above it explains none of its layer's variance: relative transfer divides by that
@@ -103,7 +105,30 @@ def _model_summary(m: ModelResults) -> dict[str, Any]:
     rows = _layer_rows(m, transfer)
     unreliable = [r["layer"] for r in rows if r["fvu"] is not None and r["fvu"] >= UNRELIABLE_FVU]
     return {"facts": facts, "layers": rows, "transfer": transfer, "unreliable_sae_layers": unreliable,
-            "raw_vs_scale_aware": _raw_vs_scale_aware(matrix, transfer, rows) if len(transfer) == 2 else None}
+            "raw_vs_scale_aware": _raw_vs_scale_aware(matrix, transfer, rows) if len(transfer) == 2 else None,
+            "references": _references(matrix)}
+
+
+def _references(matrix: TransferMatrix | None) -> dict[str, Any]:
+    """Per metric: the observed figure (off-diagonal mean; matching: adjacent pairs) beside its floor and
+    ceiling (means over the sites measured, and which layers those are)."""
+    if matrix is None or not matrix.references:
+        return {}
+    refs, out = References.from_dict(matrix.references), {}
+    layer = {s.hook_name: s.layer for s in matrix.sources}
+    for metric in REFERENCE_METRICS:
+        if metric not in matrix.metrics:
+            continue
+        values = matrix[metric][~np.eye(len(matrix.sources), dtype=bool)]
+        values = values[np.isfinite(values)]
+        entry = {"observed": float(values.mean()) if values.size else None, "observed_pairs": int(values.size)}
+        for kind in ("floor", "ceiling"):
+            mean, n = refs.summary(kind, metric)
+            entry[kind] = mean if n else None
+            entry[f"{kind}_layers"] = sorted(layer[h] for h, v in getattr(refs, kind).get(metric, {}).items()
+                                             if v is not None and math.isfinite(v) and h in layer)
+        out[metric] = entry
+    return out
 
 
 def _metric_summary(M: np.ndarray, layers: list[int], n_layers: int, metric: str) -> dict[str, Any]:
@@ -277,6 +302,33 @@ def _findings(s: dict, conv: dict) -> list[str]:
     return lines
 
 
+def _scale(refs: dict) -> list[str]:
+    """Each figure against its floor (no shared features) and ceiling (the same features learned twice)."""
+    names = {"relative_transfer": ("relative transfer", "off-diagonal mean"),
+             "decoder_matched_fraction": ("decoder-matched fraction", "mean over adjacent pairs"),
+             "activation_matched_fraction": ("activation-matched fraction", "mean over adjacent pairs")}
+    lines = []
+    for metric, (label, what) in names.items():
+        r = refs.get(metric)
+        if not r or r["observed"] is None or r["floor"] is None:
+            continue
+        floor = f"floor {fmt(r['floor'])} ({_layers(r['floor_layers'])})"
+        if r["ceiling"] is None:
+            lines.append(f"Scale of {label}: {what} {fmt(r['observed'])}, {floor}; no ceiling was measured.")
+            continue
+        ceiling = f"ceiling {fmt(r['ceiling'])} ({_layers(r['ceiling_layers'])})"
+        span = r["ceiling"] - r["floor"]
+        where = "at or below the floor" if r["observed"] <= r["floor"] else (
+            "at or above the ceiling" if r["observed"] >= r["ceiling"] else
+            f"{fmt((r['observed'] - r['floor']) / span)} of the way from floor to ceiling" if span > 0 else "")
+        lines.append(f"Scale of {label}: {what} {fmt(r['observed'])}, {where}; {floor}, {ceiling}.")
+    if lines:
+        lines.append("Floor: each layer's own SAE rotated inside the layer's principal subspace (its sparsity, norms "
+                     "and subspace, none of the data's features). Ceiling: a second SAE trained on the same layer with "
+                     "another seed, compared with the first. Means over the layers named.")
+    return lines
+
+
 def _comparison(model: dict) -> list[str]:
     rel, raw, c = model["transfer"][SCALE_AWARE], model["transfer"][RAW], model["raw_vs_scale_aware"]
     named = lambda layers, none: _layers(layers) if layers else none  # noqa: E731
@@ -416,7 +468,8 @@ def write_report(results: RunResults, summary: dict, plots: dict[str, list[Path]
                     "by that explained variance, so the transfer figures of these layers are not meaningful: "
                     "train them longer or with another schedule.", ""]
         if SCALE_AWARE in m["transfer"]:
-            out += [f"- {line}" for line in _findings(m["transfer"][SCALE_AWARE], conv)] + [""]
+            out += [f"- {line}" for line in _findings(m["transfer"][SCALE_AWARE], conv)]
+            out += [f"- {line}" for line in _scale(m.get("references") or {})] + [""]
         else:
             out += ["No layer-to-layer transfer matrix with relative transfer yet.", ""]
         if m["raw_vs_scale_aware"] is not None:

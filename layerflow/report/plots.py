@@ -43,6 +43,7 @@ from layerflow.report.compare import LayerComparison, log_frequency
 from layerflow.results import CrossModelResults, ModelResults, RunResults
 from layerflow.transfer.cross_model import compare_same_depth, same_depth_pairs
 from layerflow.transfer.matrix import TransferMatrix, metric_docs
+from layerflow.transfer.references import References
 from layerflow.transfer.summary import BANDS, TransferSummary, summarize
 
 DPI = 300
@@ -104,7 +105,7 @@ def _annotate(ax: plt.Axes, values: np.ndarray, xs: Sequence[float], ys: Sequenc
                     fontsize=6.5 if len(xs) > 8 else 8, color="white" if dark else "black")
 
 
-def _band_colorbar(fig: plt.Figure, mesh: Any, ax: Any, label: str) -> None:
+def _band_colorbar(fig: plt.Figure, mesh: Any, ax: Any, label: str) -> Any:
     cbar = fig.colorbar(mesh, ax=ax, extend="both", ticks=BAND_EDGES, fraction=0.05, pad=0.06)
     cbar.set_label(label)
     cbar.ax.tick_params(labelsize=7)
@@ -114,6 +115,7 @@ def _band_colorbar(fig: plt.Figure, mesh: Any, ax: Any, label: str) -> None:
     for (lower, name), upper in zip(BANDS, [BAND_EDGES[-1], *bounds]):
         cbar.ax.text(-0.45, (max(lower, BAND_EDGES[0]) + upper) / 2, name, rotation=90, ha="center", va="center",
                      fontsize=7.5, fontweight="bold", transform=cbar.ax.get_yaxis_transform())
+    return cbar
 
 
 def draw_band_heatmap(ax: plt.Axes, values: np.ndarray, xs: Sequence[float] | None = None,
@@ -183,11 +185,28 @@ def transfer_heatmap(matrix: TransferMatrix, stem: Path, metric: str = "relative
     mesh = draw_band_heatmap(ax, values)
     _layer_axes(ax, matrix)
     rel = metric == "relative_transfer"
-    _band_colorbar(fig, mesh, ax, RELATIVE_TRANSFER if rel else f"{metric} (coloured on the notes' bands)")
+    cbar = _band_colorbar(fig, mesh, ax, RELATIVE_TRANSFER if rel else f"{metric} (coloured on the notes' bands)")
+    scale = _mark_references(cbar, matrix, metric)
     doc = "EV of SAE_i on layer j (mean and spread matched) / EV of SAE_j on layer j" if rel else metric_docs(matrix.kind)[metric]
     ax.set_title(f"{matrix.sources[0].model}: {metric.replace('_', ' ')}\n" + textwrap.fill(doc, 90), fontsize=10)
-    _footnote(ax, _clip_note(values, rel) + (_hatch_unreliable(ax, matrix) if rel else ""))
+    _footnote(ax, _clip_note(values, rel) + (_hatch_unreliable(ax, matrix) if rel else "") + scale)
     return _save(fig, stem)
+
+
+def _mark_references(cbar: Any, matrix: TransferMatrix, metric: str) -> str:
+    """Floor and ceiling (means over the sites measured) drawn on the colour bar; the footnote's words for them."""
+    if not matrix.references:
+        return ""
+    refs, words = References.from_dict(matrix.references), []
+    for kind, style in (("floor", "--"), ("ceiling", "-.")):
+        value, n = refs.summary(kind, metric)
+        if math.isfinite(value):
+            cbar.ax.axhline(min(max(value, BAND_EDGES[0]), BAND_EDGES[-1]), color="magenta", lw=2, ls=style)
+            words.append(f"{kind} {value:.2f} ({n} site{'s' if n > 1 else ''})")
+    if not words:
+        return ""
+    return (" Magenta on the colour bar: " + ", ".join(words) + ". Floor: each dictionary rotated inside its "
+            "layer's principal subspace (no shared features); ceiling: a second SAE trained with another seed.")
 
 
 def _summary(matrix: TransferMatrix, metric: str) -> TransferSummary:
@@ -207,6 +226,16 @@ def universality_bars(matrix: TransferMatrix, stem: Path, metric: str = "relativ
         ax.text(1.005, lower, f"{name} ≥ {lower:g}", transform=ax.get_yaxis_transform(), fontsize=7, va="center",
                 color="dimgrey")
     top = np.nanmax([*s.universality, *s.universality_incoming, 0.0])
+    if matrix.references:
+        refs = References.from_dict(matrix.references)
+        for kind, style in (("floor", "--"), ("ceiling", "-.")):
+            values = [refs.at(kind, metric, site.hook_name) for site in matrix.sources]
+            ys = np.array([v for v, _ in values])
+            if np.isfinite(ys).any():
+                measured = [v for v, interpolated in values if not interpolated]
+                how = "" if len(measured) == len(values) else f", measured at {len(measured)} layers, interpolated between (flat beyond)"
+                ax.plot(x, ys, style, color="magenta", lw=1.4, label=f"{kind}{how}")
+                top = max(top, float(np.nanmax(ys)))
     for hub in s.hub_layers:
         ax.plot(s.layers.index(hub) - 0.2, top * 1.08 + 0.02, "*", color="gold", mec="black", ms=12)
     ax.set_xticks(x, _labels(matrix.sources), fontsize=7 if n <= 20 else 6)
@@ -216,6 +245,10 @@ def universality_bars(matrix: TransferMatrix, stem: Path, metric: str = "relativ
     hubs = f"hub layers (starred): {', '.join(map(str, s.hub_layers))}" if s.hub_layers else "no hub layers"
     ax.set_title(f"{matrix.sources[0].model}: layer universality of {metric.replace('_', ' ')}; {hubs}", fontsize=10)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
+    if matrix.references:
+        _footnote(ax, "Floor: the layer's own SAE rotated inside the layer's principal subspace, scored on the layer "
+                      "(no shared features). Ceiling: a second SAE trained on the same layer with another seed.",
+                  below=76)
     if metric == "relative_transfer" and _unreliable(matrix)[0]:
         _footnote(ax, _unreliable(matrix)[1].strip(), below=64)
     return _save(fig, stem)

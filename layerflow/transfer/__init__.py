@@ -7,9 +7,11 @@
     fused_encode.py  the C kernel that selects those encodings (+ fused_encode.c), torch where absent
     matrix.py        typed results: one pair's metrics (each with its definition) and the matrix on disk
     matching.py      one-to-one feature matching by decoder direction and by activation, with nulls
+    references.py    floors and ceilings beside every figure: rotated dictionaries, second-seed SAEs
     summary.py       universality, hubs, strong pairs, distance decay, divergence, bands
     align.py         two models' activations at the same words of the same text
-    cross_model.py   model A's dictionaries on model B's sites through an affine stitch; CKA, matched features
+    cross_model.py   model A's dictionaries on model B's sites through an affine stitch; debiased CKA,
+                     matched features, paired SVCCA, permutations of whole documents
     runs.py          from run folders to matrices on disk: transfer_run, cross_model_runs
 """
 
