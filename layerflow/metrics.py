@@ -63,6 +63,7 @@ class ReconstructionStats:
         self.sum_dot = 0.0
         self.sum_l2_ratio = 0.0
         self.n_l2_ratio = 0
+        self.n_full = 0  # tokens added with every sum (not error_only)
         self.fire_counts: torch.Tensor | None = None
         self.sum_l0 = 0.0
 
@@ -72,9 +73,12 @@ class ReconstructionStats:
         x_hat: Float[torch.Tensor, "tokens d"],
         latents: Float[torch.Tensor, "tokens d_sae"] | None = None,
         x_sums: "InputSums | None" = None,
+        error_only: bool = False,
     ) -> None:
         """Add a batch. `x_sums` (= `InputSums.of(x)`) saves recomputing the sums of x alone
-        when the same x is compared with many reconstructions."""
+        when the same x is compared with many reconstructions. With `error_only` only what FVU
+        needs is summed (l2_ratio and relative_reconstruction_bias come out NaN): the transfer
+        pair loop's cheaper figures."""
         if x.shape != x_hat.shape:
             raise ValueError(f"x has shape {tuple(x.shape)} but x_hat has {tuple(x_hat.shape)}")
         # Every sum accumulates in float64. E||x||^2 is squared in float64 too: the variance is
@@ -84,16 +88,18 @@ class ReconstructionStats:
         f64 = torch.float64
         x_sums = x_sums or InputSums.of(x)
         residual_norm = torch.linalg.vector_norm(x - x_hat, dim=-1, dtype=f64)
-        hat_norm = torch.linalg.vector_norm(x_hat, dim=-1, dtype=f64)
         self.sum_x = x_sums.sum_x if self.sum_x is None else self.sum_x + x_sums.sum_x
         self.sum_sq_norm += x_sums.sum_sq_norm
         self.sum_sq_residual += residual_norm.square().sum().item()
-        self.sum_sq_norm_hat += hat_norm.square().sum().item()
-        self.sum_dot += (x * x_hat).sum(-1, dtype=f64).sum().item()
-        ok = x_sums.norm >= SMALL_NORM
-        self.sum_l2_ratio += (hat_norm[ok] / x_sums.norm[ok]).sum(dtype=f64).item()
-        self.n_l2_ratio += int(ok.sum())
         self.n += x.shape[0]
+        if not error_only:
+            hat_norm = torch.linalg.vector_norm(x_hat, dim=-1, dtype=f64)
+            self.sum_sq_norm_hat += hat_norm.square().sum().item()
+            self.sum_dot += (x * x_hat).sum(-1, dtype=f64).sum().item()
+            ok = x_sums.norm >= SMALL_NORM
+            self.sum_l2_ratio += (hat_norm[ok] / x_sums.norm[ok]).sum(dtype=f64).item()
+            self.n_l2_ratio += int(ok.sum())
+            self.n_full += x.shape[0]
         if latents is not None:
             active = latents != 0
             self.add_firing(active.sum(0), int(active.sum()))
@@ -122,8 +128,8 @@ class ReconstructionStats:
             l0=self.sum_l0 / self.n if has_latents else None,
             dead_fraction=(self.fire_counts == 0).double().mean().item() if has_latents else None,
             dense_fraction=(self.fire_counts > DENSE_THRESHOLD * self.n).double().mean().item() if has_latents else None,
-            l2_ratio=self.sum_l2_ratio / max(self.n_l2_ratio, 1),
-            relative_reconstruction_bias=self.sum_sq_norm_hat / self.sum_dot if self.sum_dot else float("nan"),
+            l2_ratio=self.sum_l2_ratio / max(self.n_l2_ratio, 1) if self.n_full else float("nan"),
+            relative_reconstruction_bias=self.sum_sq_norm_hat / self.sum_dot if self.sum_dot and self.n_full else float("nan"),
         )
 
 

@@ -46,7 +46,8 @@ class SiteMatch:
         return torch.add(self.shift, x, alpha=self.alpha)
 
     def to_target(self, x_hat: Float[Tensor, "tokens d"]) -> Float[Tensor, "tokens d"]:
-        return (x_hat - self.source_mean) / self.alpha + self.target_mean
+        """(x_hat - mu_source) / alpha + mu_target, in one pass."""
+        return torch.add(self.target_mean - self.source_mean / self.alpha, x_hat, alpha=1 / self.alpha)
 
     def to(self, device: str) -> "SiteMatch":
         return SiteMatch(self.alpha, self.shift.to(device), self.source_mean.to(device), self.target_mean.to(device))

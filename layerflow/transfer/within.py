@@ -45,7 +45,7 @@ from layerflow.errors import LayerflowError
 from layerflow.metrics import InputSums, ReconstructionStats
 from layerflow.models.sites import Site
 from layerflow.transfer.calibration import Calibration, SiteMatch
-from layerflow.transfer.coder import Coder, LinearCoder, dense_latents, make_coder, predict_batch, with_skip
+from layerflow.transfer.coder import Coder, LinearCoder, dense_latents, make_coder, with_skip
 from layerflow.transfer.matching import decoder_top1_cosine, match_activations, match_decoders
 from layerflow.transfer.matrix import TransferMatrix
 
@@ -181,21 +181,25 @@ def _pair_matrix(dictionaries: dict[str, SAE], activations: dict[str, torch.Tens
     acc: dict[tuple[int, int], _PairAccumulators] = {}
     total = n * n + (n if options.match_distance else 0)
     report = progress or (lambda done, total: None)
+    done = 0
     for s, coder in enumerate(coders):
         d_sae = dictionaries[in_hooks[s]].cfg.d_sae
         buffers = tuple(torch.empty(2, min(bt, n_tokens), d_sae, device=device))  # P, pre-activations
-        own = [predict_batch(coder, x, buffers) for x in xs[s].split(bt)]  # the source on its own site
-        for t in range(n):
+        own: list[torch.Tensor] = []  # the source's raw output on its own site: kept from the diagonal pair, first
+        for t in [s, *(t for t in range(n) if t != s)]:
             pair = _PairAccumulators.empty(d_sae)
             rho_in, rho_out = in_norms[s] / in_norms[t], out_norms[s] / out_norms[t]
             match = _match(coder, calibration, in_hooks, out_hooks, s, t, device)
             a = calibration.slope(out_hooks[s], out_hooks[t])
             carried = (calibration.means[out_hooks[t]] - a * calibration.means[out_hooks[s]]).float().to(device)
             for c, (x_t, y_t) in enumerate(zip(xs[t].split(bt), ys[t].split(bt))):
-                _accumulate(coder, x_t, y_t, rho_in, rho_out, match, pair, buffers, y_sums[t][c])
-                pair.persistence.add(y_t, torch.add(carried, own[c], alpha=a), x_sums=y_sums[t][c])
+                raw = _accumulate(coder, x_t, y_t, rho_in, rho_out, match, pair, buffers, y_sums[t][c])
+                if t == s:
+                    own.append(raw)
+                pair.persistence.add(y_t, torch.add(carried, own[c], alpha=a), x_sums=y_sums[t][c], error_only=True)
             acc[s, t] = pair
-            report(s * n + t + 1, total)
+            done += 1
+            report(done, total)
 
     metrics = _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, [dictionaries[h] for h in in_hooks])
     extras: dict[str, Any] = {}
@@ -216,9 +220,9 @@ def _match(coder: Coder, calibration: Calibration, in_hooks: list[str], out_hook
 
 
 def _accumulate(coder: Coder, x_t: torch.Tensor, y_t: torch.Tensor, rho_in: float, rho_out: float, match: _Match,
-                pair: _PairAccumulators, buffers: tuple[torch.Tensor, torch.Tensor], y_sums: InputSums) -> None:
+                pair: _PairAccumulators, buffers: tuple[torch.Tensor, torch.Tensor], y_sums: InputSums) -> torch.Tensor:
     """The source on one batch of the target, against y_t: raw, scale-only and matched, from one
-    encoder matmul."""
+    encoder matmul. Returns the raw output."""
     d_sae = len(pair.latent_sum)
     if isinstance(coder, LinearCoder):
         P, buffer = buffers[0][:len(x_t)], buffers[1][:len(x_t)]
@@ -226,10 +230,11 @@ def _accumulate(coder: Coder, x_t: torch.Tensor, y_t: torch.Tensor, rho_in: floa
         bias, skip = coder.bias_for(), coder.skip(x_t)
         variants = [(1.0, bias), (rho_in, bias), (match.into.alpha, match.bias)]
         latents, scaled, matched = coder.encode_variants(P, variants, buffer)
-        pair.raw.add(y_t, with_skip(coder.decode(latents), skip, 1.0), x_sums=y_sums)
+        raw = with_skip(coder.decode(latents), skip, 1.0)
+        pair.raw.add(y_t, raw, x_sums=y_sums, error_only=True)
         pair.raw.add_firing(*latents.firing(d_sae))
         total, squares = latents.sums(d_sae)
-        pair.scale_only.add(y_t, with_skip(coder.decode(scaled), skip, rho_in) / rho_out, x_sums=y_sums)
+        pair.scale_only.add(y_t, with_skip(coder.decode(scaled), skip, rho_in) / rho_out, x_sums=y_sums, error_only=True)
         pair.scale_only.add_firing(*scaled.firing(d_sae))
         prediction = with_skip(coder.decode(matched), skip, match.into.alpha)
         if match.skip_shift is not None:
@@ -237,8 +242,8 @@ def _accumulate(coder: Coder, x_t: torch.Tensor, y_t: torch.Tensor, rho_in: floa
         pair.matched.add(y_t, match.back.to_target(prediction), x_sums=y_sums)
         pair.matched.add_firing(*matched.firing(d_sae))
     else:
-        lat, prediction = coder.reconstruct(x_t)
-        pair.raw.add(y_t, prediction, lat)
+        lat, raw = coder.reconstruct(x_t)
+        pair.raw.add(y_t, raw, lat)
         lat_s, prediction_s = coder.reconstruct(rho_in * x_t)
         pair.scale_only.add(y_t, prediction_s / rho_out, lat_s)
         lat_m, prediction_m = coder.reconstruct(match.into.to_source(x_t))
@@ -246,6 +251,7 @@ def _accumulate(coder: Coder, x_t: torch.Tensor, y_t: torch.Tensor, rho_in: floa
         total, squares = lat.sum(0, dtype=torch.float64), lat.square().sum(0, dtype=torch.float64)
     pair.latent_sum += total.cpu()
     pair.latent_sq_sum += squares.cpu()
+    return raw
 
 
 def _checked_outputs(dictionaries: dict[str, SAE], activations: dict[str, torch.Tensor], in_hooks: list[str],
