@@ -39,7 +39,7 @@ def raw_ratio(R, norm):
     return R * np.divide.outer(n, n) ** 2
 
 
-def write_model(root, name, layers, n_layers, R, evals=True, train=True, nan_at=None):
+def write_model(root, name, layers, n_layers, R, evals=True, train=True, nan_at=None, references=None):
     sites = [{"layer": layer, "kind": "resid_post", "hook_name": hook(layer), "d": 8} for layer in layers]
     norm = norms(layers)
     capture = CaptureManifest(
@@ -72,7 +72,14 @@ def write_model(root, name, layers, n_layers, R, evals=True, train=True, nan_at=
             R[nan_at] = W[nan_at] = np.nan  # a pair not computed
         ids = [SiteId(name, hook(layer), layer, n_layers) for layer in layers]
         TransferMatrix("within_model", ids, ids, {"relative_transfer": R, "transfer_recon_ratio": W},
-                       {"n_tokens": 64}).write(root / "transfer" / name)
+                       {"n_tokens": 64}, references=references or {}).write(root / "transfer" / name)
+
+
+def references(layers=LAYERS, floor=0.15, ceiling=0.95, ceiling_at=(2, 8)):
+    """Floors at every layer (with a little spread), ceilings at a few."""
+    return {"floor": {"relative_transfer": {hook(layer): floor + 0.01 * k for k, layer in enumerate(layers)}},
+            "ceiling": {"relative_transfer": {hook(layer): ceiling for layer in ceiling_at}},
+            "layers": {hook(layer): layer for layer in layers}, "how": {}}
 
 
 def write_cross(root, a, b, layers_a, n_a, layers_b, n_b):
@@ -130,7 +137,7 @@ def full_run(tmp_path):
     """Two models, a within-model matrix each (one with a pair not computed), a cross-model matrix, plots."""
     root = tmp_path / "run"
     root.mkdir()
-    write_model(root, "toy-a", LAYERS, N_LAYERS, hub_matrix(), nan_at=(1, 3))
+    write_model(root, "toy-a", LAYERS, N_LAYERS, hub_matrix(), nan_at=(1, 3), references=references())
     layers_b = [0, 3, 6, 9, 12, 15, 17]
     write_model(root, "toy-b", layers_b, 18, divergence_matrix(9, layers_b))
     write_cross(root, "toy-a", "toy-b", LAYERS, N_LAYERS, layers_b, 18)
@@ -239,6 +246,22 @@ def test_universal_and_specialised_layers_follow_the_bands(tmp_path):
            "Specialised layers (< 0.4): layers 2, 4, 6 and 8." in text
     text = findings(make_run(tmp_path / "flat", flat_matrix(value=0.2)))
     assert "All 6 layers are specialised" in text
+
+
+def test_each_figure_is_read_against_its_floor_and_ceiling(tmp_path):
+    # Observed mean 0.5 with a floor of about 0.175 and a ceiling of 0.95: 0.42 of the way up.
+    root = make_run(tmp_path, flat_matrix(value=0.5), references=references())
+    text = findings(root)
+    r = json.loads((root / "summary.json").read_text())["models"]["toy-a"]["references"]["relative_transfer"]
+    floor = np.mean([0.15 + 0.01 * k for k in range(6)])
+    assert r["floor"] == pytest.approx(floor) and r["ceiling"] == 0.95 and r["ceiling_layers"] == [2, 8]
+    assert r["position"] == pytest.approx((0.5 - floor) / (0.95 - floor))
+    assert (f"Scale of relative transfer: off-diagonal mean 0.5, {fmt(r['position'])} of the way from floor to "
+            f"ceiling; floor {fmt(floor)} (layers 0, 2, 4, 6, 8 and 10), ceiling 0.95 (layers 2 and 8).") in text
+    low = findings(make_run(tmp_path / "low", flat_matrix(value=0.1), references=references()))
+    assert "off-diagonal mean 0.1, at or below the floor" in low
+    none = findings(make_run(tmp_path / "none", flat_matrix(value=0.5)))
+    assert "Scale of" not in none
 
 
 def test_the_raw_ratio_is_fooled_by_norm_growth_and_the_report_says_so(tmp_path):

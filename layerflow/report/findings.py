@@ -127,6 +127,10 @@ def _references(matrix: TransferMatrix | None) -> dict[str, Any]:
             entry[kind] = mean if n else None
             entry[f"{kind}_layers"] = sorted(layer[h] for h, v in getattr(refs, kind).get(metric, {}).items()
                                              if v is not None and math.isfinite(v) and h in layer)
+        known = None not in (entry["observed"], entry["floor"], entry["ceiling"])
+        span = entry["ceiling"] - entry["floor"] if known else 0.0
+        # where the observed figure lies: 0 at the floor, 1 at the ceiling
+        entry["position"] = (entry["observed"] - entry["floor"]) / span if span > 0 else None
         out[metric] = entry
     return out
 
@@ -317,10 +321,9 @@ def _scale(refs: dict) -> list[str]:
             lines.append(f"Scale of {label}: {what} {fmt(r['observed'])}, {floor}; no ceiling was measured.")
             continue
         ceiling = f"ceiling {fmt(r['ceiling'])} ({_layers(r['ceiling_layers'])})"
-        span = r["ceiling"] - r["floor"]
         where = "at or below the floor" if r["observed"] <= r["floor"] else (
             "at or above the ceiling" if r["observed"] >= r["ceiling"] else
-            f"{fmt((r['observed'] - r['floor']) / span)} of the way from floor to ceiling" if span > 0 else "")
+            f"{fmt(r['position'])} of the way from floor to ceiling" if r["position"] is not None else "")
         lines.append(f"Scale of {label}: {what} {fmt(r['observed'])}, {where}; {floor}, {ceiling}.")
     if lines:
         lines.append("Floor: each layer's own SAE rotated inside the layer's principal subspace (its sparsity, norms "

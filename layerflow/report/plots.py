@@ -482,7 +482,7 @@ def raw_vs_scale_aware(matrix: TransferMatrix, stem: Path) -> list[Path]:
                      f"colours clipped to [{10 ** -e:g}, {10 ** e:g}]; span {finite.min():.2g} to {finite.max():.2g}",
                      fontsize=9)
     _band_colorbar(fig, draw_band_heatmap(ax_rel, rel), ax_rel, RELATIVE_TRANSFER)
-    title = "scale-aware relative_transfer (higher = better). " + _clip_note(rel) + _hatch_unreliable(ax_rel, matrix)
+    title = "relative_transfer, mean and spread matched (higher = better). " + _clip_note(rel) + _hatch_unreliable(ax_rel, matrix)
     ax_rel.set_title(textwrap.fill(title, 85), fontsize=8.5)
     for ax in (ax_raw, ax_rel):
         _layer_axes(ax, matrix)
