@@ -311,3 +311,26 @@ def test_mixed_folder_spliced_and_uncaptured_output_hooks_are_clear_errors(tiny_
     with pytest.raises(LayerflowError, match=r"Transcoders for blocks.0.mlp.hook_in -> blocks.0.hook_resid_post "
                                              r"have no activations"):
         transfer_run(elsewhere, store=root / "store", out_dir=tmp_path / "out")
+
+
+def test_the_same_map_around_other_means_transfers_fully():
+    # Layers 0 and 1 compute the same map on tokens of their own, but layer 1's input and output
+    # sit around other means (as residual-stream sites do), and at other scales. Matching the
+    # means and spreads finds the shared map; matching the norms alone charges the offsets as error.
+    base = planted_maps([0, 0], in_gains=[1.0, 2.0], out_gains=[1.0, 0.5], seed=8)
+    g = torch.Generator().manual_seed(9)
+    shift_in = torch.randn(base.inputs[0].shape[1], generator=g) * 3  # in units of the planted input
+    shift_out = torch.randn(base.outputs[0].shape[1], generator=g) * 3
+    shifted = replace(
+        base, maps=[0, 1], in_features=base.in_features * 2, out_directions=base.out_directions * 2,
+        in_offsets=[base.in_offsets[0], base.in_offsets[0] + shift_in],
+        out_offsets=[base.out_offsets[0], base.out_offsets[0] + shift_out],
+        inputs=[base.inputs[0], base.inputs[1] + 2.0 * shift_in], outputs=[base.outputs[0], base.outputs[1] + 0.5 * shift_out],
+        train_inputs=[base.train_inputs[0], base.train_inputs[1] + 2.0 * shift_in],
+        train_outputs=[base.train_outputs[0], base.train_outputs[1] + 0.5 * shift_out])
+    m, _ = _matrix(shifted)
+    assert np.diag(m["explained_variance"]).min() > 0.99  # each transcoder is exact on its own layer
+    for s, t in [(0, 1), (1, 0)]:
+        assert m["relative_transfer"][s, t] > 0.98, (s, t)
+        assert m["relative_transfer_scale_only"][s, t] < 0.5, (s, t)
+        assert m["transfer_beyond_persistence"][s, t] > 0.9  # fresh tokens: a shared map, not persistence

@@ -25,6 +25,7 @@ Two tokenizers cut a text differently; a word is where both agree. Definitions:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -190,6 +191,13 @@ def _chunks(loaded_a: LoadedModel, loaded_b: LoadedModel, documents: Iterable[st
     chunks, n_words, n_dropped = [], 0, 0
     for doc_index, text in enumerate(documents):
         doc_words = 0
+        # Only the words that can be kept are read: causal attention makes their activations the same
+        # as in the whole document's chunks, and a long document is not tokenized for a few words.
+        wanted = min(max_words - n_words if max_words is not None else math.inf,
+                     max_words_per_document if max_words_per_document is not None else math.inf)
+        ends = word_ends(text)
+        if wanted < len(ends):
+            text = text[:ends[int(wanted) - 1]] if wanted > 0 else ""
         pieces = split_document(text, [tok_a, tok_b], limits)
         n_dropped += len(word_ends(text)) - sum(len(word_ends(p)) for p in pieces)
         for piece in pieces:

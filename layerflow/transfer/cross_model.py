@@ -276,30 +276,37 @@ def svcca(a: Float[Tensor, "n da"], b: Float[Tensor, "n db"], variance_kept: flo
     """SVCCA between two matrices of the same n items (rows): each side centered and reduced to its
     top singular directions holding `variance_kept` of its variance (at most `max_fraction` n of
     them, so that CCA does not fit noise), then the mean canonical correlation."""
-    reduced, kept = [], []
-    for m in (a, b):
-        m = m.double() - m.double().mean(0)
-        u, sv, _ = torch.linalg.svd(m, full_matrices=False)
-        share = (sv ** 2).cumsum(0) / (sv ** 2).sum()
-        k = int((share < variance_kept).sum().item()) + 1
-        k = max(1, min(k, int(max_fraction * len(m)), len(sv)))
-        reduced.append(u[:, :k])  # an orthonormal basis of the kept directions (CCA needs no more)
-        kept.append(k)
-    canonical = torch.linalg.svdvals(reduced[0].T @ reduced[1]).clamp(max=1.0)
-    return float(canonical.mean()), (kept[0], kept[1])
+    basis_a, basis_b = _svcca_basis(a, variance_kept, max_fraction), _svcca_basis(b, variance_kept, max_fraction)
+    return _mean_canonical(basis_a, basis_b), (basis_a.shape[1], basis_b.shape[1])
+
+
+def _svcca_basis(m: Tensor, variance_kept: float, max_fraction: float) -> Tensor:
+    """An orthonormal basis [n, k] of the kept singular directions of m centered (CCA needs no more)."""
+    m = m.double() - m.double().mean(0)
+    u, sv, _ = torch.linalg.svd(m, full_matrices=False)
+    share = (sv ** 2).cumsum(0) / (sv ** 2).sum()
+    k = int((share < variance_kept).sum().item()) + 1
+    return u[:, :max(1, min(k, int(max_fraction * len(m)), len(sv)))]
+
+
+def _mean_canonical(basis_a: Tensor, basis_b: Tensor) -> float:
+    return float(torch.linalg.svdvals(basis_a.T @ basis_b).clamp(max=1.0).mean())
 
 
 def paired_svcca(dec_a: Float[Tensor, "n da"], dec_b: Float[Tensor, "n db"], n_perm: int = 200,
                  seed: int = 0) -> PairedSVCCA:
     """Lan et al.'s paired SVCCA: row i of `dec_a` and of `dec_b` are a matched pair of features;
-    p-value against `n_perm` shuffles of the pairing."""
+    p-value against `n_perm` shuffles of the pairing (a shuffle permutes the rows of B's basis:
+    centering and the singular directions do not depend on the order of the rows)."""
     if len(dec_a) < 8:
         return PairedSVCCA(math.nan, math.nan, (0, 0), len(dec_a))
-    score, kept = svcca(dec_a, dec_b)
+    basis_a, basis_b = _svcca_basis(dec_a, 0.99, 0.25), _svcca_basis(dec_b, 0.99, 0.25)
+    score = _mean_canonical(basis_a, basis_b)
     g = torch.Generator().manual_seed(seed)
-    exceed = sum(svcca(dec_a, dec_b[torch.randperm(len(dec_b), generator=g)])[0] >= score - 1e-12
+    exceed = sum(_mean_canonical(basis_a, basis_b[torch.randperm(len(basis_b), generator=g)]) >= score - 1e-12
                  for _ in range(n_perm))
-    return PairedSVCCA(score, (1 + exceed) / (1 + n_perm) if n_perm else math.nan, kept, len(dec_a))
+    return PairedSVCCA(score, (1 + exceed) / (1 + n_perm) if n_perm else math.nan,
+                       (basis_a.shape[1], basis_b.shape[1]), len(dec_a))
 
 
 def junk_features(latents: Float[Tensor, "words f"], junk: Bool[Tensor, " words"], top: int = 10) -> Bool[Tensor, " f"]:
