@@ -228,7 +228,9 @@ def _transfer(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache,
 
 
 def _cross_model(cfg: ExperimentConfig, a: str, b: str, root: Path, models: _ModelCache) -> None:
+    twins = root / CEILING_DIR / b
     cross_model_runs(root / SAE_DIR / a, root / SAE_DIR / b, out_dir=root / TRANSFER_DIR / cross_dir_name(a, b),
+                     twins_b=twins if (twins / TRAIN_MANIFEST).exists() else None,
                      source=cfg.cross_model.source, max_words=cfg.cross_model.words,
                      context_size=cfg.capture.context_size, loaded=models.get(a, b), seed=cfg.seed,
                      match_pairs=cfg.cross_model.match_pairs)

@@ -110,16 +110,20 @@ def _model_summary(m: ModelResults) -> dict[str, Any]:
 
 
 def _references(matrix: TransferMatrix | None) -> dict[str, Any]:
-    """Per metric: the observed figure (off-diagonal mean; matching: adjacent pairs) beside its floor and
-    ceiling (means over the sites measured, and which layers those are)."""
+    """Per metric: the observed figure (within a model: the off-diagonal mean; across models: the
+    same-depth mean) beside its floor and ceiling (means over the sites measured, and their layers)."""
     if matrix is None or not matrix.references:
         return {}
     refs, out = References.from_dict(matrix.references), {}
-    layer = {s.hook_name: s.layer for s in matrix.sources}
-    for metric in REFERENCE_METRICS:
+    cross = matrix.kind == "cross_model"
+    layer = {s.hook_name: s.layer for s in (matrix.targets if cross else matrix.sources)}
+    for metric in CROSS_METRICS if cross else REFERENCE_METRICS:
         if metric not in matrix.metrics:
             continue
-        values = matrix[metric][~np.eye(len(matrix.sources), dtype=bool)]
+        if cross:
+            values = np.array([matrix[metric][i, j] for i, j in same_depth_pairs(matrix)])
+        else:
+            values = matrix[metric][~np.eye(len(matrix.sources), dtype=bool)]
         values = values[np.isfinite(values)]
         entry = {"observed": float(values.mean()) if values.size else None, "observed_pairs": int(values.size)}
         for kind in ("floor", "ceiling"):
@@ -223,6 +227,7 @@ def _cross_summary(c: CrossModelResults) -> dict[str, Any]:
         by_depth.append(row)
     return {"model_a": c.model_a, "model_b": c.model_b, "n_sources": len(m.sources), "n_targets": len(m.targets),
             "depth_comparison": {x: asdict(compare_same_depth(m, x)) for x in metrics},
+            "references": _references(m),
             "by_depth_metric": primary,
             "n_best_is_same_depth": sum(r.get("best_target_layer") == r["target_layer"] for r in by_depth),
             "by_depth": by_depth}
@@ -306,11 +311,15 @@ def _findings(s: dict, conv: dict) -> list[str]:
     return lines
 
 
-def _scale(refs: dict) -> list[str]:
+WITHIN_SCALES = {"relative_transfer": ("relative transfer", "off-diagonal mean"),
+                 "decoder_matched_fraction": ("decoder-matched fraction", "mean over adjacent pairs"),
+                 "activation_matched_fraction": ("activation-matched fraction", "mean over adjacent pairs")}
+CROSS_SCALES = {"relative_transfer": ("relative transfer", "same-depth mean"), "cka": ("CKA", "same-depth mean"),
+                "fraction_features_with_partner": ("fraction of features with a partner", "same-depth mean")}
+
+
+def _scale(refs: dict, names: dict[str, tuple[str, str]] = WITHIN_SCALES, own: str = "layer's own SAE") -> list[str]:
     """Each figure against its floor (no shared features) and ceiling (the same features learned twice)."""
-    names = {"relative_transfer": ("relative transfer", "off-diagonal mean"),
-             "decoder_matched_fraction": ("decoder-matched fraction", "mean over adjacent pairs"),
-             "activation_matched_fraction": ("activation-matched fraction", "mean over adjacent pairs")}
     lines = []
     for metric, (label, what) in names.items():
         r = refs.get(metric)
@@ -326,7 +335,7 @@ def _scale(refs: dict) -> list[str]:
             f"{fmt(r['position'])} of the way from floor to ceiling" if r["position"] is not None else "")
         lines.append(f"Scale of {label}: {what} {fmt(r['observed'])}, {where}; {floor}, {ceiling}.")
     if lines:
-        lines.append("Floor: each layer's own SAE rotated inside the layer's principal subspace (its sparsity, norms "
+        lines.append(f"Floor: the {own} rotated inside the layer's principal subspace (its sparsity, norms "
                      "and subspace, none of the data's features). Ceiling: a second SAE trained on the same layer with "
                      "another seed, compared with the first. Means over the layers named.")
     return lines
@@ -393,6 +402,7 @@ def _cross(c: dict) -> list[str]:
                      f"{bottom['target_layer']}: {fmt(bottom[metric])}).")
         lines.append(f"For {c['n_best_is_same_depth']} of the {c['n_sources']} source layers the best target by "
                      f"{LABELS[metric]} is the same-depth one.")
+    lines += _scale(c.get("references") or {}, CROSS_SCALES, f"target ({c['model_b']}) layer's own SAE")
     return lines
 
 

@@ -26,7 +26,9 @@ The words come from `align.capture_aligned`. Definitions:
   `n_perm_features` permutations of B's held-out documents (shared by all pairs): p =
   (1 + #{perm: r >= observed}) / (1 + n_perm_features). A latent constant on the held-out words
   has held-out correlation 0 and p = 1. The permutations move whole held-out documents, as for CKA.
-  Benjamini-Hochberg at `fdr` over the matched pairs.
+  Benjamini-Hochberg at `fdr` over the matched pairs; a significant pair must also reach a held-out
+  correlation of 0.5 (`defaults.MIN_ACTIVATION_CORRELATION`, as within a model: the floor, an SAE
+  against a rotated copy of itself, has most of its features "significantly" matched without it).
   fraction_features_with_partner = significant pairs / SAE_A's live latents;
   matched_feature_correlation_mean = mean held-out correlation over matched pairs.
   With P permutations no p-value is below 1/(P + 1), so BH at fdr q rejects nothing unless at
@@ -61,8 +63,10 @@ from layerflow.errors import LayerflowError
 from layerflow.metrics import reconstruction_metrics
 from layerflow.models.sites import Site
 from layerflow.transfer.align import AlignedActivations
+from layerflow.transfer.calibration import Calibration
 from layerflow.transfer.matching import ActivationCorrelation
 from layerflow.transfer.matrix import TransferMatrix, metric_names
+from layerflow.transfer.references import References
 
 ENCODE_BATCH = 4096
 MATCH_PAIRS = defaults.MATCH_PAIRS
@@ -121,7 +125,7 @@ class MatchedFeatures:
     train_correlation: Float[np.ndarray, " matched"]
     heldout_correlation: Float[np.ndarray, " matched"]
     p_value: Float[np.ndarray, " matched"]
-    significant: Bool[np.ndarray, " matched"]  # Benjamini-Hochberg at the matrix's fdr
+    significant: Bool[np.ndarray, " matched"]  # Benjamini-Hochberg at the matrix's fdr, and r >= MIN_ACTIVATION_CORRELATION
     n_live_source: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -256,8 +260,9 @@ def _test_matches(corr: ActivationCorrelation, heldout_a: Tensor, heldout_b: Ten
     p = torch.where(live_heldout, (1 + exceed) / (1 + len(perms)), torch.ones(())).double().numpy()
     if not perms:  # nothing to permute: no test
         p = np.full(len(src), np.nan)
+    significant = benjamini_hochberg(p, fdr) & (observed.numpy() >= defaults.MIN_ACTIVATION_CORRELATION)
     return MatchedFeatures(src.astype(np.int64), tgt.astype(np.int64), sim[rows, cols].astype(np.float64),
-                           observed.numpy(), p, benjamini_hochberg(p, fdr), len(live_a))
+                           observed.numpy(), p, significant, len(live_a))
 
 
 # --- paired SVCCA (Lan et al. 2024) --------------------------------------------------------------
@@ -408,12 +413,17 @@ def cross_model_matrix(
     fdr: float = 0.05,
     seed: int = 0,
     match_pairs: str = "all",
+    twins_b: dict[str, Any] | None = None,
 ) -> TransferMatrix:
     """Every CrossModelPair metric for each (A site, B site): sources are `saes_a`' hooks, targets `saes_b`'.
 
     Feature matching (Hungarian on latent correlations, permutation-tested) is the costly part:
     `match_pairs` "all" runs it for every pair, "same_depth" only for each source's same-depth
     target (`same_depth_pairs`), "none" never; the matching metrics are NaN where it did not run.
+
+    `twins_b` (second-seed SAEs of some of B's sites) gives floors and ceilings at those sites
+    (`_references`): what relative transfer, CKA and matching give for SAE_B against a rotated copy of
+    itself (no shared features) and against its twin (the same features learned twice).
     """
     if match_pairs not in MATCH_PAIRS:
         raise LayerflowError(f"Unknown match_pairs '{match_pairs}'. Valid: {', '.join(MATCH_PAIRS)}.")
@@ -453,7 +463,42 @@ def cross_model_matrix(
                         "none: fewer than 2 held-out documents of equal length, so no p-values (read more documents)",
         "fdr": fdr, "seed": seed, "match_pairs": match_pairs,
     }
-    return TransferMatrix("cross_model", sites_a, sites_b, metrics, settings, extras={"matched_features": matched})
+    references = _references(saes_b, twins_b or {}, aligned, tests, sites_b) if twins_b else {}
+    return TransferMatrix("cross_model", sites_a, sites_b, metrics, settings, extras={"matched_features": matched},
+                          references=references)
+
+
+def _references(saes_b: dict[str, Any], twins_b: dict[str, Any], aligned: AlignedActivations, tests: "_Tests",
+                sites_b: list[Site]) -> dict[str, Any]:
+    """Floors and ceilings at B's sites that have a twin, in the same figures as the matrix: SAE_B against
+    itself rotated inside its site's principal subspace (floor) and against its twin (ceiling), on B's
+    words, with no stitch (both sides read the same site)."""
+    heldout = aligned.heldout
+    refs = References(layers={s.hook_name: s.layer for s in sites_b})
+    for metric in ("relative_transfer", "cka", "fraction_features_with_partner"):
+        refs.floor[metric], refs.ceiling[metric] = {}, {}
+    for k, (hook, twin) in enumerate(twins_b.items()):
+        if hook not in saes_b:
+            continue
+        sae, x = saes_b[hook], aligned.acts_b[hook]
+        x_train, x_held = x[~heldout], x[heldout]
+        calibration = Calibration.of({hook: x_train}, covariance=True)
+        mean, rotation = calibration.means[hook].float(), calibration.rotation(hook, tests.seed + 7919 * (k + 1))
+        rotate = lambda v: (v - mean) @ rotation + mean  # noqa: E731  the rotated SAE on v == the SAE on rotate(v)
+        own = _ev(x_held, _reconstruct(sae, x_held))
+        latents = _encode(sae, x_held)
+        gram = centered_gram(latents[tests.cka_rows])
+        for kind, other, train_in, held_in in (("floor", sae, rotate(x_train), rotate(x_held)),
+                                               ("ceiling", twin, x_train, x_held)):
+            other_latents = _encode(other, held_in)
+            target = getattr(refs, kind)
+            target["relative_transfer"][hook] = _ev(held_in, _reconstruct(other, held_in)) / own if own > 0 else math.nan
+            target["cka"][hook] = _cka_with_p(gram, centered_gram(other_latents[tests.cka_rows]), [])[0]
+            corr = _train_correlation(sae, other, x_train, train_in)
+            matched = _test_matches(corr, latents[tests.rows], other_latents[tests.rows], tests.perms, tests.fdr)
+            target["fraction_features_with_partner"][hook] = (
+                matched.significant.sum() / matched.n_live_source if matched.n_live_source and tests.perms else math.nan)
+    return refs.to_dict()
 
 
 def _check_inputs(saes_a: dict[str, Any], saes_b: dict[str, Any], aligned: AlignedActivations) -> None:

@@ -124,7 +124,7 @@ class CrossModelPair:
     matched_feature_correlation_mean: float = _metric(
         "Features matched one-to-one by activation correlation on train words; mean of their held-out correlations.")
     fraction_features_with_partner: float = _metric(
-        "Fraction of SAE_A's live features whose matched partner's held-out correlation is significant (whole held-out documents permuted, Benjamini-Hochberg at 0.05).")
+        "Fraction of SAE_A's live features whose matched partner's held-out correlation is significant (whole held-out documents permuted, Benjamini-Hochberg at 0.05) and at least 0.5.")
     paired_svcca: float = _metric(
         "Lan et al.'s (2024) paired SVCCA: the significant matched pairs, less those whose features fire mostly on junk words (punctuation, a chunk's first word); SVCCA between their decoder rows (each side reduced to the singular directions holding 99% of its variance, at most a quarter of the pairs). Matched pairs only.")
     paired_svcca_p_value: float = _metric("p-value of paired_svcca against shuffles of the pairing.")

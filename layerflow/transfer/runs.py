@@ -219,11 +219,13 @@ def cross_model_runs(
     hooks_a: list[str] | None = None,
     hooks_b: list[str] | None = None,
     loaded: tuple[LoadedModel, LoadedModel] | None = None,
+    twins_b: str | Path | None = None,
     **options: Any,
 ) -> tuple[TransferMatrix, list[Path]]:
     """Cross-model matrix between the SAEs of two runs (or SAELens folders with a layerflow store
     for each), on words of `source` read by both models; written to `out_dir` (default
-    `<run_a>/transfer/<model a>~<model b>`), the matrix JSON last."""
+    `<run_a>/transfer/<model a>~<model b>`), the matrix JSON last. `twins_b`: second-seed SAEs of
+    some of B's sites (a run's `ceiling/<model b>`), for floors and ceilings there."""
     run_a, run_b = Path(run_a), Path(run_b)
     sides = []
     for run, hooks in ((run_a, hooks_a), (run_b, hooks_b)):
@@ -235,7 +237,8 @@ def cross_model_runs(
     aligned = capture_aligned(loaded_a, list(saes_a), loaded_b, list(saes_b), iter_documents(source),
                               context_size=context_size, max_words=max_words,
                               max_words_per_document=max(10, max_words // defaults.CROSS_MODEL_DOCUMENTS))
-    matrix = cross_model_matrix(saes_a, saes_b, aligned, **options)
+    twins = {h: sae for h, sae in load_saes(Path(twins_b)).items() if h in saes_b} if twins_b is not None else None
+    matrix = cross_model_matrix(saes_a, saes_b, aligned, twins_b=twins, **options)
     matrix.settings["source"] = source
     folder = Path(out_dir) if out_dir else run_a / TRANSFER_DIR / cross_dir_name(model_a, model_b)
     folder.mkdir(parents=True, exist_ok=True)
