@@ -372,3 +372,9 @@ def test_run_writes_floors_and_ceilings_beside_the_matrix(tiny_run, tmp_path):
     with pytest.raises(LayerflowError, match="seed twins in .* are for none of the sites"):
         transfer_run(tiny_run / "run", out_dir=tmp_path / "u", twins=twin_dir, hooks=["blocks.0.hook_resid_post"],
                      options=TransferOptions(max_tokens=256, match_distance=0))
+    # A twin of another model (or width) at the same hook name is refused, not run into a shape error.
+    wide = StandardSAE(StandardSAEConfig(d_in=40, d_sae=32))
+    wide.save_model(tmp_path / "other" / "blocks.1.hook_resid_post")
+    with pytest.raises(LayerflowError, match="seed twin of .blocks.1.hook_resid_post. .* reads width 40"):
+        transfer_run(tiny_run / "run", out_dir=tmp_path / "v", twins=tmp_path / "other",
+                     options=TransferOptions(max_tokens=256, match_distance=0))

@@ -23,7 +23,7 @@ the data's high-variance subspace, so a rotation of the whole space is too easy 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
@@ -63,6 +63,7 @@ class Calibration:
     moments: Float[Tensor, "sites sites"]  # float64; NaN between sites of different widths
     n_tokens: int
     covariances: dict[str, Float[Tensor, "d d"]] | None = None  # float64, with `covariance=True`
+    _eigen: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, activations: dict[str, Float[Tensor, "tokens d"]], covariance: bool = False) -> "Calibration":
@@ -152,8 +153,10 @@ class Calibration:
         if self.covariances is None:
             raise LayerflowError("This calibration has no covariances: build it with covariance=True.")
         self._index(hook)
-        values, vectors = torch.linalg.eigh(self.covariances[hook])
-        values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
+        if hook not in self._eigen:  # one eigendecomposition per site, however many rotations are drawn
+            values, vectors = torch.linalg.eigh(self.covariances[hook])
+            self._eigen[hook] = values.flip(0).clamp(min=0), vectors.flip(1)
+        values, vectors = self._eigen[hook]
         m = int((values.cumsum(0) < variance_kept * values.sum()).sum().item()) + 1
         return vectors, max(2, min(m, len(values)))
 

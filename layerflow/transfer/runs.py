@@ -78,6 +78,8 @@ def transfer_run(
     hooks_needed = list(dict.fromkeys(h for s in sites for h in needed[s.hook_name]))
     activations = activation_store.heldout(hooks_needed, options.max_tokens, options.exclude_special_tokens)
     with_references = options.references and not transcoders
+    twin_saes = _checked_twins(Path(twins), {s.hook_name: saes[s.hook_name] for s in sites}) \
+        if twins is not None and with_references else {}  # checked before the long work
     calibration = store_calibration(activation_store, hooks_needed, options.calibration_tokens,
                                     options.exclude_special_tokens,
                                     covariance=bool(options.match_distance) or with_references)
@@ -85,7 +87,7 @@ def transfer_run(
     compute = transcoder_matrix if transcoders else within_model_matrix
     matrix = compute(saes, activations, sites, calibration, options, progress, sequences)
     if with_references:
-        matrix.references = _references(saes, activations, sites, calibration, twins, sequences, options).to_dict()
+        matrix.references = _references(saes, activations, sites, calibration, twin_saes, sequences, options).to_dict()
     if options.spliced:
         loaded = loaded or load_model(activation_store.manifest.model["name"])
         _add_spliced(matrix, saes, activation_store, loaded, calibration, options)
@@ -106,20 +108,29 @@ def _folder_of_transcoders(saes: dict[str, SAE], folder: Path) -> bool:
 
 
 def _references(saes: dict[str, SAE], activations: dict[str, torch.Tensor], sites: list[Site],
-                calibration: Calibration, twins: str | Path | None, sequences: torch.Tensor,
+                calibration: Calibration, twin_saes: dict[str, SAE], sequences: torch.Tensor,
                 options: TransferOptions) -> References:
-    """Floors at every site, ceilings where `twins` has a seed twin, matching floors at the twins'
+    """Floors at every site, ceilings where `twin_saes` has a seed twin, matching floors at the twins'
     sites (or, without twins, at `options.reference_sites` sites spread over depth)."""
-    twin_saes = {}
-    if twins is not None:
-        twin_saes = {h: sae for h, sae in load_saes(Path(twins)).items() if h in saes}
-        if not twin_saes:
-            raise LayerflowError(f"The seed twins in '{twins}' are for none of the sites compared "
-                                 f"({', '.join(s.hook_name for s in sites)}).")
     reference_hooks = list(twin_saes) or spread_over_depth([s.hook_name for s in sites], options.reference_sites)
     return measure_references({s.hook_name: saes[s.hook_name] for s in sites}, activations,
                               {s.hook_name: s.layer for s in sites}, calibration, twin_saes, reference_hooks, sequences,
                               options.batch_tokens, options.null_quantile, options.seed, options.device)
+
+
+def _checked_twins(folder: Path, saes: dict[str, SAE]) -> dict[str, SAE]:
+    """The second-seed SAEs in `folder` for sites of `saes`: the same model's, reading the same width."""
+    twins = {h: sae for h, sae in load_saes(folder).items() if h in saes}
+    if not twins:
+        raise LayerflowError(f"The seed twins in '{folder}' are for none of the sites compared ({', '.join(saes)}).")
+    model = lambda sae: getattr(sae.cfg.metadata, "model_name", None)  # noqa: E731
+    for hook, twin in twins.items():
+        sae = saes[hook]
+        if twin.cfg.d_in != sae.cfg.d_in or None not in (model(twin), model(sae)) and model(twin) != model(sae):
+            raise LayerflowError(f"The seed twin of '{hook}' in '{folder}' reads width {twin.cfg.d_in} of model "
+                                 f"'{model(twin)}', but the SAE there reads width {sae.cfg.d_in} of model "
+                                 f"'{model(sae)}': twins must be SAEs of the same model and site.")
+    return twins
 
 
 def spread_over_depth(hooks: list[str], n: int) -> list[str]:
@@ -233,11 +244,11 @@ def cross_model_runs(
         model = ActivationStore(run_store(run)).manifest.model["name"]
         sides.append((dict(sorted(saes.items(), key=lambda kv: parse_hook_name(kv[0])[0])), model))
     (saes_a, model_a), (saes_b, model_b) = sides
+    twins = _checked_twins(Path(twins_b), saes_b) if twins_b is not None else None  # before the long work
     loaded_a, loaded_b = loaded or (load_model(model_a), load_model(model_b))
     aligned = capture_aligned(loaded_a, list(saes_a), loaded_b, list(saes_b), iter_documents(source),
                               context_size=context_size, max_words=max_words,
                               max_words_per_document=max(10, max_words // defaults.CROSS_MODEL_DOCUMENTS))
-    twins = {h: sae for h, sae in load_saes(Path(twins_b)).items() if h in saes_b} if twins_b is not None else None
     matrix = cross_model_matrix(saes_a, saes_b, aligned, twins_b=twins, **options)
     matrix.settings["source"] = source
     folder = Path(out_dir) if out_dir else run_a / TRANSFER_DIR / cross_dir_name(model_a, model_b)
