@@ -40,15 +40,28 @@ class ReconstructionMetrics:
 
 @dataclass(frozen=True)
 class InputSums:
-    """The parts of `ReconstructionStats.add` that depend on x alone."""
+    """The parts of `ReconstructionStats.add` that depend on x alone; with `groups` (each token's
+    group, e.g. its sequence, in [0, n_groups)), also per group, for `ReconstructionStats.bootstrap`."""
 
     sum_x: torch.Tensor  # [d] float64, on the CPU
     sum_sq_norm: float
     norm: torch.Tensor  # [tokens] ||x|| per token
+    groups: torch.Tensor | None = None  # [tokens] int64, on x's device
+    group_sum_x: torch.Tensor | None = None  # [groups, d] float64, on the CPU
+    group_sq_norm: torch.Tensor | None = None  # [groups] float64
+    group_n: torch.Tensor | None = None  # [groups] float64
 
     @classmethod
-    def of(cls, x: Float[torch.Tensor, "tokens d"]) -> "InputSums":
-        return cls(x.sum(0, dtype=torch.float64).cpu(), x.double().square().sum().item(), x.norm(dim=-1))
+    def of(cls, x: Float[torch.Tensor, "tokens d"], groups: torch.Tensor | None = None, n_groups: int = 0) -> "InputSums":
+        sums = cls(x.sum(0, dtype=torch.float64).cpu(), x.double().square().sum().item(), x.norm(dim=-1))
+        if groups is None:
+            return sums
+        groups = groups.to(x.device)
+        f64 = torch.float64
+        group_sum_x = torch.zeros(n_groups, x.shape[1], dtype=f64, device=x.device).index_add_(0, groups, x.double())
+        sq = torch.linalg.vector_norm(x, dim=-1, dtype=f64).square()
+        return cls(sums.sum_x, sums.sum_sq_norm, sums.norm, groups, group_sum_x.cpu(),
+                   torch.bincount(groups, sq, n_groups).cpu(), torch.bincount(groups, minlength=n_groups).double().cpu())
 
 
 class ReconstructionStats:
@@ -64,6 +77,7 @@ class ReconstructionStats:
         self.sum_l2_ratio = 0.0
         self.n_l2_ratio = 0
         self.n_full = 0  # tokens added with every sum (not error_only)
+        self.groups: dict[str, torch.Tensor] | None = None  # per-group sums, when the inputs come with groups
         self.fire_counts: torch.Tensor | None = None
         self.sum_l0 = 0.0
 
@@ -92,6 +106,8 @@ class ReconstructionStats:
         self.sum_sq_norm += x_sums.sum_sq_norm
         self.sum_sq_residual += residual_norm.square().sum().item()
         self.n += x.shape[0]
+        if x_sums.groups is not None:
+            self._add_groups(x_sums, torch.bincount(x_sums.groups, residual_norm.square(), len(x_sums.group_n)).cpu())
         if not error_only:
             hat_norm = torch.linalg.vector_norm(x_hat, dim=-1, dtype=f64)
             self.sum_sq_norm_hat += hat_norm.square().sum().item()
@@ -103,6 +119,21 @@ class ReconstructionStats:
         if latents is not None:
             active = latents != 0
             self.add_firing(active.sum(0), int(active.sum()))
+
+    def _add_groups(self, x_sums: InputSums, residual: torch.Tensor) -> None:
+        new = {"sum_x": x_sums.group_sum_x, "sq_norm": x_sums.group_sq_norm, "n": x_sums.group_n, "residual": residual}
+        self.groups = new if self.groups is None else {k: self.groups[k] + v for k, v in new.items()}
+
+    def bootstrap(self, weights: Float[torch.Tensor, "replicates groups"]) -> Float[torch.Tensor, " replicates"]:
+        """Explained variance under each row of `weights` (how many times each group is drawn): the
+        ratio of the reweighted sums, as `compute()` takes it over all tokens. Needs grouped inputs."""
+        if self.groups is None:
+            raise ValueError("No per-group sums: add batches with InputSums.of(x, groups, n_groups).")
+        g, w = self.groups, weights.double()
+        n = w @ g["n"]
+        mean = (w @ g["sum_x"]) / n[:, None]
+        variance = (w @ g["sq_norm"]) / n - mean.square().sum(-1)
+        return 1 - (w @ g["residual"]) / n / variance
 
     def add_firing(self, counts: Float[torch.Tensor, " d_sae"], n_active: int) -> None:
         """Latent firing for the batch last added, when the caller has it sparse: how many tokens

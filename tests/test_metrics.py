@@ -72,3 +72,24 @@ def test_sparsity_metrics_on_planted_latents():
     assert m.l0 == pytest.approx(1 + 0.05 + 0.2)
     assert m.dead_fraction == pytest.approx(5 / 8)
     assert m.dense_fraction == pytest.approx(2 / 8)
+
+
+def test_bootstrap_from_group_sums_equals_recomputing_on_the_resampled_tokens():
+    # Each replicate draws whole groups with replacement; the figure from the reweighted per-group
+    # sums must equal the figure computed on the tokens of the drawn groups, duplicates included.
+    from layerflow.metrics import InputSums, ReconstructionStats, reconstruction_metrics
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 8, generator=g) * 3 + 5  # a large mean, as in the residual stream
+    x_hat = x + torch.randn(600, 8, generator=g)
+    groups = torch.arange(600) // 50
+    stats = ReconstructionStats()
+    for c in range(0, 600, 256):  # batches that cut across groups
+        stats.add(x[c:c + 256], x_hat[c:c + 256], x_sums=InputSums.of(x[c:c + 256], groups[c:c + 256], 12))
+    draws = torch.randint(12, (5, 12), generator=g)
+    counts = torch.stack([torch.bincount(row, minlength=12) for row in draws])
+    boot = stats.bootstrap(counts)
+    for b in range(5):
+        rows = torch.cat([torch.arange(k * 50, k * 50 + 50).repeat(int(counts[b, k])) for k in range(12)])
+        assert boot[b].item() == pytest.approx(reconstruction_metrics(x[rows], x_hat[rows]).explained_variance, abs=1e-12)
+    assert stats.bootstrap(torch.ones(1, 12))[0].item() == pytest.approx(stats.compute().explained_variance, abs=1e-12)

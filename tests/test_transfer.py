@@ -378,3 +378,26 @@ def test_run_writes_floors_and_ceilings_beside_the_matrix(tiny_run, tmp_path):
     with pytest.raises(LayerflowError, match="seed twin of .blocks.1.hook_resid_post. .* reads width 40"):
         transfer_run(tiny_run / "run", out_dir=tmp_path / "v", twins=tmp_path / "other",
                      options=TransferOptions(max_tokens=256, match_distance=0))
+
+
+def test_intervals_resample_whole_sequences_and_narrow_with_more_of_them():
+    def matrix(n_tokens):
+        p = planted_layers([1.0, 0.5, 0.0], [1.0, 2.0, 3.0], n_tokens=n_tokens, layer_offsets=[1.0, 1.2, 0.8], seed=11)
+        acts = {_hook(i): p.activations[i] for i in range(3)}
+        sites = [SiteId("planted", _hook(i), i, 3) for i in range(3)]
+        sequences = torch.arange(n_tokens) // 64  # 64-token "sequences"
+        return within_model_matrix({_hook(i): true_sae(p, i) for i in range(3)}, acts, sites,
+                                   Calibration.of({_hook(i): p.train[i] for i in range(3)}), NO_MATCH, sequences=sequences)
+
+    small, large = matrix(2048), matrix(32768)
+    for m in (small, large):
+        for name in ("explained_variance", "relative_transfer", "transfer_beyond_persistence"):
+            low, high = m.intervals[name]
+            assert (low <= m[name] + 1e-12).all() and (m[name] <= high + 1e-12).all(), name
+        assert "whole held-out sequences" in m.settings["intervals"]
+    off = ~np.eye(3, dtype=bool)
+    width = lambda m: (m.intervals["relative_transfer"][1] - m.intervals["relative_transfer"][0])[off].mean()  # noqa: E731
+    assert 2.5 < width(small) / width(large) < 6  # about sqrt(16) = 4 times narrower with 16 times the sequences
+    rows = list(csv.DictReader(io.StringIO(small.to_csv())))
+    assert float(rows[1]["relative_transfer_low"]) == small.intervals["relative_transfer"][0][0, 1]
+    assert TransferMatrix.from_dict(json.loads(json.dumps(small.to_dict()))).equals(small)

@@ -13,8 +13,9 @@ JSON schema (`schema_version` 2; version 1 matched the norm only, and is refused
      "metrics": {name: [[value per target] per source]},  # NaN written as null
      "metric_docs": {name: text},
      "settings": {...},                                    # how it was computed (tokens, options)
-     "references": {"floor": {metric: {hook: value}}, "ceiling": {...}, "layers": {hook: layer}, "how": {...}}}
+     "references": {"floor": {metric: {hook: value}}, "ceiling": {...}, "layers": {hook: layer}, "how": {...}},
                                                            # optional: `references.py`
+     "intervals": {metric: {"low": [[...]], "high": [[...]]}}}  # optional: bootstrap intervals (settings.intervals)
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ class TransferMatrix:
     settings: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. matched feature pairs; not serialized here
     references: dict[str, Any] = field(default_factory=dict)  # floors and ceilings (`references.References.to_dict`)
+    intervals: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # metric -> (low, high)
 
     def __post_init__(self) -> None:
         if self.kind not in PAIR_TYPES:
@@ -185,10 +187,12 @@ class TransferMatrix:
         return {
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "kind": self.kind,
             "sources": [s.to_dict(SITE_KEYS) for s in self.sources], "targets": [s.to_dict(SITE_KEYS) for s in self.targets],
-            "metrics": {n: [[_to_float(v) for v in row] for row in m] for n, m in self.metrics.items()},
+            "metrics": {n: _rows(m) for n, m in self.metrics.items()},
             "metric_docs": {n: d for n, d in metric_docs(self.kind).items() if n in self.metrics},
             "settings": self.settings,
             **({"references": self.references} if self.references else {}),
+            **({"intervals": {n: {"low": _rows(lo), "high": _rows(hi)} for n, (lo, hi) in self.intervals.items()}}
+               if self.intervals else {}),
         }
 
     @classmethod
@@ -200,21 +204,23 @@ class TransferMatrix:
             raise LayerflowError(f"Transfer matrix schema version {data.get('schema_version')} is not supported{old}: "
                                  f"this layerflow reads version {SCHEMA_VERSION}. Recompute it with `layerflow transfer` "
                                  f"(or rerun `layerflow run`).")
-        metrics = {n: np.array([[np.nan if v is None else v for v in row] for row in m], dtype=np.float64)
-                   for n, m in data["metrics"].items()}
+        metrics = {n: _array(m) for n, m in data["metrics"].items()}
+        intervals = {n: (_array(b["low"]), _array(b["high"])) for n, b in data.get("intervals", {}).items()}
         return cls(data["kind"], [Site.from_dict(s) for s in data["sources"]], [Site.from_dict(s) for s in data["targets"]],
-                   metrics, data.get("settings", {}), references=data.get("references", {}))
+                   metrics, data.get("settings", {}), references=data.get("references", {}), intervals=intervals)
 
     def to_csv(self) -> str:
+        """One row per pair: the sites, every metric, then each interval as <metric>_low, <metric>_high."""
         text = io.StringIO()
-        names = list(self.metrics)
+        columns = {**self.metrics, **{f"{n}_{side}": b[k] for n, b in self.intervals.items()
+                                      for k, side in enumerate(("low", "high"))}}
         writer = csv.writer(text)
         writer.writerow(["source_model", "source_hook", "source_layer", "target_model", "target_hook",
-                         "target_layer", *names])
+                         "target_layer", *columns])
         for i, s in enumerate(self.sources):
             for j, t in enumerate(self.targets):
                 writer.writerow([s.model, s.hook_name, s.layer, t.model, t.hook_name, t.layer,
-                                 *("" if math.isnan(v) else repr(float(v)) for v in (self.metrics[n][i, j] for n in names))])
+                                 *("" if math.isnan(v) else repr(float(v)) for v in (c[i, j] for c in columns.values()))])
         return text.getvalue()
 
     def write(self, folder: str | Path, stem: str = "transfer_matrix") -> tuple[Path, Path]:
@@ -237,8 +243,18 @@ class TransferMatrix:
     def equals(self, other: "TransferMatrix") -> bool:
         return (self.kind == other.kind and self.sources == other.sources and self.targets == other.targets
                 and self.metrics.keys() == other.metrics.keys() and self.settings == other.settings
-                and self.references == other.references
+                and self.references == other.references and self.intervals.keys() == other.intervals.keys()
+                and all(np.array_equal(a, b, equal_nan=True) for n in self.intervals
+                        for a, b in zip(self.intervals[n], other.intervals[n]))
                 and all(np.array_equal(self.metrics[n], other.metrics[n], equal_nan=True) for n in self.metrics))
+
+
+def _rows(m: np.ndarray) -> list[list[float | None]]:
+    return [[_to_float(v) for v in row] for row in m]
+
+
+def _array(rows: list[list[float | None]]) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
 
 
 def is_current_matrix(path: str | Path) -> bool:

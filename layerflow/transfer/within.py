@@ -61,6 +61,8 @@ class TransferOptions:
     exclude_special_tokens: bool = True
     references: bool = True  # floors (and, given seed twins, ceilings) beside the matrix: `references.py`
     reference_sites: int = defaults.REFERENCE_SITES  # sites where matching floors are measured without twins
+    bootstrap: int = defaults.BOOTSTRAP_REPLICATES  # resamples of whole sequences for the intervals (0: none)
+    interval: float = defaults.INTERVAL_LEVEL
     spliced: bool = False  # also splice SAE_i (matched) into the model at site j: delta CE and KL
     device: str = defaults.DEVICE  # where the pair kernel runs ("cuda" for large matrices); sums stay float64 on the CPU
     seed: int = defaults.SEED
@@ -108,7 +110,8 @@ def within_model_matrix(
                 "reconstruction / the same factor", "persistence": PERSISTENCE,
                 "calibration": calibration.summary(), **_null_settings(calibration, sequences),
                 "mean_activation_norm": dict(zip(hooks, norms))}
-    return TransferMatrix("within_model", sites, sites, metrics, settings, extras)
+    return TransferMatrix("within_model", sites, sites, metrics, {**settings, **_interval_settings(options, sequences)},
+                          extras, intervals=extras.pop("intervals"))
 
 
 @torch.no_grad()
@@ -142,7 +145,8 @@ def transcoder_matrix(
                 "calibration": calibration.summary(), **_null_settings(calibration, sequences),
                 "mean_activation_norm": dict(zip(in_hooks, in_norms)),
                 "mean_output_norm": dict(zip(out_hooks, out_norms))}
-    return TransferMatrix("within_model", sites, sites, metrics, settings, extras)
+    return TransferMatrix("within_model", sites, sites, metrics, {**settings, **_interval_settings(options, sequences)},
+                          extras, intervals=extras.pop("intervals"))
 
 
 MATCHING = "x_j -> (x_j - mu_j) s_i / s_j + mu_i before dictionary i, output -> (out - mu_i) s_j / s_i + mu_j; " \
@@ -177,7 +181,8 @@ def _pair_matrix(dictionaries: dict[str, SAE], activations: dict[str, torch.Tens
     y_means = [y.double().mean(0) for y in ys]
     centered_gram, raw_gram = _grams(ys, y_means)
     coders = [make_coder(dictionaries[h], device) for h in in_hooks]
-    y_sums = [[InputSums.of(chunk) for chunk in y.split(bt)] for y in ys]
+    groups, n_groups = _groups(sequences, n_tokens)
+    y_sums = [[InputSums.of(chunk, g, n_groups) for chunk, g in zip(y.split(bt), groups.split(bt))] for y in ys]
     acc: dict[tuple[int, int], _PairAccumulators] = {}
     total = n * n + (n if options.match_distance else 0)
     report = progress or (lambda done, total: None)
@@ -202,11 +207,46 @@ def _pair_matrix(dictionaries: dict[str, SAE], activations: dict[str, torch.Tens
             report(done, total)
 
     metrics = _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, [dictionaries[h] for h in in_hooks])
-    extras: dict[str, Any] = {}
+    extras: dict[str, Any] = {"intervals": _intervals(acc, n, n_groups, options)}
     if options.match_distance:
         _feature_matching(metrics, extras, dictionaries, xs, in_hooks, out_hooks, coders, calibration, sequences,
                           options, lambda i: report(n * n + i, total))
     return metrics, extras, in_norms, out_norms
+
+
+def _groups(sequences: torch.Tensor | None, n_tokens: int) -> tuple[torch.Tensor, int]:
+    """Each held-out token's resampling group: its sequence (renumbered 0..G-1), else blocks of
+    `defaults.BOOTSTRAP_BLOCK` consecutive tokens."""
+    if sequences is None:
+        groups = torch.arange(n_tokens) // defaults.BOOTSTRAP_BLOCK
+    else:
+        groups = torch.cat([torch.zeros(1, dtype=torch.long), (sequences.diff() != 0).long().cumsum(0)])
+    return groups, int(groups.max()) + 1 if n_tokens else 0
+
+
+def _intervals(acc: dict[tuple[int, int], "_PairAccumulators"], n: int, n_groups: int,
+               options: TransferOptions) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Percentile bootstrap over whole sequences (every pair resampled with the same draws): the
+    `options.interval` interval of explained_variance, relative_transfer and transfer_beyond_persistence."""
+    if not options.bootstrap or n_groups < 2:
+        return {}
+    g = torch.Generator().manual_seed(options.seed)
+    draws = torch.randint(n_groups, (options.bootstrap, n_groups), generator=g)
+    weights = torch.zeros(options.bootstrap, n_groups, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(draws.shape, dtype=torch.float64))
+    own = [acc[t, t].matched.bootstrap(weights) for t in range(n)]
+    tails = ((1 - options.interval) / 2, (1 + options.interval) / 2)
+    out = {name: (np.full((n, n), np.nan), np.full((n, n), np.nan))
+           for name in ("explained_variance", "relative_transfer", "transfer_beyond_persistence")}
+    for (s, t), pair in acc.items():
+        ev = pair.matched.bootstrap(weights)
+        relative = ev / own[t]
+        samples = {"explained_variance": ev, "relative_transfer": relative,
+                   "transfer_beyond_persistence": relative - pair.persistence.bootstrap(weights) / own[t]}
+        for name, values in samples.items():
+            low, high = torch.quantile(values, torch.tensor(tails, dtype=values.dtype)).tolist()
+            out[name][0][s, t], out[name][1][s, t] = low, high
+    return out
 
 
 def _match(coder: Coder, calibration: Calibration, in_hooks: list[str], out_hooks: list[str], s: int, t: int,
@@ -243,11 +283,11 @@ def _accumulate(coder: Coder, x_t: torch.Tensor, y_t: torch.Tensor, rho_in: floa
         pair.matched.add_firing(*matched.firing(d_sae))
     else:
         lat, raw = coder.reconstruct(x_t)
-        pair.raw.add(y_t, raw, lat)
+        pair.raw.add(y_t, raw, lat, x_sums=y_sums)
         lat_s, prediction_s = coder.reconstruct(rho_in * x_t)
-        pair.scale_only.add(y_t, prediction_s / rho_out, lat_s)
+        pair.scale_only.add(y_t, prediction_s / rho_out, lat_s, x_sums=y_sums)
         lat_m, prediction_m = coder.reconstruct(match.into.to_source(x_t))
-        pair.matched.add(y_t, match.back.to_target(prediction_m), lat_m)
+        pair.matched.add(y_t, match.back.to_target(prediction_m), lat_m, x_sums=y_sums)
         total, squares = lat.sum(0, dtype=torch.float64), lat.square().sum(0, dtype=torch.float64)
     pair.latent_sum += total.cpu()
     pair.latent_sq_sum += squares.cpu()
@@ -380,6 +420,13 @@ def _feature_matching(metrics, extras, saes, xs, in_hooks, out_hooks, coders, ca
         latents.pop(s, None)
         report(s + 1)
     extras["matched_features"] = matched
+
+
+def _interval_settings(options: TransferOptions, sequences: torch.Tensor | None) -> dict[str, Any]:
+    return {"intervals": f"{options.interval:.0%} percentile bootstrap, {options.bootstrap} resamples of whole "
+                         + ("held-out sequences" if sequences is not None else
+                            f"blocks of {defaults.BOOTSTRAP_BLOCK} held-out tokens (no sequence boundaries given)")
+                         + "; the figures themselves use every token" if options.bootstrap else "none"}
 
 
 def _null_settings(calibration: Calibration, sequences: torch.Tensor | None) -> dict[str, str]:
