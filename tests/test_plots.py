@@ -180,3 +180,13 @@ def test_nan_rows_and_columns_are_drawn(tmp_path):
         _check_files(paths, tmp_path)
     assert math.isnan(matrix["relative_transfer"][2, 0])  # the input is left as it was
     assert not plt.get_fignums()  # every figure closed
+
+
+def test_cells_whose_interval_straddles_a_band_edge_are_unresolved():
+    from layerflow.report.plots import unresolved_bands
+
+    low = np.array([[0.35, 0.41, 0.55], [0.62, 0.85, -0.2]])
+    high = np.array([[0.45, 0.59, 0.61], [0.89, 0.95, 0.39]])
+    # 0.4 inside [0.35, 0.45]; [0.41, 0.59] inside LOW; 0.6 inside [0.55, 0.61]; [0.62, 0.89] inside MODERATE;
+    # 0.9 inside [0.85, 0.95]; [-0.2, 0.39] inside SPECIALISED
+    assert unresolved_bands(low, high).tolist() == [[True, False, True], [False, True, False]]

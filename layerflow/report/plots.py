@@ -189,8 +189,28 @@ def transfer_heatmap(matrix: TransferMatrix, stem: Path, metric: str = "relative
     scale = _mark_references(cbar, matrix, metric)
     doc = "EV of SAE_i on layer j (mean and spread matched) / EV of SAE_j on layer j" if rel else metric_docs(matrix.kind)[metric]
     ax.set_title(f"{matrix.sources[0].model}: {metric.replace('_', ' ')}\n" + textwrap.fill(doc, 90), fontsize=10)
-    _footnote(ax, _clip_note(values, rel) + (_hatch_unreliable(ax, matrix) if rel else "") + scale)
+    unresolved = _hatch_unresolved(ax, matrix, metric) if rel else ""
+    _footnote(ax, _clip_note(values, rel) + (_hatch_unreliable(ax, matrix) if rel else "") + unresolved + scale)
     return _save(fig, stem)
+
+
+def unresolved_bands(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """True where an interval [low, high] holds a band edge of the notes' bands: its band is not resolved."""
+    edges = [lower for lower, _ in BANDS if math.isfinite(lower)]
+    return np.logical_or.reduce([(low < e) & (e <= high) for e in edges])
+
+
+def _hatch_unresolved(ax: plt.Axes, matrix: TransferMatrix, metric: str) -> str:
+    """Dots over the cells whose interval straddles a band edge; the footnote's words for them."""
+    if metric not in matrix.intervals:
+        return ""
+    off_diagonal = ~np.eye(len(matrix.sources), len(matrix.targets), dtype=bool)
+    mask = unresolved_bands(*matrix.intervals[metric]) & off_diagonal
+    for i, j in zip(*np.nonzero(mask)):
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="...", lw=0, ec=(0, 0, 0, 0.5)))
+    level = matrix.settings.get("intervals", "the interval").split(",")[0]
+    return (f" Dotted cells ({int(mask.sum())} of {int(off_diagonal.sum())}): the {level} interval straddles a band "
+            "edge, so the band is not resolved.")
 
 
 def _mark_references(cbar: Any, matrix: TransferMatrix, metric: str) -> str:
