@@ -387,3 +387,12 @@ def test_cross_model_without_relative_transfer_falls_back_to_stitched_ev(full_ru
     assert c["by_depth_metric"] == "stitched_explained_variance"
     assert "Relative transfer: not computed for any pair." in report
     assert "same-depth stitched EV is highest at depth" in report
+
+
+def test_the_report_stage_is_not_listed_as_running_in_its_own_table(tmp_path):
+    root = make_run(tmp_path, flat_matrix())
+    run = json.loads((root / "run.json").read_text())
+    run["stages"]["report"] = {"status": "running"}  # what the pipeline writes while the report is made
+    (root / "run.json").write_text(json.dumps(run))
+    report = report_run(root)[1].read_text()
+    assert "| report | this report | - |" in report and "running" not in report

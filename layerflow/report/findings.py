@@ -72,6 +72,8 @@ def build_summary(results: RunResults) -> dict[str, Any]:
     models = {name: _model_summary(m) for name, m in results.models.items()}
     stages = {name: {"status": s.get("status"), "seconds": s.get("seconds")}
               for name, s in (results.run.get("stages") or {}).items()}
+    if stages.get("report", {}).get("status") == "running":  # the pipeline is writing this very report
+        stages["report"]["status"] = "this report"
     summary = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "conventions": {"scale_aware_metric": SCALE_AWARE, "raw_metric": RAW,
@@ -519,7 +521,8 @@ def write_report(results: RunResults, summary: dict, plots: dict[str, list[Path]
             for c in summary["cross_model"]]
     if summary["stages"]:
         out += ["", "| stage | status | seconds |", "|---|---|---|"]
-        out += [f"| {k} | {s['status'] or 'n/a'} | {fmt(s['seconds'])} |" for k, s in summary["stages"].items()]
+        out += [f"| {k} | {s['status'] or 'n/a'} | {fmt(s['seconds']) if s['seconds'] is not None else '-'} |"
+                for k, s in summary["stages"].items()]
         out.append(f"| total | | {fmt(summary['stages_total_seconds'])} |")
     atomic_write_text(path, "\n".join(out) + "\n")
     return path
