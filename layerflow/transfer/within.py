@@ -272,10 +272,8 @@ def _accumulate(coder: Coder, x_t: torch.Tensor, y_t: torch.Tensor, rho_in: floa
         latents, scaled, matched = coder.encode_variants(P, variants, buffer)
         raw = with_skip(coder.decode(latents), skip, 1.0)
         pair.raw.add(y_t, raw, x_sums=y_sums, error_only=True)
-        pair.raw.add_firing(*latents.firing(d_sae))
         total, squares = latents.sums(d_sae)
         pair.scale_only.add(y_t, with_skip(coder.decode(scaled), skip, rho_in) / rho_out, x_sums=y_sums, error_only=True)
-        pair.scale_only.add_firing(*scaled.firing(d_sae))
         prediction = with_skip(coder.decode(matched), skip, match.into.alpha)
         if match.skip_shift is not None:
             prediction += match.skip_shift
@@ -283,9 +281,9 @@ def _accumulate(coder: Coder, x_t: torch.Tensor, y_t: torch.Tensor, rho_in: floa
         pair.matched.add_firing(*matched.firing(d_sae))
     else:
         lat, raw = coder.reconstruct(x_t)
-        pair.raw.add(y_t, raw, lat, x_sums=y_sums)
-        lat_s, prediction_s = coder.reconstruct(rho_in * x_t)
-        pair.scale_only.add(y_t, prediction_s / rho_out, lat_s, x_sums=y_sums)
+        pair.raw.add(y_t, raw, x_sums=y_sums, error_only=True)
+        prediction_s = coder.reconstruct(rho_in * x_t)[1]
+        pair.scale_only.add(y_t, prediction_s / rho_out, x_sums=y_sums, error_only=True)
         lat_m, prediction_m = coder.reconstruct(match.into.to_source(x_t))
         pair.matched.add(y_t, match.back.to_target(prediction_m), lat_m, x_sums=y_sums)
         total, squares = lat.sum(0, dtype=torch.float64), lat.square().sum(0, dtype=torch.float64)
