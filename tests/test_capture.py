@@ -53,6 +53,25 @@ def test_round_trip_equals_run_with_cache(tmp_path):
     assert manifest.mean_norm[hook] == pytest.approx(expected, rel=1e-5)
 
 
+def test_heldout_sample_is_whole_sequences_from_across_the_split(tmp_path):
+    capture(_tiny_config(), tmp_path, loaded=tiny_twin("gemma-2-2b-twin"))
+    store = ActivationStore(tmp_path)
+    hook = "blocks.1.hook_resid_post"
+    tokens = store.tokens("heldout")  # 10 sequences of 16, BOS first
+    sample = store.heldout([hook], max_tokens=40)[hook]
+    sequences = store.heldout_sequences(max_tokens=40)
+    assert len(sample) == len(sequences) == 40
+    # independently: every kept position of the sequences named, in order, cut at 40
+    keep = ~store.special_mask("heldout").reshape(tokens.shape)
+    chosen = sequences.unique()
+    expected = torch.cat([store.activations(hook, "heldout").reshape(*tokens.shape, -1)[q][keep[q]] for q in chosen])[:40]
+    torch.testing.assert_close(sample, expected)
+    assert chosen[0] == 0 and chosen[-1] == len(tokens) - 1  # spread to the split's last sequence, not its first block
+    assert (chosen.diff() >= 2).all()
+    everything = store.heldout([hook])[hook]
+    assert len(everything) == int(keep.sum()) and len(store.heldout_sequences()) == len(everything)
+
+
 def test_real_model_round_trip_with_default_corpus(tmp_path, smollm2):
     cfg = CaptureConfig("smollm2-135m", [0, 13, 29], [SiteKind.resid_post, SiteKind.mlp_out],
                         n_tokens=6 * 64, context_size=64, batch_size=4, holdout_fraction=0.34)

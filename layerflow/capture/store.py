@@ -50,22 +50,34 @@ class ActivationStore:
                                      f"Captured: {', '.join(self.hook_names)}.")
         if not self.shards("heldout"):
             raise LayerflowError(f"The capture at '{self.root}' has no held-out split: capture with --holdout > 0.")
-        keep = ~self.special_mask("heldout") if exclude_special_tokens else None
-        out = {}
-        for hook in hooks:
-            x = self.activations(hook, "heldout")
-            x = x[keep] if keep is not None else x
-            out[hook] = x[:max_tokens].float()
-        return out
+        rows = self.heldout_rows(max_tokens, exclude_special_tokens)
+        return {hook: self.activations(hook, "heldout")[rows].float() for hook in hooks}
 
     def heldout_sequences(self, max_tokens: int | None = None,
                           exclude_special_tokens: bool = True) -> Int[torch.Tensor, " tokens"]:
         """The sequence each row of `heldout(...)` (same arguments) comes from."""
+        width = self.tokens("heldout").shape[1]
+        return self.heldout_rows(max_tokens, exclude_special_tokens) // width
+
+    def heldout_rows(self, max_tokens: int | None = None, exclude_special_tokens: bool = True) -> Int[torch.Tensor, " rows"]:
+        """The held-out positions (rows of the flattened split) `heldout` reads: whole sequences spread
+        evenly over the split, not its first block, so the sample spans every document the split holds.
+        The last sequence taken may be cut to make `max_tokens`."""
         tokens = self.tokens("heldout")
-        ids = torch.arange(tokens.shape[0]).repeat_interleave(tokens.shape[1])
-        if exclude_special_tokens:
-            ids = ids[~self.special_mask("heldout")]
-        return ids[:max_tokens]
+        n_seqs, width = tokens.shape
+        keep = ~self.special_mask("heldout") if exclude_special_tokens else torch.ones(n_seqs * width, dtype=torch.bool)
+        per_seq = keep.reshape(n_seqs, width).sum(1)
+        if max_tokens is None or int(per_seq.sum()) <= max_tokens:
+            chosen = torch.arange(n_seqs)
+        else:
+            m = max(1, int(max_tokens / per_seq.float().mean()))
+            while True:  # the fewest evenly spaced sequences that hold max_tokens
+                chosen = torch.linspace(0, n_seqs - 1, m).round().long().unique()
+                if int(per_seq[chosen].sum()) >= max_tokens or m >= n_seqs:
+                    break
+                m += 1
+        rows = (chosen[:, None] * width + torch.arange(width)).reshape(-1)
+        return rows[keep[rows]][:max_tokens]
 
     def special_mask(self, split: str = "train") -> torch.Tensor:
         """True at positions holding BOS or another special token, flattened like `activations`."""
