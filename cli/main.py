@@ -265,7 +265,7 @@ def transfer(
     scored against layer j's target (mlp_out): how well layer i's MLP function predicts layer j's (docs/transfer.md).
 
     With --cross-model, apply each SAE of one model to the other model's sites through an affine stitch."""
-    from layerflow.transfer import TransferOptions, cross_model_runs, same_depth_pairs, summarize, transfer_run
+    from layerflow.transfer import TransferOptions, cross_model_runs, same_depth_pairs, summarize_matrix, transfer_run
 
     if cross_model is not None:
         with err.status("cross-model transfer: loading both models, reading aligned words, stitching"):
@@ -283,8 +283,7 @@ def transfer(
     render.references(matrix.references)
     layers = [s.layer for s in matrix.sources]
     if len(set(layers)) == len(layers) > 1:
-        for metric in ("relative_transfer", "transfer_recon_ratio"):
-            render.transfer_summary(summarize(matrix[metric], layers, matrix.sources[0].n_layers, metric))
+        render.transfer_summary(summarize_matrix(matrix))
     render.written(written)
 
 

@@ -223,11 +223,14 @@ def references(refs: dict) -> None:
 
 
 def transfer_summary(s: Any) -> None:
-    """One line of `transfer.summary.TransferSummary`."""
-    divergence = "none" if s.divergence_layer is None else f"layer {s.divergence_layer}"
-    out.print(f"[bold]{s.metric}[/bold]: off-diagonal mean {s.mean:.3f} (min {s.min:.3f}, max {s.max:.3f}); "
-              f"hub layers {s.hub_layers or 'none'}; {len(s.bidirectional_pairs)} strong bidirectional pairs "
-              f"(>= {s.strong_threshold}); decay {s.decay_rate:.4f} per layer; divergence {divergence}")
+    """A few lines of `transfer.summary.TransferSummary`, each figure with its interval."""
+    iv = lambda e: f"{e.value:.3f}" + (f" [{e.low:.3f}, {e.high:.3f}]" if np.isfinite(e.low) else "")  # noqa: E731
+    level = f"{s.level:.0%} intervals over {s.n_replicates} resamples" if s.n_replicates else "no resamples: no intervals"
+    out.print(f"[bold]{s.metric}[/bold] ({level}): off-diagonal mean (clipped to [0, 1]) {iv(s.mean)}, median "
+              f"{s.median:.3f}; decay {iv(s.decay_rate)} per layer")
+    out.print(f"  hubs (beyond the fitted decay): {s.hub_layers or 'none'}; breaks in the adjacent links: "
+              f"{s.breaks or 'none'}; strong pairs (both directions' interval >= {s.strong_threshold}): "
+              f"{len(s.bidirectional_pairs)} (+{s.strong_pairs_unresolved} not resolved)")
 
 
 def cross_model_table(matrix: Any, same_depth: dict[int, int]) -> None:

@@ -43,6 +43,7 @@ REFERENCE_SITES = 3  # sites with a seed twin (the ceiling) and a matching floor
 BOOTSTRAP_REPLICATES = 200  # transfer intervals: resamples of whole held-out sequences
 BOOTSTRAP_BLOCK = 128  # tokens per resampling group when the sequences are not known
 INTERVAL_LEVEL = 0.95
+MIN_EFFECT = 0.05  # a hub's excess over the fitted decay, or a break in the adjacent links, must be this large too
 MIN_DECODER_COSINE = 0.7  # a decoder match must also reach this cosine, whatever the null says
 MIN_ACTIVATION_CORRELATION = 0.5  # and an activation match this correlation
 CROSS_MODEL_WORDS = 20_000  # aligned words of text

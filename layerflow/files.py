@@ -57,6 +57,7 @@ EVAL_JSON, EVAL_CSV, FREQUENCY_FILE = "evals.json", "evals.csv", "feature_freque
 TRANSFER_DIR = "transfer"
 CEILING_DIR = "ceiling"  # in a run folder, per model: SAEs of a few sites trained with another seed (transfer ceilings)
 MATRIX_JSON, MATRIX_CSV = "transfer_matrix.json", "transfer_matrix.csv"
+REPLICATES_SUFFIX = ".bootstrap.npz"  # beside <stem>.json: each bootstrap resample of the matrix, for derived figures' intervals
 MATCHED_FILE = "matched_features.json"
 SUMMARY_FILE = "summary.json"  # a transfer folder's summaries, and a run's summary
 DEPTH_FILE = "depth_comparison.json"

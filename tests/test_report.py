@@ -14,7 +14,7 @@ from layerflow.files import CAPTURE_MANIFEST as CAPTURE_FILE
 from layerflow.files import TRAIN_MANIFEST as TRAIN_FILE
 from layerflow.metrics import ReconstructionMetrics
 from layerflow.models.sites import site_at as SiteId
-from layerflow.report import build_summary, fmt, report_run, write_report
+from layerflow.report import build_summary, findings_markdown, fmt, report_run, write_report
 from layerflow.results import RunResults
 from layerflow.transfer import TransferMatrix, band, compare_same_depth
 
@@ -39,7 +39,10 @@ def raw_ratio(R, norm):
     return R * np.divide.outer(n, n) ** 2
 
 
-def write_model(root, name, layers, n_layers, R, evals=True, train=True, nan_at=None, references=None):
+def write_model(root, name, layers, n_layers, R, evals=True, train=True, nan_at=None, references=None, noise=0.01,
+                quality="poor"):
+    """A model's capture manifest, evals (quality "poor": FVU 0.1-0.4, up to 30% dead; "good": passes every gate),
+    training manifest and within-model matrix, with `noise`-sized bootstrap resamples (None: none)."""
     sites = [{"layer": layer, "kind": "resid_post", "hook_name": hook(layer), "d": 8} for layer in layers]
     norm = norms(layers)
     capture = CaptureManifest(
@@ -53,12 +56,14 @@ def write_model(root, name, layers, n_layers, R, evals=True, train=True, nan_at=
     saes = root / "saes" / name
     if evals:
         rng = np.random.default_rng(len(layers))
+        fvu, dead = (rng.uniform(0.1, 0.4, 9), rng.uniform(0, 0.3, 9)) if quality == "poor" else \
+            (rng.uniform(0.05, 0.15, 9), rng.uniform(0, 0.05, 9))
         write_eval_results({hook(layer): SiteEval(hook(layer), ReconstructionMetrics(
             n_tokens=64, fvu=float(f), explained_variance=float(1 - f), mse=float(f * 50), variance=50.0, l0=12.0,
             dead_fraction=float(d), dense_fraction=0.0, l2_ratio=0.93, relative_reconstruction_bias=0.98),
             ce_clean=3.1, ce_spliced=3.1 + float(f), ce_zero_ablation=7.4, ce_loss_score=0.9, delta_ce=float(f),
             kl_div=float(f / 2))
-            for layer, f, d in zip(layers, rng.uniform(0.1, 0.4, 9), rng.uniform(0, 0.3, 9))}, saes)
+            for layer, f, d in zip(layers, fvu, dead)}, saes)
     if train:
         manifest = TrainManifest("0.1.0", {"store": "capture"}, {"name": name}, steps=200, tokens_per_site=4096,
                                  seconds=12.25, sites=[SiteResult(hook(layer), layer, f"saes/{hook(layer)}", {"k": 12},
@@ -71,8 +76,15 @@ def write_model(root, name, layers, n_layers, R, evals=True, train=True, nan_at=
         if nan_at:
             R[nan_at] = W[nan_at] = np.nan  # a pair not computed
         ids = [SiteId(name, hook(layer), layer, n_layers) for layer in layers]
-        TransferMatrix("within_model", ids, ids, {"relative_transfer": R, "transfer_recon_ratio": W},
-                       {"n_tokens": 64}, references=references or {}).write(root / "transfer" / name)
+        P = R - 0.3  # persistence: most of each pair's transfer, 0.3 less
+        np.fill_diagonal(P, 1.0)
+        metrics = {"relative_transfer": R, "transfer_recon_ratio": W, "relative_persistence": P,
+                   "transfer_beyond_persistence": R - P}
+        rng = np.random.default_rng(7)
+        replicates = {} if noise is None else {m: metrics[m][None] + rng.normal(0, noise, (200, *R.shape))
+                                               for m in ("relative_transfer", "transfer_beyond_persistence")}
+        TransferMatrix("within_model", ids, ids, metrics, {"n_tokens": 64}, references=references or {},
+                       replicates=replicates).write(root / "transfer" / name)
 
 
 def references(layers=LAYERS, floor=0.15, ceiling=0.95, ceiling_at=(2, 8)):
@@ -87,10 +99,12 @@ def write_cross(root, a, b, layers_a, n_a, layers_b, n_b):
     targets = [SiteId(b, hook(layer), layer, n_b) for layer in layers_b]
     gap = np.abs(np.subtract.outer([s.relative_depth for s in sources], [t.relative_depth for t in targets]))
     rt = 0.8 - gap + 0.05 * np.arange(len(sources))[:, None] / len(sources)  # peaks at the same depth
+    noise = np.random.default_rng(3).normal(0, 0.01, (200, *rt.shape))
     matrix = TransferMatrix("cross_model", sources, targets, {
         "stitched_explained_variance": 0.7 * rt, "target_sae_explained_variance": np.full(rt.shape, 0.7),
         "relative_transfer": rt, "cka": 0.6 - gap / 2, "cka_p_value": np.full(rt.shape, 0.01),
-        "fraction_features_with_partner": np.clip(0.5 - gap, 0, 1)})
+        "fraction_features_with_partner": np.clip(0.5 - gap, 0, 1)},
+        replicates={"relative_transfer": rt[None] + noise, "stitched_explained_variance": 0.7 * rt[None] + noise})
     folder = root / "transfer" / cross_dir_name(a, b)
     matrix.write(folder)
     metrics = ("relative_transfer", "stitched_explained_variance", "cka")
@@ -216,36 +230,69 @@ def test_plots_are_linked_relative_to_the_report_and_absent_plots_are_not(full_r
 
 def findings(root):
     report = report_run(root)[1].read_text()
-    return report.split("## Findings", 1)[1].split("Raw ratio vs scale-aware metric", 1)[0]
+    return report.split("## Findings", 1)[1].split("Why the notes' raw ratio is not used", 1)[0]
 
 
 def test_a_planted_hub_is_named(tmp_path):
     text = findings(make_run(tmp_path, hub_matrix(hub_layer=4)))
-    assert "Layer 4 is a hub" in text
-    assert "No layer stands out as a hub" not in text
+    assert "Layer 4 is a hub: it transfers better than its distances predict" in text
+    assert "No layer is a hub" not in text
 
 
-def test_a_flat_matrix_has_no_hub_and_no_divergence(tmp_path):
+def test_a_flat_matrix_has_no_hub_no_break_and_no_decay_claim(tmp_path):
     text = findings(make_run(tmp_path, flat_matrix()))
-    assert "No layer stands out as a hub" in text
-    assert "no divergence point" in text
-    assert "Transfer does not fall with distance" in text
+    assert "No layer is a hub: none transfers better than its distances predict by 0.05 or more" in text
+    assert "The adjacent-link chain has no break" in text
+    assert "Whether transfer falls with distance is not resolved at this sample size" in text
 
 
 def test_a_planted_divergence_is_named(tmp_path):
     text = findings(make_run(tmp_path, divergence_matrix(first_after_break=8)))
-    assert "The chain diverges at layer 8 (relative depth 0.727)" in text
-    assert "No layer stands out as a hub" in text
+    assert "The adjacent-link chain breaks at layer 8 (relative depth 0.727)" in text
+    assert "is a hub" not in text
 
 
-def test_universal_and_specialised_layers_follow_the_bands(tmp_path):
+def test_universal_and_specialised_need_the_interval_and_are_defined_where_used(tmp_path):
     R = np.full((6, 6), 0.2)
     R[0], R[5] = 0.95, 0.5  # layer 0 universal, layer 10 in between, the others specialised
     text = findings(make_run(tmp_path, R))
-    assert "Universal layers (mean outgoing relative transfer >= 0.6): layer 0. " \
-           "Specialised layers (< 0.4): layers 2, 4, 6 and 8." in text
-    text = findings(make_run(tmp_path / "flat", flat_matrix(value=0.2)))
-    assert "All 6 layers are specialised" in text
+    assert ("Universal layers (definition: the whole universality interval at or above 0.6, where universality is a "
+            "layer's mean clipped transfer to every other layer): layer 0. Specialised (whole interval below 0.4): "
+            "layers 2, 4, 6 and 8. Intermediate (whole interval between): layer 10. Not resolved at this sample "
+            "size: none.") in text
+    wide = findings(make_run(tmp_path / "wide", np.full((6, 6), 0.62), noise=0.3))
+    assert "Universal layers (definition" in wide and "Not resolved at this sample size: layers 0 to 10" in \
+        wide.replace("layers 0, 2, 4, 6, 8 and 10", "layers 0 to 10")
+
+
+def test_without_resamples_the_report_claims_nothing(tmp_path):
+    text = findings(make_run(tmp_path, hub_matrix(hub_layer=4), noise=None))
+    assert "This matrix has no bootstrap resamples, so no claim below is resolved" in text
+    assert "is a hub" not in text and "breaks at" not in text and "falls with distance:" not in text
+    assert "Not resolved at this sample size: layers 0, 2, 4, 6, 8 and 10." in text
+
+
+def test_poor_dictionaries_make_every_finding_tentative_with_advice(tmp_path):
+    root = make_run(tmp_path, hub_matrix(hub_layer=4))
+    text = findings(root)
+    q = json.loads((root / "summary.json").read_text())["models"]["toy-a"]["quality"]
+    assert q["verdict"] == "tentative" and q["failing"]["fvu"]
+    assert "**Dictionary quality: not good enough; every finding below is tentative.**" in text
+    assert "To change: more training tokens and steps per site" in text
+    bullets = [line for line in text.splitlines() if line.startswith("- ")]
+    assert bullets and all(line.startswith("- (tentative) ") for line in bullets)
+    good = findings(make_run(tmp_path / "good", hub_matrix(hub_layer=4), quality="good"))
+    assert "**Dictionary quality: adequate for the findings below.**" in good and "(tentative)" not in good
+
+
+def test_persistence_appears_next_to_transfer(tmp_path):
+    root = make_run(tmp_path, flat_matrix(value=0.8))
+    text = findings(root)
+    p = json.loads((root / "summary.json").read_text())["models"]["toy-a"]["persistence"]
+    assert p["n_pairs"] == 10 and p["transfer_beyond_persistence"]["value"] == pytest.approx(0.3)
+    assert p["relative_persistence"]["value"] == pytest.approx(0.5)
+    assert "Transfer beyond persistence: 0.3 [" in text
+    assert "so adjacent layers share features beyond the residual stream carrying the earlier layer forward" in text
 
 
 def test_each_figure_is_read_against_its_floor_and_ceiling(tmp_path):
@@ -264,20 +311,20 @@ def test_each_figure_is_read_against_its_floor_and_ceiling(tmp_path):
     assert "Scale of" not in none
 
 
-def test_the_raw_ratio_is_fooled_by_norm_growth_and_the_report_says_so(tmp_path):
+def test_the_raw_ratio_gets_no_verdicts_and_the_report_says_why(tmp_path):
     R = flat_matrix(value=0.5) + np.random.default_rng(0).uniform(-0.02, 0.02, (6, 6))  # no structure
     root = make_run(tmp_path, R)
     report = report_run(root)[1].read_text()
     summary = json.loads((root / "summary.json").read_text())
-    c = summary["models"]["toy-a"]["raw_vs_scale_aware"]
-    rel, raw = (summary["models"]["toy-a"]["transfer"][m] for m in ("relative_transfer", "transfer_recon_ratio"))
-    assert rel["hub_layers"] == [] and raw["hub_layers"] == [10]  # norm growth makes the deepest layer a "hub"
-    assert c["norm_rank_correlation"]["transfer_recon_ratio"] == pytest.approx(1.0)
-    assert abs(c["norm_rank_correlation"]["relative_transfer"]) < 1
-    assert "The raw ratio names layer 10 as a hub; relative transfer names none." in report
-    assert "the raw ratio follows norm growth more closely" in report
-    assert "**The conclusion changes with the metric**: the hubs" in report
-    assert f"exceeds one for {fmt(raw['fraction_above_one'])} of the pairs" in report
+    raw = summary["models"]["toy-a"]["raw_ratio"]
+    assert list(summary["models"]["toy-a"]["transfer"]) == ["relative_transfer"]  # no bands or hubs for the raw ratio
+    assert raw["norm_rank_correlation"]["transfer_recon_ratio"] == pytest.approx(1.0)
+    assert abs(raw["norm_rank_correlation"]["relative_transfer"]) < 1
+    why = report.split("Why the notes' raw ratio is not used", 1)[1].split("##", 1)[0]
+    assert "follows the residual norm: the rank correlation of its per-layer mean with the mean activation norm is 1" in why
+    assert f"exceeds one for {fmt(raw['fraction_above_one'])} of the 30 pairs" in why
+    assert "It therefore gets no bands, hubs or universal verdicts in this report." in why
+    assert "HIGH" not in why and "universal layers" not in why.lower()
 
 
 def test_cross_model_same_depth_is_reported(full_run):
@@ -287,7 +334,11 @@ def test_cross_model_same_depth_is_reported(full_run):
     (c,) = summary["cross_model"]
     depth = c["depth_comparison"]["relative_transfer"]
     assert depth["same_depth_mean"] > depth["all_mean"]
-    assert "Relative transfer: same-depth pairs average" in report and "same depth is higher" in report
+    assert "Relative transfer: same-depth pairs average" in report and ": same depth is higher." in report
+    gap = c["same_minus_all"]["relative_transfer"]
+    assert gap["value"] == pytest.approx(depth["same_depth_mean"] - depth["all_mean"]) and gap["low"] > 0
+    assert "CKA: same-depth pairs average" in report  # no resamples for CKA here: no claim
+    assert "whether same depth is higher is not resolved at this sample size" in report
     n = c["n_sources"]
     assert f"For {n} of the {n} source layers the best target by relative transfer is the same-depth one" in report
 
@@ -299,33 +350,34 @@ def test_summary_is_internally_consistent(full_run):
     root, plots = full_run
     summary_path, _ = report_run(root, plots)
     summary = json.loads(summary_path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
-    assert summary["schema_version"] == 1
+    assert summary["schema_version"] == 2
     results = RunResults.load(root)
+    conv = summary["conventions"]
     for name, m in summary["models"].items():
         matrix = results.models[name].transfer
-        for metric, s in m["transfer"].items():
-            assert s["min"] <= s["mean"] <= s["max"]
-            M = matrix[metric]
-            off = [(i, j) for i in range(len(M)) for j in range(len(M)) if i != j and np.isfinite(M[i, j])]
-            assert s["n_pairs"] == len(off) == sum(s["band_counts"].values())
-            assert s["mean"] == pytest.approx(np.mean([M[i, j] for i, j in off]))
-            for i, layer in enumerate(s["layers"]):  # universality, recomputed from the matrix
-                row = next(r for r in m["layers"] if r["layer"] == layer)
-                out = np.mean([M[i, j] for a, j in off if a == i])
-                incoming = np.mean([M[a, i] for a, j in off if j == i])
-                prefix = "" if metric == "relative_transfer" else "raw_"
-                assert row[f"{prefix}universality_out"] == pytest.approx(out)
-                assert row[f"{prefix}universality_in"] == pytest.approx(incoming)
-                assert s["universality_band"][i] == band(out)
-        R, W = matrix["relative_transfer"], matrix["transfer_recon_ratio"]
-        pairs = [(i, j) for i in range(len(R)) for j in range(len(R))
-                 if i != j and np.isfinite(R[i, j]) and np.isfinite(W[i, j])]
-        differs = np.mean([band(R[i, j]) != band(W[i, j]) for i, j in pairs])
-        assert m["raw_vs_scale_aware"]["band_differs_fraction"] == pytest.approx(differs)
+        s = m["transfer"]["relative_transfer"]
+        M, R = matrix["relative_transfer"], matrix.replicates["relative_transfer"]
+        off = [(i, j) for i in range(len(M)) for j in range(len(M)) if i != j and np.isfinite(M[i, j])]
+        assert s["n_pairs"] == len(off) == sum(s["band_counts"].values())
+        clip = lambda v: min(max(v, 0.0), 1.0)  # noqa: E731
+        assert s["mean"]["value"] == pytest.approx(np.mean([clip(M[i, j]) for i, j in off]))
+        for i, layer in enumerate(s["layers"]):  # universality and its interval, recomputed from the files
+            row = next(r for r in m["layers"] if r["layer"] == layer)
+            out = np.mean([clip(M[i, j]) for a, j in off if a == i])
+            resampled = [np.mean([clip(R[r, i, j]) for a, j in off if a == i]) for r in range(len(R))]
+            low, high = np.quantile(resampled, [0.025, 0.975])
+            assert (row["universality"], row["universality_low"], row["universality_high"]) == \
+                pytest.approx((out, low, high))
+            expected = ("universal" if low >= conv["universal_at"] else "specialised" if high < conv["specialised_below"]
+                        else "intermediate" if low >= conv["specialised_below"] and high < conv["universal_at"]
+                        else "not resolved")
+            assert row["verdict"] == expected
         for row in m["layers"]:
             ev = results.models[name].evals[row["hook"]]
             assert row["fvu"] == ev.reconstruction.fvu and row["delta_ce"] == ev.delta_ce
             assert row["mean_norm"] == results.models[name].capture.mean_norm[row["hook"]]
+        gates = conv["quality_gates"]
+        assert m["quality"]["failing"]["fvu"] == [r["layer"] for r in m["layers"] if r["fvu"] > gates["fvu"]]
     (c,) = summary["cross_model"]
     matrix = results.cross[0].matrix
     for row in c["by_depth"]:  # the same-depth target is the one of nearest relative depth
@@ -336,6 +388,44 @@ def test_summary_is_internally_consistent(full_run):
     assert same["same_depth_mean"] == pytest.approx(np.mean([r["relative_transfer"] for r in c["by_depth"]]))
     assert same["all_mean"] == pytest.approx(matrix["relative_transfer"].mean())
     assert summary["stages_total_seconds"] == pytest.approx(12.5 + 300.25 + 2400.0)
+    assert set(summary["definitions"]) >= {"universal", "hub", "break", "bounded_mean", "interval", "raw_ratio"}
+
+
+def _hub_excess(M, layers):
+    """An independent implementation of the hub excess: per signed distance, the mean clipped entry."""
+    C = np.clip(M, 0, 1)
+    n = len(layers)
+    by_offset = {}
+    for i in range(n):
+        for j in range(n):
+            if i != j and np.isfinite(C[i, j]):
+                by_offset.setdefault(layers[j] - layers[i], []).append(C[i, j])
+    return [np.mean([C[i, j] - np.mean(by_offset[layers[j] - layers[i]]) for j in range(n)
+                     if j != i and np.isfinite(C[i, j])]) for i in range(n)]
+
+
+def test_the_findings_are_re_derived_from_summary_json_and_the_matrices_alone(full_run):
+    root, plots = full_run
+    summary_path, report_path = report_run(root, plots)
+    report = report_path.read_text()
+    summary = json.loads(summary_path.read_text())
+    for line in findings_markdown(summary):  # the sentences come from summary.json alone, read back from disk
+        assert line in report
+    for name, m in summary["models"].items():  # and summary.json's figures from the matrix files alone
+        matrix = TransferMatrix.read(root / "transfer" / name)
+        M, layers = matrix["relative_transfer"], [s.layer for s in matrix.sources]
+        s = m["transfer"]["relative_transfer"]
+        assert [e["value"] for e in s["hub_excess"]] == pytest.approx(_hub_excess(M, layers))
+        C = np.clip(M, 0, 1)
+        d = np.abs(np.subtract.outer(layers, layers))
+        ok = np.isfinite(C) & (d > 0)
+        assert s["decay_rate"]["value"] == pytest.approx(-np.polyfit(d[ok], C[ok], 1)[0])
+        lows = np.quantile(matrix.replicates["relative_transfer"], 0.025, axis=0)
+        strong = sum(lows[a, b] >= 0.7 and lows[b, a] >= 0.7 for a in range(len(M)) for b in range(a + 1, len(M)))
+        assert len(s["bidirectional_pairs"]) == strong
+        if s["hub_layers"]:
+            h = s["hub_layers"][0]
+            assert f"layer {h}: {fmt(s['hub_excess'][layers.index(h)]['value'])} [" in report
 
 
 def test_a_partial_run_without_stages_or_matrices_still_reports(tmp_path):
@@ -361,7 +451,7 @@ def test_write_report_and_build_summary_are_usable_on_their_own(tmp_path):
     json.dumps(summary, allow_nan=False)
     path = write_report(results, summary, {}, tmp_path / "elsewhere.md")
     assert path.read_text().startswith("# layerflow report")
-    assert not math.isnan(summary["models"]["toy-a"]["transfer"]["relative_transfer"]["decay_rate"])
+    assert not math.isnan(summary["models"]["toy-a"]["transfer"]["relative_transfer"]["decay_rate"]["value"])
 
 
 def test_saes_that_explain_nothing_are_flagged(tmp_path):
@@ -386,7 +476,7 @@ def test_cross_model_without_relative_transfer_falls_back_to_stitched_ev(full_ru
     c = json.loads((root / "summary.json").read_text())["cross_model"][0]
     assert c["by_depth_metric"] == "stitched_explained_variance"
     assert "Relative transfer: not computed for any pair." in report
-    assert "same-depth stitched EV is highest at depth" in report
+    assert "same-depth stitched EV ranges from" in report
 
 
 def test_the_report_stage_is_not_listed_as_running_in_its_own_table(tmp_path):

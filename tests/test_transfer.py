@@ -380,7 +380,7 @@ def test_run_writes_floors_and_ceilings_beside_the_matrix(tiny_run, tmp_path):
                      options=TransferOptions(max_tokens=256, match_distance=0))
 
 
-def test_intervals_resample_whole_sequences_and_narrow_with_more_of_them():
+def test_intervals_resample_whole_sequences_and_narrow_with_more_of_them(tmp_path):
     def matrix(n_tokens):
         p = planted_layers([1.0, 0.5, 0.0], [1.0, 2.0, 3.0], n_tokens=n_tokens, layer_offsets=[1.0, 1.2, 0.8], seed=11)
         acts = {_hook(i): p.activations[i] for i in range(3)}
@@ -400,4 +400,10 @@ def test_intervals_resample_whole_sequences_and_narrow_with_more_of_them():
     assert 2.5 < width(small) / width(large) < 6  # about sqrt(16) = 4 times narrower with 16 times the sequences
     rows = list(csv.DictReader(io.StringIO(small.to_csv())))
     assert float(rows[1]["relative_transfer_low"]) == small.intervals["relative_transfer"][0][0, 1]
-    assert TransferMatrix.from_dict(json.loads(json.dumps(small.to_dict()))).equals(small)
+    # the resamples travel beside the JSON (the JSON alone has none), and the intervals are their percentiles
+    assert small.replicates["relative_transfer"].shape == (200, 3, 3)
+    assert not TransferMatrix.from_dict(json.loads(json.dumps(small.to_dict()))).replicates
+    back = TransferMatrix.read(small.write(tmp_path)[0])
+    assert back.equals(small) and (tmp_path / "transfer_matrix.bootstrap.npz").exists()
+    r = small.replicates["relative_transfer"][:, 0, 1]
+    assert small.intervals["relative_transfer"][0][0, 1] == pytest.approx(np.quantile(r, 0.025))

@@ -6,8 +6,8 @@
 """
 
 from layerflow.report.compare import LayerComparison, compare_layers
-from layerflow.report.findings import build_summary, find_plots, fmt, report_run, write_report
+from layerflow.report.findings import build_summary, find_plots, findings_markdown, fmt, report_run, write_report
 from layerflow.report.plots import layer_comparison, make_plots, trace_flow, transfer_heatmap
 
-__all__ = ["LayerComparison", "build_summary", "compare_layers", "find_plots", "fmt", "layer_comparison", "make_plots",
+__all__ = ["LayerComparison", "build_summary", "compare_layers", "find_plots", "findings_markdown", "fmt", "layer_comparison", "make_plots",
            "report_run", "trace_flow", "transfer_heatmap", "write_report"]

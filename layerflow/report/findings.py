@@ -30,22 +30,59 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
+from layerflow.evaluate.gates import GATES
+from layerflow.evaluate.gates import LABELS as GATE_LABELS
+from layerflow.evaluate.gates import quality_verdict
 from layerflow.files import PLOTS_DIR, REPORT_FILE, SUMMARY_FILE, atomic_write_text, json_safe
 from layerflow.results import CrossModelResults, ModelResults, RunResults
 from layerflow.transfer.cross_model import compare_same_depth, same_depth_pairs
 from layerflow.transfer.matrix import TransferMatrix
 from layerflow.transfer.references import References
-from layerflow.transfer.summary import BANDS, band, summarize
+from layerflow.transfer.summary import (BANDS, BOUNDS, SPECIALISED_BELOW, STRONG, UNIVERSAL_AT, Estimate, pairs_mean,
+                                        summarize_matrix)
 
 SCHEMA = "layerflow.run_summary"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: every figure with its interval, quality gates, no bands or verdicts for the raw ratio
 SCALE_AWARE, RAW = "relative_transfer", "transfer_recon_ratio"
 REFERENCE_METRICS = ("relative_transfer", "decoder_matched_fraction", "activation_matched_fraction")
 CROSS_METRICS = ("relative_transfer", "stitched_explained_variance", "cka", "fraction_features_with_partner")
-UNIVERSAL_BANDS = ("HIGH", "MODERATE")  # a layer is universal when its universality falls in these bands
 UNRELIABLE_FVU = 1.0  # an SAE at or above it explains none of its layer's variance: relative transfer divides by that
 LABELS = {SCALE_AWARE: "relative transfer", RAW: "raw ratio", "stitched_explained_variance": "stitched EV",
           "cka": "CKA", "fraction_features_with_partner": "features with a significant partner"}
+DEFINITIONS = {
+    "relative_transfer": "EV of layer i's SAE on layer j (mean and spread matched, train-split statistics) divided "
+                         "by the EV of layer j's own SAE; 1 = as good as the target's own dictionary.",
+    "bounded_mean": f"Averages clip each entry to [{BOUNDS[0]:g}, {BOUNDS[1]:g}] first: below 0 the source explains "
+                    "nothing (worse than the target's mean), and a single entry far below zero would outweigh several perfect ones; "
+                    "above 1 counts as 'as good as its own'. The median is given unclipped.",
+    "interval": "Percentile interval over bootstrap resamples of whole held-out sequences; every derived figure is "
+                "recomputed on each resample.",
+    "universality": "A layer's mean (clipped) relative transfer to every other layer (outgoing).",
+    "universal": f"A layer whose whole universality interval lies at or above {UNIVERSAL_AT:g} (the MODERATE band "
+                 "edge).",
+    "specialised": f"A layer whose whole universality interval lies below {SPECIALISED_BELOW:g} (the LOW band edge).",
+    "intermediate": f"A layer whose whole universality interval lies in [{SPECIALISED_BELOW:g}, {UNIVERSAL_AT:g}).",
+    "not_resolved": "A figure whose interval straddles the line a claim needs: no claim is made at this sample size.",
+    "hub_excess": "A layer's mean (clipped) transfer minus the fitted decay, the mean transfer at the same signed "
+                  "layer distance: how much better it transfers than its distances predict. Intervals are "
+                  "simultaneous over the layers (max-|t| bootstrap).",
+    "hub": "A layer whose hub excess is at least min_effect with its simultaneous interval above 0.",
+    "break": "An adjacent link (a layer's SAE on the next sampled layer) that drops below its neighbouring links by at "
+             "least min_effect after removing the chain's steady trend (the median step), with its simultaneous "
+             "interval above 0. The divergence point is the largest break.",
+    "decay_rate": "Minus the least-squares slope of the clipped entries against layer distance, per layer.",
+    "strong_pair": f"Two layers whose transfer intervals both lie at or above {STRONG:g} in both directions.",
+    "persistence": "Relative transfer of the source dictionary's own output on its own layer, carried to the target by "
+                   "the train-split least-squares slope: what a layer that merely copies its predecessor scores.",
+    "transfer_beyond_persistence": "relative transfer - relative persistence: feature reuse beyond the residual "
+                                   "stream carrying the previous layer forward.",
+    "floor": "The layer's own SAE rotated inside the layer's principal subspace (no shared features).",
+    "ceiling": "A second SAE trained on the same layer with another seed, compared with the first.",
+    "quality_gates": "Each SAE's own held-out FVU, dead fraction and spliced delta CE against the thresholds; "
+                     "see layerflow/evaluate/gates.py for the reasoning.",
+    "raw_ratio": "The notes' MSE(SAE_i on i) / MSE(SAE_i on j). It follows the residual norm, so it gets no bands, "
+                 "hubs or verdicts here; it is shown only to explain why it misleads.",
+}
 
 
 def fmt(x: Any) -> str:
@@ -64,6 +101,15 @@ def fmt(x: Any) -> str:
     return "0" if text == "-0" else text
 
 
+def iv(e: dict | None) -> str:
+    """A figure with its interval, "0.453 [0.44, 0.467]" ("0.453 (no interval)" without one)."""
+    if e is None or e.get("value") is None:
+        return "n/a"
+    if e.get("low") is None or e.get("high") is None:
+        return f"{fmt(e['value'])} (no interval)"
+    return f"{fmt(e['value'])} [{fmt(e['low'])}, {fmt(e['high'])}]"
+
+
 # --- summary.json ----------------------------------------------------------------------------------
 
 
@@ -74,18 +120,23 @@ def build_summary(results: RunResults) -> dict[str, Any]:
               for name, s in (results.run.get("stages") or {}).items()}
     if stages.get("report", {}).get("status") == "running":  # the pipeline is writing this very report
         stages["report"]["status"] = "this report"
+    level = next((t["level"] for m in models.values() for t in m["transfer"].values()), None)
     summary = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "conventions": {"scale_aware_metric": SCALE_AWARE, "raw_metric": RAW,
                         "bands": {name: lower for lower, name in BANDS if math.isfinite(lower)},
-                        "universal_bands": list(UNIVERSAL_BANDS), "unreliable_fvu": UNRELIABLE_FVU},
+                        "universal_at": UNIVERSAL_AT, "specialised_below": SPECIALISED_BELOW,
+                        "strong_threshold": STRONG, "bounds": list(BOUNDS), "interval_level": level,
+                        "interval_percent": 100 * level if level is not None else None,
+                        "min_effect": next((t["min_effect"] for m in models.values() for t in m["transfer"].values()),
+                                           None),
+                        "quality_gates": {k: t for k, (t, _) in GATES.items()}, "unreliable_fvu": UNRELIABLE_FVU},
+        "definitions": DEFINITIONS,
         "models": models,
         "cross_model": [_cross_summary(c) for c in results.cross],
         "stages": stages,
         "stages_total_seconds": sum(s["seconds"] or 0 for s in stages.values()) if stages else None,
     }
-    for s in (t for m in models.values() for t in m["transfer"].values()):
-        summary["conventions"].update(strong_threshold=s["strong_threshold"], hub_fraction=s["hub_fraction"])
     return json_safe(summary)
 
 
@@ -94,20 +145,24 @@ def _model_summary(m: ModelResults) -> dict[str, Any]:
     transfer: dict[str, dict] = {}
     layers = [s.layer for s in matrix.sources] if matrix is not None else []
     # summarize() indexes by layer: it needs one site per layer, the same sites on both sides
-    if matrix is not None and matrix.sources == matrix.targets and len(layers) >= 2 \
-            and all(a < b for a, b in zip(layers, layers[1:])):
-        transfer = {metric: _metric_summary(matrix[metric], layers, m.n_layers, metric)
-                    for metric in (SCALE_AWARE, RAW) if metric in matrix.metrics}
+    square = matrix is not None and matrix.sources == matrix.targets and len(layers) >= 2 \
+        and all(a < b for a, b in zip(layers, layers[1:]))
+    if square and SCALE_AWARE in matrix.metrics:
+        transfer[SCALE_AWARE] = _metric_summary(matrix)
     facts = {"n_layers": m.n_layers, "d_model": m.capture.d_model, "n_sites": len(m.hooks),
              "n_tokens": m.capture.n_tokens, "heldout_tokens": m.capture.split.get("heldout_tokens"),
-             "transfer_tokens": matrix.settings.get("n_tokens") if matrix is not None else None}
+             "transfer_tokens": matrix.settings.get("n_tokens") if matrix is not None else None,
+             "n_replicates": len(next(iter(matrix.replicates.values()))) if matrix is not None and matrix.replicates
+             else 0}
     if m.train is not None:
         facts.update(train_steps=m.train.steps, train_tokens_per_site=m.train.tokens_per_site,
                      train_seconds=m.train.seconds)
     rows = _layer_rows(m, transfer)
     unreliable = [r["layer"] for r in rows if r["fvu"] is not None and r["fvu"] >= UNRELIABLE_FVU]
-    return {"facts": facts, "layers": rows, "transfer": transfer, "unreliable_sae_layers": unreliable,
-            "raw_vs_scale_aware": _raw_vs_scale_aware(matrix, transfer, rows) if len(transfer) == 2 else None,
+    return {"facts": facts, "quality": quality_verdict(rows).to_dict(), "layers": rows, "transfer": transfer,
+            "unreliable_sae_layers": unreliable,
+            "persistence": _persistence(matrix) if square else None,
+            "raw_ratio": _raw_ratio(matrix, transfer, rows) if transfer and RAW in matrix.metrics else None,
             "references": _references(matrix)}
 
 
@@ -141,29 +196,49 @@ def _references(matrix: TransferMatrix | None) -> dict[str, Any]:
     return out
 
 
-def _metric_summary(M: np.ndarray, layers: list[int], n_layers: int, metric: str) -> dict[str, Any]:
-    s = summarize(M, layers, n_layers, metric)
-    out = asdict(s)
-    bands = [band(u) for u in s.universality]
-    out["universality_band"] = bands
-    out["universality_mean"] = float(np.nanmean(s.universality)) if np.isfinite(s.universality).any() else None
-    out["universal_layers"] = [layer for layer, b in zip(layers, bands) if b in UNIVERSAL_BANDS]
-    out["specialised_layers"] = [layer for layer, b in zip(layers, bands) if b == "SPECIALISED"]
-    links = [float(M[k, k + 1]) for k in range(len(layers) - 1)]
-    out["adjacent_links"] = [{"from": a, "to": b, "value": v} for a, b, v in zip(layers, layers[1:], links)]
-    finite = [v for v in links if math.isfinite(v)]
-    out["adjacent_link_mean"] = float(np.mean(finite)) if finite else None
-    pairs = sorted(s.bidirectional_pairs, key=lambda p: -min(p.forward, p.backward))
-    out["strongest_bidirectional_pairs"] = [asdict(p) for p in pairs[:3]]
+def _metric_summary(matrix: TransferMatrix) -> dict[str, Any]:
+    s = summarize_matrix(matrix, SCALE_AWARE)
+    out = s.to_dict()
+    pairs = sorted(s.bidirectional_pairs, key=lambda p: -min(p.forward.low, p.backward.low))
+    out["strongest_bidirectional_pairs"] = [json_safe(asdict(p)) for p in pairs[:3]]
     out["bidirectional_max_distance"] = max((p.layer_b - p.layer_a for p in pairs), default=None)
-    off = M[np.isfinite(M) & ~np.eye(len(layers), dtype=bool)]
-    out["n_pairs"] = int(off.size)
-    out["fraction_above_one"] = float(np.mean(off > 1)) if off.size else None
+    out["layers_by_verdict"] = {v: [layer for layer, x in zip(s.layers, s.verdicts) if x == v]
+                                for v in ("universal", "intermediate", "specialised", "not resolved")}
+    out["largest_hub_excess"] = max(({"layer": layer, **json_safe(asdict(e))} for layer, e in zip(s.layers, s.hub_excess)
+                                     if math.isfinite(e.value)), key=lambda x: x["value"], default=None)
+    out["largest_break"] = max(({"layer": x.target, "from": x.source, "link": json_safe(asdict(x.value)),
+                                 **json_safe(asdict(x.break_size))} for x in s.links if math.isfinite(x.break_size.value)),
+                               key=lambda x: x["value"], default=None)
+    out["universality_range"] = {"lowest": _extreme(s.layers, s.universality, min),
+                                 "highest": _extreme(s.layers, s.universality, max)}
     return out
+
+
+def _extreme(layers: list[int], estimates: list[Estimate], pick) -> dict | None:
+    finite = [(e.value, layer, e) for layer, e in zip(layers, estimates) if math.isfinite(e.value)]
+    if not finite:
+        return None
+    _, layer, e = pick(finite, key=lambda x: x[0])
+    return {"layer": layer, **json_safe(asdict(e))}
+
+
+def _persistence(matrix: TransferMatrix) -> dict[str, Any] | None:
+    """Adjacent pairs (consecutive sampled layers, both directions): transfer, persistence, and beyond."""
+    if not {"relative_transfer", "relative_persistence", "transfer_beyond_persistence"} <= set(matrix.metrics):
+        return None
+    n = len(matrix.sources)
+    adjacent = np.zeros((n, n), dtype=bool)
+    adjacent[np.arange(n - 1), np.arange(1, n)] = adjacent[np.arange(1, n), np.arange(n - 1)] = True
+    reps = matrix.replicates
+    out = {"n_pairs": int((adjacent & np.isfinite(matrix["relative_transfer"])).sum())}
+    for name in ("relative_transfer", "transfer_beyond_persistence", "relative_persistence"):
+        out[name] = asdict(pairs_mean(matrix[name], reps.get(name), adjacent))
+    return json_safe(out)
 
 
 def _layer_rows(m: ModelResults, transfer: dict[str, dict]) -> list[dict[str, Any]]:
     rows = []
+    s = transfer.get(SCALE_AWARE)
     for site in m.capture.sites:
         hook, layer = site.hook_name, site.layer
         ev = m.evals.get(hook)
@@ -173,35 +248,29 @@ def _layer_rows(m: ModelResults, transfer: dict[str, dict]) -> list[dict[str, An
                "fvu": getattr(rec, "fvu", None), "l0": getattr(rec, "l0", None),
                "dead_fraction": getattr(rec, "dead_fraction", None), "delta_ce": getattr(ev, "delta_ce", None),
                "kl_div": getattr(ev, "kl_div", None), "ce_loss_score": getattr(ev, "ce_loss_score", None)}
-        for prefix, metric in (("", SCALE_AWARE), ("raw_", RAW)):
-            s = transfer.get(metric)
-            i = s["layers"].index(layer) if s and layer in s["layers"] else None
-            row[f"{prefix}universality_out"] = s["universality"][i] if i is not None else None
-            row[f"{prefix}universality_in"] = s["universality_incoming"][i] if i is not None else None
-            row[f"{prefix}universality_band"] = s["universality_band"][i] if i is not None else None
+        i = s["layers"].index(layer) if s and layer in s["layers"] else None
+        for key, figure in (("universality", "universality"), ("incoming", "universality_incoming"),
+                            ("hub_excess", "hub_excess")):
+            e = s[figure][i] if i is not None else {}
+            row.update({key: e.get("value"), f"{key}_low": e.get("low"), f"{key}_high": e.get("high")})
+        row["verdict"] = s["verdicts"][i] if i is not None else None
         rows.append(row)
     return rows
 
 
-def _raw_vs_scale_aware(matrix: TransferMatrix, transfer: dict[str, dict], rows: list[dict]) -> dict[str, Any]:
-    rel, raw = transfer[SCALE_AWARE], transfer[RAW]
-    R, W = matrix[SCALE_AWARE], matrix[RAW]
-    both = np.isfinite(R) & np.isfinite(W) & ~np.eye(len(R), dtype=bool)
-    differs = [band(a) != band(b) for a, b in zip(R[both], W[both])]
+def _raw_ratio(matrix: TransferMatrix, transfer: dict[str, dict], rows: list[dict]) -> dict[str, Any]:
+    """What the notes' raw ratio follows: the facts that show why it misleads (no bands, hubs or verdicts)."""
+    W = matrix[RAW]
+    off = np.isfinite(W) & ~np.eye(len(W), dtype=bool)
+    universality = [float(W[i, off[i]].mean()) if off[i].any() else None for i in range(len(W))]
     norms = {row["layer"]: row["mean_norm"] for row in rows}
-    norm = [norms.get(layer) for layer in rel["layers"]]
-    return {
-        "universality_rank_correlation": _spearman(rel["universality"], raw["universality"]),
-        "incoming_rank_correlation": _spearman(rel["universality_incoming"], raw["universality_incoming"]),
-        "norm_rank_correlation": {SCALE_AWARE: _spearman(norm, rel["universality"]),
-                                  RAW: _spearman(norm, raw["universality"])},
-        "n_pairs": len(differs),
-        "band_differs_fraction": float(np.mean(differs)) if differs else None,
-        "same_hubs": rel["hub_layers"] == raw["hub_layers"],
-        "same_divergence": rel["divergence_layer"] == raw["divergence_layer"],
-        "same_universal_layers": rel["universal_layers"] == raw["universal_layers"],
-        "same_specialised_layers": rel["specialised_layers"] == raw["specialised_layers"],
-    }
+    layers = transfer[SCALE_AWARE]["layers"]
+    norm = [norms.get(layer) for layer in layers]
+    relative = [u["value"] for u in transfer[SCALE_AWARE]["universality"]]
+    return {"universality": universality,
+            "norm_rank_correlation": {RAW: _spearman(norm, universality), SCALE_AWARE: _spearman(norm, relative)},
+            "n_pairs": int(off.sum()), "fraction_above_one": float(np.mean(W[off] > 1)) if off.any() else None,
+            "max": float(W[off].max()) if off.any() else None}
 
 
 def _spearman(a: list, b: list) -> float | None:
@@ -229,10 +298,25 @@ def _cross_summary(c: CrossModelResults) -> dict[str, Any]:
         by_depth.append(row)
     return {"model_a": c.model_a, "model_b": c.model_b, "n_sources": len(m.sources), "n_targets": len(m.targets),
             "depth_comparison": {x: asdict(compare_same_depth(m, x)) for x in metrics},
+            "same_minus_all": {x: _same_minus_all(m, x) for x in metrics},
             "references": _references(m),
             "by_depth_metric": primary,
             "n_best_is_same_depth": sum(r.get("best_target_layer") == r["target_layer"] for r in by_depth),
             "by_depth": by_depth}
+
+
+def _same_minus_all(m: TransferMatrix, metric: str) -> dict[str, float | None]:
+    """Same-depth mean minus the mean over all pairs, with its interval where the matrix has resamples."""
+    stack = np.concatenate([m[metric][None], m.replicates.get(metric, np.empty((0, *m[metric].shape)))])
+    same = np.zeros(m[metric].shape, dtype=bool)
+    for i, j in same_depth_pairs(m):
+        same[i, j] = True
+    ok = np.isfinite(m[metric])
+    if not (ok & same).any():
+        return {"value": None, "low": None, "high": None}
+    gap = stack[:, ok & same].mean(1) - stack[:, ok].mean(1)
+    low, high = np.quantile(gap[1:], [0.025, 0.975]) if len(gap) > 1 and np.isfinite(gap[1:]).all() else (None, None)
+    return json_safe({"value": gap[0], "low": low, "high": high})
 
 
 # --- report.md -------------------------------------------------------------------------------------
@@ -252,64 +336,133 @@ def _layers(layers: list[int]) -> str:
 
 
 def _findings(s: dict, conv: dict) -> list[str]:
-    """Sentences for one metric's summary, each chosen by its numbers."""
-    label, layers, u = LABELS[s["metric"]], s["layers"], s["universality"]
-    hi, lo = conv["bands"]["MODERATE"], conv["bands"]["LOW"]
-    uni, spec, n = s["universal_layers"], s["specialised_layers"], len(layers)
-    lines = []
-    if len(spec) == n:
-        lines.append(f"All {n} layers are specialised: each layer's dictionary explains the other layers, on "
-                     f"average, below {fmt(lo)} of what their own dictionaries do ({label}).")
-    elif len(uni) == n:
-        lines.append(f"All {n} layers are universal: each layer's dictionary explains the other layers, on "
-                     f"average, at least {fmt(hi)} of what their own dictionaries do ({label}).")
+    """Sentences for the relative-transfer summary: each cites its figure with its interval, and a claim
+    whose interval does not support it is reported as not resolved."""
+    level, effect, t = f"{fmt(100 * s['level'])}%", fmt(s["min_effect"]), fmt(s["strong_threshold"])
+    lines = [f"Off-diagonal relative transfer, entries clipped to [0, 1] before averaging: mean {iv(s['mean'])} "
+             f"over {s['n_pairs']} pairs, median {fmt(s['median'])} (unclipped range {fmt(s['min'])} to "
+             f"{fmt(s['max'])}); intervals are {level} bootstrap intervals over {s['n_replicates']} resamples of "
+             "whole held-out sequences." if s["n_replicates"] else
+             f"Off-diagonal relative transfer, entries clipped to [0, 1] before averaging: mean {iv(s['mean'])} over "
+             f"{s['n_pairs']} pairs, median {fmt(s['median'])}. This matrix has no bootstrap resamples, so no "
+             "claim below is resolved: recompute it with resampling on (the default)."]
+    by = s["layers_by_verdict"]
+    named = lambda layers: _layers(layers) if layers else "none"  # noqa: E731
+    lines.append(f"Universal layers (definition: the whole universality interval at or above "
+                 f"{fmt(conv['universal_at'])}, where universality is a layer's mean clipped transfer to every other "
+                 f"layer): {named(by['universal'])}. Specialised (whole interval below {fmt(conv['specialised_below'])}):"
+                 f" {named(by['specialised'])}. Intermediate (whole interval between): {named(by['intermediate'])}. "
+                 f"Not resolved at this sample size: {named(by['not resolved'])}.")
+    lo, hi = s["universality_range"]["lowest"], s["universality_range"]["highest"]
+    if lo and hi:
+        lines.append(f"Universality ranges from {iv(lo)} (layer {lo['layer']}) to {iv(hi)} (layer {hi['layer']}).")
+    hubs, top = s["hub_layers"], s["largest_hub_excess"]
+    if hubs:
+        excess = "; ".join(f"layer {h}: {iv(s['hub_excess'][s['layers'].index(h)])}" for h in hubs)
+        lines.append(f"{_layers(hubs).capitalize()} {'is a hub' if len(hubs) == 1 else 'are hubs'}: "
+                     f"{'it transfers' if len(hubs) == 1 else 'they transfer'} better than "
+                     f"{'its' if len(hubs) == 1 else 'their'} distances predict "
+                     f"(excess over the fitted decay, simultaneous {level} interval: {excess}).")
+    elif top and top["value"] >= s["min_effect"]:
+        lines.append(f"Hubs are not resolved at this sample size: the largest excess over the fitted decay, layer "
+                     f"{top['layer']} at {iv(top)}, reaches {effect} but its simultaneous interval does not clear 0.")
+    elif top:
+        lines.append(f"No layer is a hub: none transfers better than its distances predict by {effect} or more "
+                     f"(largest excess over the fitted decay: layer {top['layer']}, {iv(top)}).")
+    d, big = s["divergence_layer"], s["largest_break"]
+    if d is not None:
+        link = next(x for x in s["links"] if x["target"] == d)
+        lines.append(f"The adjacent-link chain breaks at layer {d} (relative depth {fmt(s['divergence_depth'])}): "
+                     f"layer {link['source']}'s dictionary explains it at {iv(link['value'])}, "
+                     f"{iv(link['break_size'])} below its neighbouring links after the chain's trend of "
+                     f"{fmt(s['link_trend'])} per link (simultaneous {level} interval)."
+                     + (f" Other breaks: {_layers([b for b in s['breaks'] if b != d])}." if len(s["breaks"]) > 1 else ""))
+    elif big and big["value"] >= s["min_effect"]:
+        lines.append(f"A break in the adjacent-link chain is not resolved at this sample size: the largest drop, at "
+                     f"layer {big['layer']} ({iv(big)} below its neighbours), reaches {effect} but its simultaneous "
+                     "interval does not clear 0.")
+    elif big:
+        lines.append(f"The adjacent-link chain has no break: no link drops {effect} or more below its neighbours beyond "
+                     f"the chain's trend of {fmt(s['link_trend'])} per link (largest drop: layer {big['layer']}, "
+                     f"{iv(big)}).")
+    r, first, last = s["decay_rate"], s["distance_decay"][0] if s["distance_decay"] else None, \
+        s["distance_decay"][-1] if s["distance_decay"] else None
+    if first is not None and r["value"] is not None:
+        where = (f"mean {iv(first['mean'])} at distance {first['distance']}, {iv(last['mean'])} at distance "
+                 f"{last['distance']}")
+        if r["low"] is not None and r["low"] > 0:
+            lines.append(f"Transfer falls with distance: {iv(r)} per layer (least-squares slope); {where}.")
+        elif r["high"] is not None and r["high"] < 0:
+            lines.append(f"Transfer rises with distance: {iv(r)} per layer of decay (least-squares slope); {where}.")
+        else:
+            lines.append(f"Whether transfer falls with distance is not resolved at this sample size: decay rate "
+                         f"{iv(r)} per layer; {where}.")
+    pairs, unresolved = s["strongest_bidirectional_pairs"], s["strong_pairs_unresolved"]
+    more = f"; {unresolved} more reach {t} in both directions but their intervals do not" if unresolved else ""
+    if pairs:
+        best = "; ".join(f"{p['layer_a']} and {p['layer_b']} ({iv(p['forward'])} forward, {iv(p['backward'])} backward)"
+                         for p in pairs)
+        lines.append(f"{len(s['bidirectional_pairs'])} pairs of layers transfer strongly in both directions (both "
+                     f"intervals at or above {t}), at most {s['bidirectional_max_distance']} layers apart{more}. The "
+                     f"strongest: {best}.")
     else:
-        lines.append(f"Universal layers (mean outgoing {label} >= {fmt(hi)}): {_layers(uni) if uni else 'none'}."
-                     f" Specialised layers (< {fmt(lo)}): {_layers(spec) if spec else 'none'}.")
-    finite = [(v, layer) for v, layer in zip(u, layers) if v is not None]
-    if finite:
-        (vmax, lmax), (vmin, lmin) = max(finite), min(finite)
-        lines.append(f"The most universal dictionary is layer {lmax} ({fmt(vmax)}), "
-                     f"the least layer {lmin} ({fmt(vmin)}).")
-    hubs = s["hub_layers"]
-    if not hubs:
-        lines.append(f"No layer stands out as a hub: no layer both transfers at >= {fmt(s['strong_threshold'])} to at "
-                     f"least {fmt(s['hub_fraction'])} of the other layers and has a universality more than one "
-                     "standard deviation above the mean.")
-    else:
-        values = ", ".join(fmt(u[layers.index(h)]) for h in hubs)
-        lines.append(f"{_layers(hubs).capitalize()} {'is a hub' if len(hubs) == 1 else 'are hubs'} (universality "
-                     f"{values}, against a mean of {fmt(s['universality_mean'])} over all layers).")
-    d = s["divergence_layer"]
-    if d is None:
-        lines.append("The layer-to-layer chain has no divergence point: no adjacent link (a layer's dictionary on the "
-                     f"next sampled layer) stands out below the others (mean link {fmt(s['adjacent_link_mean'])}).")
-    else:
-        link = next(x for x in s["adjacent_links"] if x["to"] == d)
-        lines.append(f"The chain diverges at layer {d} (relative depth {fmt(s['divergence_depth'])}): layer "
-                     f"{link['from']}'s dictionary explains it at {fmt(link['value'])}, against a mean adjacent "
-                     f"link of {fmt(s['adjacent_link_mean'])}.")
-    pairs = s["strongest_bidirectional_pairs"]
-    if not pairs:
-        lines.append(f"No pair of layers transfers strongly in both directions (both >= {fmt(s['strong_threshold'])}).")
-    else:
-        best = "; ".join(f"{p['layer_a']} and {p['layer_b']} ({fmt(p['forward'])} forward, {fmt(p['backward'])} "
-                         "backward)" for p in pairs)
-        lines.append(f"{len(s['bidirectional_pairs'])} strong bidirectional pair(s) (both directions >= "
-                     f"{fmt(s['strong_threshold'])}), at most {s['bidirectional_max_distance']} layers apart; "
-                     f"the strongest: {best}.")
-    rate, decay = s["decay_rate"], s["distance_decay"]
-    if rate is None:
-        lines.append("Too few distinct layer distances to fit a distance-decay rate.")
-    else:
-        first, last = decay[0], decay[-1]
-        trend = "falls" if rate > 0 else "does not fall"
-        lines.append(f"Transfer {trend} with distance: decay rate {fmt(rate)} per layer (least-squares slope); mean "
-                     f"{fmt(first['mean'])} at distance {first['distance']}, {fmt(last['mean'])} at distance "
-                     f"{last['distance']}.")
+        lines.append(f"No pair of layers is resolved as transferring strongly in both directions (both intervals at "
+                     f"or above {t}){more}.")
     counts = ", ".join(f"{name} {c}" for name, c in s["band_counts"].items())
-    lines.append(f"Over the {s['n_pairs']} off-diagonal pairs: mean {fmt(s['mean'])}, min {fmt(s['min'])}, "
-                 f"max {fmt(s['max'])}; bands: {counts}.")
+    lines.append(f"Bands of the {s['n_pairs']} entries (the notes' heatmap bands): {counts}; "
+                 f"{s['band_unresolved']} of them have an interval that straddles a band edge.")
+    return lines
+
+
+def _persistence_lines(p: dict | None) -> list[str]:
+    if not p:
+        return []
+    rt, beyond, persist = p["relative_transfer"], p["transfer_beyond_persistence"], p["relative_persistence"]
+    claim = ("so adjacent layers share features beyond the residual stream carrying the earlier layer forward"
+             if beyond["low"] is not None and beyond["low"] > 0 else
+             "so adjacent transfer is below what persistence alone gives" if beyond["high"] is not None
+             and beyond["high"] < 0 else
+             "so whether adjacent layers share more than persistence carries is not resolved at this sample size")
+    return [f"Persistence next to transfer: over the {p['n_pairs']} adjacent pairs (both directions) relative transfer "
+            f"averages {iv(rt)}; the source dictionary's own output on its own layer, carried forward (persistence), "
+            f"scores {fmt(persist['value'])} on the same scale. Transfer beyond persistence: {iv(beyond)}, {claim}."]
+
+
+def _quality_lines(q: dict, facts: dict) -> list[str]:
+    if q["verdict"] == "unknown":
+        return ["**Dictionary quality: unknown.** No SAE was evaluated on held-out text, so nothing below can be "
+                "checked against the dictionaries' own quality; treat every finding as tentative."]
+    checks = []
+    for figure, threshold in q["thresholds"].items():
+        if not q["measured"][figure]:
+            checks.append(f"{GATE_LABELS[figure]} not measured")
+            continue
+        bad = q["failing"][figure]
+        checks.append(f"{GATE_LABELS[figure]} at most {fmt(threshold)}: "
+                      + (f"{_layers(bad)} fail (worst {fmt(q['worst'][figure])})" if bad else
+                         f"all {q['measured'][figure]} layers pass (worst {fmt(q['worst'][figure])})"))
+    if q["verdict"] == "adequate":
+        return [f"**Dictionary quality: adequate for the findings below.** Each SAE passes every gate on held-out "
+                f"text ({'; '.join(checks)})."]
+    trained = (f" They were trained {fmt(facts['train_steps'])} steps on {fmt(facts['train_tokens_per_site'])} tokens "
+               "per site." if "train_steps" in facts else "")
+    return [f"**Dictionary quality: not good enough; every finding below is tentative.** Gates on held-out text: "
+            f"{'; '.join(checks)}.{trained} To change: {'; '.join(q['advice'])}. The thresholds and their reasons "
+            "are in `layerflow/evaluate/gates.py`."]
+
+
+def _raw_lines(r: dict) -> list[str]:
+    lines = []
+    nr = r["norm_rank_correlation"]
+    if nr[RAW] is not None and nr[SCALE_AWARE] is not None:
+        lines.append(f"The notes' raw ratio follows the residual norm: the rank correlation of its per-layer mean with "
+                     f"the mean activation norm is {fmt(nr[RAW])}, against {fmt(nr[SCALE_AWARE])} for relative "
+                     "transfer.")
+    if r["fraction_above_one"]:
+        lines.append(f"It exceeds one for {fmt(r['fraction_above_one'])} of the {r['n_pairs']} pairs (max "
+                     f"{fmt(r['max'])}), which would mean a dictionary explains another layer better than its own: "
+                     "these values measure the target's smaller norm, not feature reuse.")
+    lines.append("It therefore gets no bands, hubs or universal verdicts in this report.")
     return lines
 
 
@@ -343,47 +496,6 @@ def _scale(refs: dict, names: dict[str, tuple[str, str]] = WITHIN_SCALES, own: s
     return lines
 
 
-def _comparison(model: dict) -> list[str]:
-    rel, raw, c = model["transfer"][SCALE_AWARE], model["transfer"][RAW], model["raw_vs_scale_aware"]
-    named = lambda layers, none: _layers(layers) if layers else none  # noqa: E731
-    lines = []
-    if c["same_hubs"]:
-        lines.append(f"Both metrics name the same hubs: {named(rel['hub_layers'], 'none')}.")
-    else:
-        lines.append(f"The raw ratio names {named(raw['hub_layers'], 'no layer')} as "
-                     f"{'hubs' if len(raw['hub_layers']) > 1 else 'a hub'}; relative transfer names "
-                     f"{named(rel['hub_layers'], 'none')}.")
-    div = lambda s: f"layer {s['divergence_layer']}" if s["divergence_layer"] is not None else "no layer"  # noqa: E731
-    lines.append(f"Divergence point: {div(rel)} under relative transfer, {div(raw)} under the raw ratio.")
-    lines.append(f"Universal / specialised layers: {len(rel['universal_layers'])} / {len(rel['specialised_layers'])} "
-                 f"under relative transfer, {len(raw['universal_layers'])} / {len(raw['specialised_layers'])} "
-                 "under the raw ratio.")
-    rho = c["universality_rank_correlation"]
-    if rho is not None:
-        alike = "rank the layers alike" if rho >= 0.7 else "rank the layers differently"
-        lines.append(f"The two universality profiles have a Spearman rank correlation of {fmt(rho)}: they {alike}.")
-    nr = c["norm_rank_correlation"]
-    if nr[RAW] is not None and nr[SCALE_AWARE] is not None:
-        closer = "follows" if abs(nr[RAW]) > abs(nr[SCALE_AWARE]) else "does not follow"
-        lines.append(f"Rank correlation of universality with the mean activation norm: {fmt(nr[RAW])} for the raw "
-                     f"ratio, {fmt(nr[SCALE_AWARE])} for relative transfer; the raw ratio {closer} norm growth "
-                     "more closely than the scale-aware metric.")
-    if c["band_differs_fraction"] is not None:
-        lines.append(f"The band differs between the two metrics for {fmt(c['band_differs_fraction'])} of the "
-                     f"{c['n_pairs']} off-diagonal pairs.")
-    if raw["fraction_above_one"]:
-        lines.append(f"The raw ratio exceeds one for {fmt(raw['fraction_above_one'])} of the pairs (max "
-                     f"{fmt(raw['max'])}): no dictionary explains another layer better than its own, so these "
-                     "values measure the target's smaller norm, not feature reuse.")
-    changed = [what for what, same in (("hubs", c["same_hubs"]), ("divergence point", c["same_divergence"]),
-                                       ("universal layers", c["same_universal_layers"]),
-                                       ("specialised layers", c["same_specialised_layers"])) if not same]
-    changed = ", ".join(changed[:-1]) + " and " + changed[-1] if len(changed) > 1 else "".join(changed)
-    lines.append(f"**The conclusion changes with the metric**: the {changed} differ." if changed else
-                 "On these data both metrics lead to the same hubs, divergence point and universal/specialised layers.")
-    return lines
-
-
 def _cross(c: dict) -> list[str]:
     lines = []
     for metric, d in c["depth_comparison"].items():
@@ -391,17 +503,20 @@ def _cross(c: dict) -> list[str]:
         if every is None:
             lines.append(f"{label}: not computed for any pair.")
             continue
-        higher = "higher" if same is not None and same > every else "not higher"
+        gap = c["same_minus_all"][metric]
+        verdict = ("same depth is higher" if gap["low"] is not None and gap["low"] > 0 else
+                   "same depth is lower" if gap["high"] is not None and gap["high"] < 0 else
+                   "whether same depth is higher is not resolved at this sample size")
         lines.append(f"{label}: same-depth pairs average {fmt(same)} (n={d['same_depth_n']}), all pairs "
-                     f"{fmt(every)} (n={d['all_n']}); same depth is {higher}.")
+                     f"{fmt(every)} (n={d['all_n']}); the difference is {iv(gap)}: {verdict}.")
     metric = c["by_depth_metric"]
     rows = [r for r in c["by_depth"] if r.get(metric) is not None]
     if rows:
         top, bottom = max(rows, key=lambda r: r[metric]), min(rows, key=lambda r: r[metric])
-        lines.append(f"By relative depth, same-depth {LABELS[metric]} is highest at depth {fmt(top['source_depth'])} "
-                     f"(layer {top['source_layer']} on layer {top['target_layer']}: {fmt(top[metric])}) and "
-                     f"lowest at depth {fmt(bottom['source_depth'])} (layer {bottom['source_layer']} on layer "
-                     f"{bottom['target_layer']}: {fmt(bottom[metric])}).")
+        lines.append(f"By relative depth, same-depth {LABELS[metric]} ranges from {fmt(bottom[metric])} at depth "
+                     f"{fmt(bottom['source_depth'])} (layer {bottom['source_layer']} on layer {bottom['target_layer']}) "
+                     f"to {fmt(top[metric])} at depth {fmt(top['source_depth'])} (layer {top['source_layer']} on layer "
+                     f"{top['target_layer']}).")
         lines.append(f"For {c['n_best_is_same_depth']} of the {c['n_sources']} source layers the best target by "
                      f"{LABELS[metric]} is the same-depth one.")
     lines += _scale(c.get("references") or {}, CROSS_SCALES, f"target ({c['model_b']}) layer's own SAE")
@@ -418,8 +533,8 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> list[str]:
 
 LAYER_COLUMNS = [("layer", "layer"), ("relative_depth", "depth"), ("mean_norm", "mean norm"), ("fvu", "FVU"),
                  ("l0", "L0"), ("dead_fraction", "dead"), ("delta_ce", "ΔCE"), ("kl_div", "KL"),
-                 ("universality_out", "rel. out"), ("universality_in", "rel. in"), ("universality_band", "band"),
-                 ("raw_universality_out", "raw out"), ("raw_universality_in", "raw in")]
+                 ("universality", "universality"), ("universality_low", "low"), ("universality_high", "high"),
+                 ("verdict", "verdict"), ("hub_excess", "excess over decay"), ("incoming", "incoming")]
 CROSS_COLUMNS = [("source_layer", "source layer"), ("source_depth", "depth"), ("target_layer", "target layer"),
                  ("target_depth", "target depth"), (SCALE_AWARE, "rel. transfer"),
                  ("stitched_explained_variance", "stitched EV"), ("cka", "CKA"),
@@ -440,7 +555,8 @@ def _plot_links(plots: dict[str, list[Path]], ids: list[tuple[str, str]], base: 
 
 
 def _how_to_read(conv: dict) -> list[str]:
-    b = conv["bands"]
+    b, d = conv["bands"], DEFINITIONS
+    level = f"{fmt(conv['interval_percent'])}% " if conv.get("interval_percent") is not None else ""
     return [
         "## How to read this", "",
         "- **Relative transfer** (source layer i, target layer j): the variance of layer j explained by layer i's "
@@ -448,16 +564,20 @@ def _how_to_read(conv: dict) -> list[str]:
         "spread replaced by layer i's (both fit on the train split), and its output is mapped back, so neither "
         "norm growth nor the residual stream's large, depth-dependent mean is charged as error. One means layer "
         "i's dictionary is as good on j as j's own; it can be negative when the reconstruction is worse than the mean.",
+        f"- **Intervals** ([low, high] after a figure): {level}{d['interval'][0].lower()}{d['interval'][1:]} A claim is "
+        "made only when its interval supports it; otherwise the figure is reported as not resolved at this sample size.",
+        f"- **Averages**: {d['bounded_mean']}",
+        f"- **Universal** / **specialised** / **intermediate**: {d['universal']} / {d['specialised']} / "
+        f"{d['intermediate']} Universality: {d['universality'][0].lower()}{d['universality'][1:]}",
+        f"- **Hub**: {d['hub']} Hub excess: {d['hub_excess']} min_effect = {fmt(conv.get('min_effect'))}.",
+        f"- **Break** (divergence point): {d['break']}",
+        f"- **Strong pair**: {d['strong_pair']}",
+        f"- **Persistence**: {d['persistence']} **Beyond persistence**: {d['transfer_beyond_persistence']}",
+        f"- **Bands** (the notes' heatmap bands, for relative transfer only): HIGH >= {fmt(b['HIGH'])}, MODERATE >= "
+        f"{fmt(b['MODERATE'])}, LOW >= {fmt(b['LOW'])}, SPECIALISED below.",
         "- **FVU**: fraction of variance unexplained by a layer's own SAE on held-out tokens (lower is better); "
-        "**L0**: active latents per token; **dead**: fraction of latents that never fire.",
-        f"- **Bands** (the notes' heatmap bands): HIGH >= {fmt(b['HIGH'])}, MODERATE >= {fmt(b['MODERATE'])}, "
-        f"LOW >= {fmt(b['LOW'])}, SPECIALISED below. A layer is universal when its universality (mean outgoing "
-        "transfer to the other layers) is HIGH or MODERATE, specialised when it is SPECIALISED.",
-        f"- **Hub**: a layer whose dictionary transfers at >= {fmt(conv.get('strong_threshold'))} to at least "
-        f"{fmt(conv.get('hub_fraction'))} of the other layers and whose universality lies more than one standard "
-        "deviation above the mean.",
-        "- **Divergence point**: the layer where the weakest adjacent link (a layer's SAE on the next sampled layer) "
-        "stands out below the other links by more than one standard deviation.",
+        "**L0**: active latents per token; **dead**: fraction of latents that never fire; **ΔCE**: next-token loss "
+        f"with the SAE spliced in, minus clean (nats). {d['quality_gates']}",
         "- **Why raw ratios mislead**: the notes' ratio divides raw reconstruction errors. The residual norm grows "
         "with depth, so errors on deep layers are larger simply because the numbers are larger: the ratio "
         "measures norm growth, and exceeds one when the target's norm is smaller. Relative transfer is measured "
@@ -467,15 +587,12 @@ def _how_to_read(conv: dict) -> list[str]:
         "relative_transfer_scale_only, read far layers as unrelated for that reason).", ""]
 
 
-def write_report(results: RunResults, summary: dict, plots: dict[str, list[Path]], path: str | Path) -> Path:
-    """report.md at `path` (atomically), from `build_summary(results)` and `make_plots`' files."""
-    path, conv = Path(path), summary["conventions"]
-    base, models = path.parent, summary["models"]
-    out = ["# layerflow report", "",
-           f"Run folder `{results.root}`: {len(models)} model(s), {len(summary['cross_model'])} cross-model pair(s). "
-           "Every number below is in `summary.json` or the transfer matrices.", "", "## Findings", ""]
-    for name, m in models.items():
-        out += [f"### `{name}`", ""]
+def findings_markdown(summary: dict) -> list[str]:
+    """The Findings section, from summary.json alone (a test re-derives it from the file)."""
+    conv, out = summary["conventions"], ["## Findings", ""]
+    for name, m in summary["models"].items():
+        out += [f"### `{name}`", ""] + _quality_lines(m["quality"], m["facts"]) + [""]
+        tentative = "(tentative) " if m["quality"]["verdict"] != "adequate" else ""
         if m["unreliable_sae_layers"]:
             worst = max(r["fvu"] for r in m["layers"] if r["fvu"] is not None)
             out += [f"**Warning**: the SAEs of {_layers(m['unreliable_sae_layers'])} explain none of their layer's "
@@ -483,27 +600,50 @@ def write_report(results: RunResults, summary: dict, plots: dict[str, list[Path]
                     "by that explained variance, so the transfer figures of these layers are not meaningful: "
                     "train them longer or with another schedule.", ""]
         if SCALE_AWARE in m["transfer"]:
-            out += [f"- {line}" for line in _findings(m["transfer"][SCALE_AWARE], conv)]
-            out += [f"- {line}" for line in _scale(m.get("references") or {})] + [""]
+            lines = _findings(m["transfer"][SCALE_AWARE], conv) + _persistence_lines(m["persistence"])
+            lines += _scale(m.get("references") or {})
+            out += [f"- {tentative}{line}" for line in lines] + [""]
         else:
             out += ["No layer-to-layer transfer matrix with relative transfer yet.", ""]
-        if m["raw_vs_scale_aware"] is not None:
-            out += ["Raw ratio vs scale-aware metric:", ""] + [f"- {line}" for line in _comparison(m)] + [""]
-        out += _plot_links(plots, [(f"transfer_heatmap:{name}", "transfer heatmap"),
-                                   (f"universality:{name}", "universality"),
-                                   (f"raw_vs_scale_aware:{name}", "raw vs scale-aware")], base)
+        if m["raw_ratio"] is not None:
+            out += ["Why the notes' raw ratio is not used:", ""] + [f"- {line}" for line in _raw_lines(m["raw_ratio"])]
+            out += [""]
+    for c in summary["cross_model"]:
+        out += [f"### Cross-model: `{c['model_a']}` SAEs on `{c['model_b']}`", ""]
+        out += [f"- {line}" for line in _cross(c)] + [""]
+    return out
+
+
+def write_report(results: RunResults, summary: dict, plots: dict[str, list[Path]], path: str | Path) -> Path:
+    """report.md at `path` (atomically), from `build_summary(results)` and `make_plots`' files."""
+    path, conv = Path(path), summary["conventions"]
+    base, models = path.parent, summary["models"]
+    out = ["# layerflow report", "",
+           f"Run folder `{results.root}`: {len(models)} model(s), {len(summary['cross_model'])} cross-model pair(s). "
+           "Every number below is in `summary.json` (with its definition) or the transfer matrices.", ""]
+    findings = findings_markdown(summary)
+    for name in models:  # the plots go under their model's findings
+        plots_md = _plot_links(plots, [(f"transfer_heatmap:{name}", "transfer heatmap"),
+                                       (f"universality:{name}", "universality"),
+                                       (f"raw_vs_scale_aware:{name}", "raw vs scale-aware")], base)
+        end = next((k for k, line in enumerate(findings) if line.startswith("### ") and k > findings.index(f"### `{name}`")),
+                   len(findings))
+        findings[end:end] = plots_md
     for c in summary["cross_model"]:
         pair = f"{c['model_a']}~{c['model_b']}"
-        out += [f"### Cross-model: `{c['model_a']}` SAEs on `{c['model_b']}`", ""]
-        out += [f"- {line}" for line in _cross(c)] + [""] + _table(c["by_depth"], CROSS_COLUMNS) + [""]
-        out += _plot_links(plots, [(f"cross_model:{pair}", "cross-model transfer")], base)
+        head = findings.index(f"### Cross-model: `{c['model_a']}` SAEs on `{c['model_b']}`")
+        end = next((k for k, line in enumerate(findings) if line.startswith("### ") and k > head), len(findings))
+        findings[end:end] = _table(c["by_depth"], CROSS_COLUMNS) + [""] + _plot_links(
+            plots, [(f"cross_model:{pair}", "cross-model transfer")], base)
+    out += findings
     general = _plot_links(plots, [("distance_decay", "distance decay"), ("sae_quality", "SAE quality"),
                                   ("activation_norms", "activation norms")], base)
     if general:
         out += ["## Plots", ""] + general
     out += ["## Per-layer metrics", "",
-            "rel./raw out/in: universality (mean outgoing / incoming transfer) of relative transfer and of the raw "
-            "ratio; band: the band of the outgoing relative transfer.", ""]
+            "universality: mean (clipped) outgoing relative transfer, with its interval (low, high) and verdict; "
+            "excess over decay: how much better the layer transfers than its distances predict (hub excess); "
+            "incoming: the other layers' dictionaries on this layer.", ""]
     for name, m in models.items():
         out += [f"### `{name}`", ""] + _table(m["layers"], LAYER_COLUMNS) + [""]
     out += _how_to_read(conv) + ["## Run facts", ""]
@@ -515,7 +655,8 @@ def write_report(results: RunResults, summary: dict, plots: dict[str, list[Path]
             line += (f"; SAEs trained {fmt(f['train_steps'])} steps on {fmt(f['train_tokens_per_site'])} tokens per "
                      f"site in {fmt(f['train_seconds'])} s")
         if f["transfer_tokens"] is not None:
-            line += f"; transfer on {fmt(f['transfer_tokens'])} held-out tokens per site"
+            line += (f"; transfer on {fmt(f['transfer_tokens'])} held-out tokens per site, {fmt(f['n_replicates'])} "
+                     "bootstrap resamples")
         out.append(line + ".")
     out += [f"- Cross-model: `{c['model_a']}` ({c['n_sources']} sites) on `{c['model_b']}` ({c['n_targets']} sites)."
             for c in summary["cross_model"]]

@@ -4,10 +4,13 @@
   EV of SAE_j on j; source layer i down, target layer j across). Colours are binned on the notes'
   bands (HIGH >= 0.9, MODERATE 0.6-0.9, LOW 0.4-0.6, SPECIALISED < 0.4, `transfer.summary.BANDS`), outlined
   on the colour bar; values below 0 or above 1.1 get the two end colours, grey = not computed.
-- universality-<model>: per layer, mean relative transfer to the other layers (outgoing, the notes'
-  universality score) and from them (incoming); hub layers (`transfer.summary.summarize`) starred.
-- distance_decay: mean relative transfer against layer distance |i - j| with a +-1 std band, one
-  curve per model; in relative distance (layers / (n_layers - 1)) when the models' depths differ.
+- universality-<model>: per layer, mean relative transfer (clipped to [0, 1]) to the other layers
+  (outgoing, the notes' universality score) and from them (incoming), each with its 95% bootstrap
+  interval as an error bar; hub layers (`transfer.summary.summarize`: better than their distances
+  predict, interval clear of the fitted decay) starred.
+- distance_decay: mean relative transfer (clipped to [0, 1]) against layer distance |i - j| with
+  its 95% bootstrap interval as a band, one curve per model; in relative distance (layers /
+  (n_layers - 1)) when the models' depths differ.
 - cross_model-<a>~<b>: a cross-model matrix (model A's SAEs stitched onto model B's sites), both
   axes in relative depth, relative transfer (stitched EV where no target SAE has EV > 0) and linear
   CKA; the dashed line is equal depth and the outlined cells are each source's same-depth target
@@ -20,7 +23,9 @@
   transcoders at chosen layers: held-out FVU by Matryoshka prefix, training curves, firing-frequency
   histograms, and FVU / dead / dense / delta CE / KL side by side.
 - raw_vs_scale_aware-<model>: the notes' raw `transfer_recon_ratio` next to `relative_transfer`, and
-  both universality profiles, so the reader sees that the two name different "universal" layers.
+  both universality profiles beside the mean activation norm, so the reader sees that the raw
+  ratio follows norm growth. The raw ratio gets no bands and no hubs: it is shown only to explain
+  why it misleads.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from layerflow.results import CrossModelResults, ModelResults, RunResults
 from layerflow.transfer.cross_model import compare_same_depth, same_depth_pairs
 from layerflow.transfer.matrix import TransferMatrix, metric_docs
 from layerflow.transfer.references import References
-from layerflow.transfer.summary import BANDS, TransferSummary, summarize
+from layerflow.transfer.summary import BANDS, Estimate, summarize_matrix
 
 DPI = 300
 ANNOTATE_MAX = 12  # annotate cells with their values up to this many sites per side
@@ -229,23 +234,31 @@ def _mark_references(cbar: Any, matrix: TransferMatrix, metric: str) -> str:
             "layer's principal subspace (no shared features); ceiling: a second SAE trained with another seed.")
 
 
-def _summary(matrix: TransferMatrix, metric: str) -> TransferSummary:
-    return summarize(matrix[metric], [s.layer for s in matrix.sources], matrix.sources[0].n_layers, metric)
+def _error_bars(estimates: Sequence[Estimate]) -> np.ndarray | None:
+    """matplotlib's yerr ([2, n]: below, above) of estimates' intervals; None when none has one."""
+    values = np.array([(e.value, e.low, e.high) for e in estimates], dtype=np.float64)
+    if not np.isfinite(values[:, 1:]).any():
+        return None
+    return np.nan_to_num(np.stack([values[:, 0] - values[:, 1], values[:, 2] - values[:, 0]]).clip(min=0))
 
 
 def universality_bars(matrix: TransferMatrix, stem: Path, metric: str = "relative_transfer") -> list[Path]:
-    """Outgoing and incoming universality per layer, hubs starred (figure 2)."""
-    s, n = _summary(matrix, metric), len(matrix.sources)
+    """Outgoing and incoming universality per layer with their intervals, hubs starred (figure 2)."""
+    s, n = summarize_matrix(matrix, metric), len(matrix.sources)
     x = np.arange(n)
+    out, into = [e.value for e in s.universality], [e.value for e in s.universality_incoming]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * n + 2.5), 4.2))
-    ax.bar(x - 0.2, s.universality, 0.4, label="outgoing: SAE of this layer on the other layers", color="#2166ac")
-    ax.bar(x + 0.2, s.universality_incoming, 0.4, label="incoming: other layers' SAEs on this layer", color="#f4a582")
+    bars = dict(capsize=1.5, error_kw={"lw": 0.7, "ecolor": "black"})
+    ax.bar(x - 0.2, out, 0.4, yerr=_error_bars(s.universality), label="outgoing: SAE of this layer on the other layers",
+           color="#2166ac", **bars)
+    ax.bar(x + 0.2, into, 0.4, yerr=_error_bars(s.universality_incoming),
+           label="incoming: other layers' SAEs on this layer", color="#f4a582", **bars)
     ax.axhline(0, color="black", lw=0.8)
     for lower, name in BANDS[:-1]:
         ax.axhline(lower, color="grey", lw=0.7, ls=":")
         ax.text(1.005, lower, f"{name} ≥ {lower:g}", transform=ax.get_yaxis_transform(), fontsize=7, va="center",
                 color="dimgrey")
-    top = np.nanmax([*s.universality, *s.universality_incoming, 0.0])
+    top = np.nanmax([*out, *into, 0.0])
     if matrix.references:
         refs = References.from_dict(matrix.references)
         for kind, style in (("floor", "--"), ("ceiling", "-.")):
@@ -261,9 +274,11 @@ def universality_bars(matrix: TransferMatrix, stem: Path, metric: str = "relativ
     ax.set_xticks(x, _labels(matrix.sources), fontsize=7 if n <= 20 else 6)
     ax.set_xlim(-0.7, n - 0.3)
     ax.set_xlabel("layer")
-    ax.set_ylabel(f"mean {metric.replace('_', ' ')}\nover the other layers (higher = better)")
-    hubs = f"hub layers (starred): {', '.join(map(str, s.hub_layers))}" if s.hub_layers else "no hub layers"
-    ax.set_title(f"{matrix.sources[0].model}: layer universality of {metric.replace('_', ' ')}; {hubs}", fontsize=10)
+    ax.set_ylabel(f"mean {metric.replace('_', ' ')} (clipped to [0, 1])\nover the other layers (higher = better)")
+    hubs = f"hub layers (starred): {', '.join(map(str, s.hub_layers))}" if s.hub_layers else "no hub layer"
+    bars = f"error bars: {s.level:.0%} bootstrap intervals" if s.n_replicates else "no intervals (no resamples)"
+    ax.set_title(f"{matrix.sources[0].model}: layer universality of {metric.replace('_', ' ')}; {bars}\n{hubs} "
+                 "(a hub transfers better than its distances predict, interval clear of the fitted decay)", fontsize=9)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     if matrix.references:
         _footnote(ax, "Floor: the layer's own SAE rotated inside the layer's principal subspace, scored on the layer "
@@ -280,19 +295,19 @@ def distance_decay(models: Sequence[ModelResults], stem: Path, metric: str = "re
     relative = len({t.sources[0].n_layers for t in matrices}) > 1
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, t in enumerate(matrices):
-        s, scale = _summary(t, metric), (t.sources[0].n_layers - 1 if relative else 1)
+        s, scale = summarize_matrix(t, metric), (t.sources[0].n_layers - 1 if relative else 1)
         d = np.array([p.distance for p in s.distance_decay]) / scale
-        mean, std = (np.array([getattr(p, f) for p in s.distance_decay]) for f in ("mean", "std"))
+        mean, low, high = (np.array([getattr(p.mean, f) for p in s.distance_decay]) for f in ("value", "low", "high"))
         style = MODEL_STYLES[k % 10]
         caution = "; own-SAE EV <= 0 at some targets" if _unreliable(t)[0] else ""
         ax.plot(d, mean, "-", **style, label=f"{t.sources[0].model} ({t.sources[0].n_layers} layers{caution})")
-        ax.fill_between(d, mean - std, mean + std, color=style["color"], alpha=0.2, lw=0)
+        ax.fill_between(d, low, high, color=style["color"], alpha=0.25, lw=0)
     ax.axhline(0, color="black", lw=0.8)
     for lower, _ in BANDS[:-1]:
         ax.axhline(lower, color="grey", lw=0.7, ls=":")
     ax.set_xlabel("relative layer distance |i - j| / (n_layers - 1)" if relative else "layer distance |i - j|")
-    ax.set_ylabel(f"{metric.replace('_', ' ')} (higher = better)")
-    ax.set_title(f"Distance decay of {metric.replace('_', ' ')}: mean over pairs, band = +-1 std\n"
+    ax.set_ylabel(f"{metric.replace('_', ' ')} (clipped to [0, 1]; higher = better)")
+    ax.set_title(f"Distance decay of {metric.replace('_', ' ')}: mean over pairs, shaded = 95% bootstrap interval\n"
                  "(dotted: band limits 0.4 / 0.6 / 0.9)", fontsize=10)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     return _save(fig, stem)
@@ -506,23 +521,29 @@ def raw_vs_scale_aware(matrix: TransferMatrix, stem: Path) -> list[Path]:
     ax_rel.set_title(textwrap.fill(title, 85), fontsize=8.5)
     for ax in (ax_raw, ax_rel):
         _layer_axes(ax, matrix)
-    s_raw, s_rel = _summary(matrix, "transfer_recon_ratio"), _summary(matrix, "relative_transfer")
+    s_rel = summarize_matrix(matrix, "relative_transfer")
+    off = np.where(np.eye(n, dtype=bool), np.nan, raw)
+    raw_universality = np.nanmean(off, 1)  # the notes' plain mean: no bounds, no intervals, no verdicts
     x = np.arange(n)
-    ax_u.plot(x, s_rel.universality, "o-", color="#2166ac", ms=4, label="relative transfer (left axis, linear)")
+    ax_u.errorbar(x, [e.value for e in s_rel.universality], yerr=_error_bars(s_rel.universality), fmt="o-",
+                  color="#2166ac", ms=4, lw=1, capsize=1.5, label="relative transfer, 95% interval (left axis, linear)")
     ax_u.set_ylabel("relative transfer universality", color="#2166ac")
     ax_r = ax_u.twinx()
-    ax_r.plot(x, s_raw.universality, "s--", color="#b2182b", ms=4, label="raw ratio (right axis, log)")
+    ax_r.plot(x, raw_universality, "s--", color="#b2182b", ms=4, label="raw ratio (right axis, log)")
+    norms = matrix.settings.get("mean_activation_norm", {})
+    if norms:
+        ax_r.plot(x, [norms.get(site.hook_name, np.nan) / max(norms.values()) for site in matrix.sources], ":",
+                  color="grey", lw=1.2, label="mean activation norm / its maximum (right axis)")
     ax_r.set_yscale("log")
     ax_r.set_ylabel("raw ratio universality (log)", color="#b2182b")
-    for s, ax, c in ((s_rel, ax_u, "#2166ac"), (s_raw, ax_r, "#b2182b")):
-        for hub in s.hub_layers:
-            i = s.layers.index(hub)
-            ax.plot(i, s.universality[i], "*", ms=14, color="gold", mec=c, zorder=5)
+    for hub in s_rel.hub_layers:
+        i = s_rel.layers.index(hub)
+        ax_u.plot(i, s_rel.universality[i].value, "*", ms=14, color="gold", mec="#2166ac", zorder=5)
     ax_u.set_xticks(x, _labels(matrix.sources), fontsize=7 if n <= 20 else 6)
     ax_u.set_xlabel("source layer")
-    hubs = lambda s: ", ".join(map(str, s.hub_layers)) or "none"  # noqa: E731
-    ax_u.set_title(f"Universality per layer (mean over the other targets). Hub layers (stars): "
-                   f"raw ratio {hubs(s_raw)}; relative transfer {hubs(s_rel)}", fontsize=9)
+    hubs = ", ".join(map(str, s_rel.hub_layers)) or "none"
+    ax_u.set_title(f"Universality per layer (mean over the other targets). Relative transfer's hub layers (stars): "
+                   f"{hubs}. The raw ratio gets no bands or hubs: it follows the norm", fontsize=9)
     lines = ax_u.get_legend_handles_labels()[0] + ax_r.get_legend_handles_labels()[0]
     ax_u.legend(lines, [h.get_label() for h in lines], fontsize=7, loc="upper center",
                 bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)

@@ -21,11 +21,11 @@ from layerflow.transfer.coder import LinearCoder, SparseLatents, dense_latents
 from layerflow.transfer.cross_model import compare_same_depth, cross_model_matrix, same_depth_pairs
 from layerflow.transfer.matrix import CrossModelPair, TransferMatrix, WithinModelPair, metric_docs, metric_names
 from layerflow.transfer.runs import cross_model_runs, sites_of_store, store_calibration, transfer_run, write_transfer
-from layerflow.transfer.summary import BANDS, TransferSummary, band, summarize
+from layerflow.transfer.summary import BANDS, TransferSummary, band, summarize, summarize_matrix
 from layerflow.transfer.within import TransferOptions, transcoder_matrix, within_model_matrix
 
 __all__ = ["AlignedActivations", "BANDS", "Calibration", "CrossModelPair", "LinearCoder", "SparseLatents", "TransferMatrix",
            "TransferOptions", "TransferSummary", "WithinModelPair", "align_words", "band", "capture_aligned",
            "compare_same_depth", "cross_model_matrix", "cross_model_runs", "dense_latents", "metric_docs",
-           "metric_names", "same_depth_pairs", "SiteMatch", "sites_of_store", "store_calibration", "summarize", "transcoder_matrix", "transfer_run",
+           "metric_names", "same_depth_pairs", "SiteMatch", "sites_of_store", "store_calibration", "summarize", "summarize_matrix", "transcoder_matrix", "transfer_run",
            "within_model_matrix", "write_transfer"]

@@ -5,9 +5,10 @@ measures and which direction is better. `TransferMatrix` holds one [sources, tar
 metric plus the identity of every site, and round-trips exactly through JSON (schema below) and
 to a long-format CSV (one row per pair).
 
-JSON schema (`schema_version` 2; version 1 matched the norm only, and is refused):
+JSON schema (`schema_version` 3; older versions are refused: 1 matched the norm only, 2 had no
+resamples and read the held-out split's first block):
 
-    {"schema": "layerflow.transfer_matrix", "schema_version": 1,
+    {"schema": "layerflow.transfer_matrix", "schema_version": 3,
      "kind": "within_model" | "cross_model",
      "sources": [site...], "targets": [site...],         # site: model, hook_name, layer, n_layers, kind
      "metrics": {name: [[value per target] per source]},  # NaN written as null
@@ -15,7 +16,13 @@ JSON schema (`schema_version` 2; version 1 matched the norm only, and is refused
      "settings": {...},                                    # how it was computed (tokens, options)
      "references": {"floor": {metric: {hook: value}}, "ceiling": {...}, "layers": {hook: layer}, "how": {...}},
                                                            # optional: `references.py`
-     "intervals": {metric: {"low": [[...]], "high": [[...]]}}}  # optional: bootstrap intervals (settings.intervals)
+     "intervals": {metric: {"low": [[...]], "high": [[...]]}},  # optional: bootstrap intervals (settings.intervals)
+     "replicates": {"file": "<stem>.bootstrap.npz", "metrics": [...], "n": B}}  # optional: see below
+
+The bootstrap resamples themselves, `replicates[metric]` = [B, sources, targets] float64, are in an
+.npz file beside the JSON (written before it): every figure derived from the matrix (universality,
+decay rate, hubs, divergence) gets its interval by being computed on each resample
+(`transfer.summary`). `read` loads them; `from_dict` (the JSON alone) leaves them empty.
 """
 
 from __future__ import annotations
@@ -31,11 +38,11 @@ from typing import Any
 import numpy as np
 
 from layerflow.errors import LayerflowError, did_you_mean
-from layerflow.files import MATRIX_JSON, atomic_write_text, write_json
+from layerflow.files import MATRIX_JSON, REPLICATES_SUFFIX, atomic, atomic_write_text, write_json
 from layerflow.models.sites import Site
 
 SCHEMA = "layerflow.transfer_matrix"
-SCHEMA_VERSION = 2  # 2: explained_variance / relative_transfer match the mean and spread (1: the norm only)
+SCHEMA_VERSION = 3  # 3: bootstrap resamples; 2: explained_variance / relative_transfer match the mean and spread
 SITE_KEYS = ("model", "hook_name", "layer", "n_layers", "kind")  # a source or target site in the JSON
 
 
@@ -154,6 +161,7 @@ class TransferMatrix:
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. matched feature pairs; not serialized here
     references: dict[str, Any] = field(default_factory=dict)  # floors and ceilings (`references.References.to_dict`)
     intervals: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # metric -> (low, high)
+    replicates: dict[str, np.ndarray] = field(default_factory=dict)  # metric -> [B, sources, targets] resamples
 
     def __post_init__(self) -> None:
         if self.kind not in PAIR_TYPES:
@@ -193,6 +201,8 @@ class TransferMatrix:
             **({"references": self.references} if self.references else {}),
             **({"intervals": {n: {"low": _rows(lo), "high": _rows(hi)} for n, (lo, hi) in self.intervals.items()}}
                if self.intervals else {}),
+            **({"replicates": {"metrics": list(self.replicates), "n": len(next(iter(self.replicates.values())))}}
+               if self.replicates else {}),
         }
 
     @classmethod
@@ -200,7 +210,9 @@ class TransferMatrix:
         if data.get("schema") != SCHEMA:
             raise LayerflowError(f"Not a layerflow transfer matrix (schema {data.get('schema')!r}, expected {SCHEMA!r}).")
         if data.get("schema_version") != SCHEMA_VERSION:
-            old = " (version 1 matched the norm but not the mean)" if data.get("schema_version") == 1 else ""
+            old = {1: " (version 1 matched the norm but not the mean)",
+                   2: " (version 2 has no bootstrap resamples, so its summaries have no intervals)"}.get(
+                data.get("schema_version"), "")
             raise LayerflowError(f"Transfer matrix schema version {data.get('schema_version')} is not supported{old}: "
                                  f"this layerflow reads version {SCHEMA_VERSION}. Recompute it with `layerflow transfer` "
                                  f"(or rerun `layerflow run`).")
@@ -224,10 +236,14 @@ class TransferMatrix:
         return text.getvalue()
 
     def write(self, folder: str | Path, stem: str = "transfer_matrix") -> tuple[Path, Path]:
-        """`<stem>.json` and `<stem>.csv` in `folder`, each written to a temporary name and renamed."""
+        """`<stem>.json` and `<stem>.csv` in `folder` (and the resamples' .npz), each written to a
+        temporary name and renamed, the JSON last."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         json_path, csv_path = folder / f"{stem}.json", folder / f"{stem}.csv"
+        if self.replicates:
+            with atomic(_replicates_path(json_path)) as tmp, open(tmp, "wb") as f:
+                np.savez_compressed(f, **self.replicates)
         atomic_write_text(csv_path, self.to_csv())
         write_json(json_path, self.to_dict(), indent=1)
         return json_path, csv_path
@@ -238,7 +254,11 @@ class TransferMatrix:
         path = path / MATRIX_JSON if path.is_dir() else path
         if not path.exists():
             raise LayerflowError(f"No transfer matrix at '{path}'. Run `layerflow transfer` first.")
-        return cls.from_dict(json.loads(path.read_text()))
+        matrix = cls.from_dict(json.loads(path.read_text()))
+        if _replicates_path(path).exists():
+            with np.load(_replicates_path(path)) as f:
+                matrix.replicates = {n: f[n] for n in f.files}
+        return matrix
 
     def equals(self, other: "TransferMatrix") -> bool:
         return (self.kind == other.kind and self.sources == other.sources and self.targets == other.targets
@@ -246,7 +266,13 @@ class TransferMatrix:
                 and self.references == other.references and self.intervals.keys() == other.intervals.keys()
                 and all(np.array_equal(a, b, equal_nan=True) for n in self.intervals
                         for a, b in zip(self.intervals[n], other.intervals[n]))
-                and all(np.array_equal(self.metrics[n], other.metrics[n], equal_nan=True) for n in self.metrics))
+                and all(np.array_equal(self.metrics[n], other.metrics[n], equal_nan=True) for n in self.metrics)
+                and self.replicates.keys() == other.replicates.keys()
+                and all(np.array_equal(self.replicates[n], other.replicates[n], equal_nan=True) for n in self.replicates))
+
+
+def _replicates_path(json_path: Path) -> Path:
+    return json_path.with_name(json_path.stem + REPLICATES_SUFFIX)
 
 
 def _rows(m: np.ndarray) -> list[list[float | None]]:

@@ -30,11 +30,11 @@ from layerflow.transfer.calibration import Calibration, SiteMatch
 from layerflow.transfer.cross_model import compare_same_depth, cross_model_matrix
 from layerflow.transfer.matrix import TransferMatrix
 from layerflow.transfer.references import References, measure_references
-from layerflow.transfer.summary import summarize
+from layerflow.transfer.summary import summarize_matrix
 from layerflow.transfer.within import TransferOptions, transcoder_matrix, within_model_matrix
 
 # The metrics summarised by default: the notes' ratio (for continuity) and the scale-aware ones.
-SUMMARY_METRICS = ("transfer_recon_ratio", "relative_transfer", "explained_variance", "transfer_beyond_persistence")
+SUMMARY_METRICS = ("relative_transfer", "explained_variance")  # EV-scale figures: bands and bounded averages apply
 
 
 def sites_of_store(store: ActivationStore, hooks: list[str]) -> list[Site]:
@@ -212,9 +212,9 @@ def write_transfer(matrix: TransferMatrix, folder: Path) -> list[Path]:
     if len(set(layers)) == len(layers) and len(layers) >= 2:  # one site per layer: layer-indexed summaries
         for metric in SUMMARY_METRICS:
             if metric in matrix.metrics:
-                summaries[metric] = summarize(matrix[metric], layers, matrix.sources[0].n_layers, metric).to_dict()
+                summaries[metric] = summarize_matrix(matrix, metric).to_dict()
     if summaries:
-        path = write_json(folder / SUMMARY_FILE, {"schema_version": 1, "summaries": summaries}, indent=1)
+        path = write_json(folder / SUMMARY_FILE, {"schema_version": 2, "summaries": summaries}, indent=1)
         written.append(path)
     written.extend(matrix.write(folder)[::-1])  # the matrix JSON is the manifest: written last
     return written

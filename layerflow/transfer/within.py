@@ -111,7 +111,7 @@ def within_model_matrix(
                 "calibration": calibration.summary(), **_null_settings(calibration, sequences),
                 "mean_activation_norm": dict(zip(hooks, norms))}
     return TransferMatrix("within_model", sites, sites, metrics, {**settings, **_interval_settings(options, sequences)},
-                          extras, intervals=extras.pop("intervals"))
+                          extras, intervals=extras.pop("intervals"), replicates=extras.pop("replicates"))
 
 
 @torch.no_grad()
@@ -146,7 +146,7 @@ def transcoder_matrix(
                 "mean_activation_norm": dict(zip(in_hooks, in_norms)),
                 "mean_output_norm": dict(zip(out_hooks, out_norms))}
     return TransferMatrix("within_model", sites, sites, metrics, {**settings, **_interval_settings(options, sequences)},
-                          extras, intervals=extras.pop("intervals"))
+                          extras, intervals=extras.pop("intervals"), replicates=extras.pop("replicates"))
 
 
 MATCHING = "x_j -> (x_j - mu_j) s_i / s_j + mu_i before dictionary i, output -> (out - mu_i) s_j / s_i + mu_j; " \
@@ -207,7 +207,8 @@ def _pair_matrix(dictionaries: dict[str, SAE], activations: dict[str, torch.Tens
             report(done, total)
 
     metrics = _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, [dictionaries[h] for h in in_hooks])
-    extras: dict[str, Any] = {"intervals": _intervals(acc, n, n_groups, options)}
+    intervals, replicates = _bootstrap(acc, n, n_groups, options)
+    extras: dict[str, Any] = {"intervals": intervals, "replicates": replicates}
     if options.match_distance:
         _feature_matching(metrics, extras, dictionaries, xs, in_hooks, out_hooks, coders, calibration, sequences,
                           options, lambda i: report(n * n + i, total))
@@ -224,29 +225,34 @@ def _groups(sequences: torch.Tensor | None, n_tokens: int) -> tuple[torch.Tensor
     return groups, int(groups.max()) + 1 if n_tokens else 0
 
 
-def _intervals(acc: dict[tuple[int, int], "_PairAccumulators"], n: int, n_groups: int,
-               options: TransferOptions) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Percentile bootstrap over whole sequences (every pair resampled with the same draws): the
-    `options.interval` interval of explained_variance, relative_transfer and transfer_beyond_persistence."""
+def _bootstrap(acc: dict[tuple[int, int], "_PairAccumulators"], n: int, n_groups: int,
+               options: TransferOptions) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]:
+    """Bootstrap over whole sequences, every pair resampled with the same draws: the resampled
+    matrices [B, n, n] of explained_variance, relative_transfer and transfer_beyond_persistence, and
+    their `options.interval` percentile intervals. Returns (intervals, replicates)."""
     if not options.bootstrap or n_groups < 2:
-        return {}
+        return {}, {}
     g = torch.Generator().manual_seed(options.seed)
     draws = torch.randint(n_groups, (options.bootstrap, n_groups), generator=g)
     weights = torch.zeros(options.bootstrap, n_groups, dtype=torch.float64).scatter_add_(
         1, draws, torch.ones(draws.shape, dtype=torch.float64))
     own = [acc[t, t].matched.bootstrap(weights) for t in range(n)]
-    tails = ((1 - options.interval) / 2, (1 + options.interval) / 2)
-    out = {name: (np.full((n, n), np.nan), np.full((n, n), np.nan))
-           for name in ("explained_variance", "relative_transfer", "transfer_beyond_persistence")}
+    replicates = {name: np.full((options.bootstrap, n, n), np.nan)
+                  for name in ("explained_variance", "relative_transfer", "transfer_beyond_persistence")}
     for (s, t), pair in acc.items():
         ev = pair.matched.bootstrap(weights)
         relative = ev / own[t]
         samples = {"explained_variance": ev, "relative_transfer": relative,
                    "transfer_beyond_persistence": relative - pair.persistence.bootstrap(weights) / own[t]}
         for name, values in samples.items():
-            low, high = torch.quantile(values, torch.tensor(tails, dtype=values.dtype)).tolist()
-            out[name][0][s, t], out[name][1][s, t] = low, high
-    return out
+            replicates[name][:, s, t] = values.numpy()
+    return {name: percentile_interval(r, options.interval) for name, r in replicates.items()}, replicates
+
+
+def percentile_interval(replicates: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """The `level` percentile interval of resampled figures (resamples along axis 0); NaN where any is NaN."""
+    low, high = np.quantile(replicates, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    return low, high
 
 
 def _match(coder: Coder, calibration: Calibration, in_hooks: list[str], out_hooks: list[str], s: int, t: int,
