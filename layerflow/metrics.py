@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from jaxtyping import Float
 
@@ -179,3 +180,27 @@ def batch_variance(x: Float[torch.Tensor, "tokens d"]) -> torch.Tensor:
     """E||x - mean(x)||^2 over one batch, in the batch's dtype: the denominator of the per-step FVU
     in training curves (held-out FVU sums over the whole eval set: `ReconstructionStats`)."""
     return (x - x.mean(0)).square().sum(-1).mean()
+
+
+def bootstrap_weights(n_groups: int, replicates: int, seed: int) -> Float[torch.Tensor, "replicates groups"]:
+    """How many times each of `n_groups` groups (sequences, documents) is drawn in each resample: the
+    `weights` of `ReconstructionStats.bootstrap`. The same seed gives the same draws, so every figure
+    resampled with them moves together."""
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.randint(n_groups, (replicates, n_groups), generator=g)
+    return torch.zeros(replicates, n_groups, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(draws.shape, dtype=torch.float64))
+
+
+def percentile_interval(replicates: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """The `level` percentile interval of resampled figures (resamples along axis 0); NaN where any is NaN."""
+    low, high = np.quantile(replicates, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    return low, high
+
+
+def group_ids(labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Consecutive runs of equal labels (a token's sequence, a word's document) numbered 0..G-1, and G."""
+    if not len(labels):
+        return torch.zeros(0, dtype=torch.long), 0
+    groups = torch.cat([torch.zeros(1, dtype=torch.long), (labels.diff() != 0).long().cumsum(0)])
+    return groups, int(groups[-1]) + 1

@@ -13,6 +13,7 @@ from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 from conftest import HAS_GEMMA3, needs_gemma3, tiny_twin
 from layerflow.data.tokens import iter_documents
 from layerflow.errors import LayerflowError
+from layerflow.metrics import bootstrap_weights
 from layerflow.cache import cache_dir
 from layerflow.models.load import load_model
 from layerflow.models.sites import site_at as SiteId
@@ -270,11 +271,16 @@ def _mapped_sae(sae_a, to_b, shift):
     return sae_b
 
 
+def _planted_map():
+    """Model B is model A through x_B = x_A @ to_b + shift."""
+    g = torch.Generator().manual_seed(4)
+    return torch.randn(128, 160, generator=g) / 128**0.5, torch.randn(160, generator=g)
+
+
 @pytest.fixture(scope="module")
 def planted_matrix():
     planted = planted_layers([1.0, 0.0], gains=[1.0, 3.0], d=128, n_features=64, n_tokens=3200, seed=0)
-    g = torch.Generator().manual_seed(4)
-    to_b, shift = torch.randn(128, 160, generator=g) / 128**0.5, torch.randn(160, generator=g)
+    to_b, shift = _planted_map()
     x_a = dict(zip((R0, R1), planted.activations))
     x_b = {hook: x @ to_b + shift for hook, x in x_a.items()}
     saes_a = {R0: true_sae(planted, 0), R1: true_sae(planted, 1)}
@@ -316,6 +322,26 @@ def test_same_depth_pairs_and_summary(planted_matrix):
     assert summary.same_depth_n == 2 and summary.all_n == 4
     assert summary.same_depth_mean > summary.all_mean + 0.3
     assert summary.all_mean == pytest.approx(np.nanmean(matrix["relative_transfer"]))
+
+
+def test_resamples_redraw_whole_held_out_documents(planted_matrix):
+    matrix, _, aligned = planted_matrix
+    assert "whole held-out documents" in matrix.settings["intervals"]
+    for name in ("stitched_explained_variance", "target_sae_explained_variance", "relative_transfer"):
+        low, high = matrix.intervals[name]
+        assert matrix.replicates[name].shape == (200, 2, 2)
+        assert (low <= matrix[name] + 1e-9).all() and (matrix[name] <= high + 1e-9).all(), name
+    # a resample equals the figure recomputed on the drawn documents (duplicates included), independently
+    documents = aligned.document[aligned.heldout]
+    ids = torch.unique_consecutive(documents)
+    weights = bootstrap_weights(len(ids), 200, 0)
+    r = 3
+    rows = torch.cat([torch.nonzero(documents == d).flatten().repeat(int(w)) for d, w in zip(ids, weights[r])])
+    x_b = aligned.acts_b[R0][aligned.heldout][rows].double()
+    sae_b = _mapped_sae(true_sae(planted_matrix[1], 0), *_planted_map())
+    x_hat = sae_b(x_b.float()).double()
+    ev = 1 - (x_b - x_hat).square().sum() / (x_b - x_b.mean(0)).square().sum()
+    assert matrix.replicates["target_sae_explained_variance"][r, 0, 0] == pytest.approx(ev.item(), abs=1e-5)
 
 
 def test_matching_only_same_depth_pairs_leaves_the_rest_nan(planted_matrix):

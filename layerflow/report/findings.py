@@ -30,10 +30,12 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
+from layerflow import defaults
 from layerflow.evaluate.gates import GATES
 from layerflow.evaluate.gates import LABELS as GATE_LABELS
 from layerflow.evaluate.gates import quality_verdict
 from layerflow.files import PLOTS_DIR, REPORT_FILE, SUMMARY_FILE, atomic_write_text, json_safe
+from layerflow.metrics import percentile_interval
 from layerflow.results import CrossModelResults, ModelResults, RunResults
 from layerflow.transfer.cross_model import compare_same_depth, same_depth_pairs
 from layerflow.transfer.matrix import TransferMatrix
@@ -315,7 +317,8 @@ def _same_minus_all(m: TransferMatrix, metric: str) -> dict[str, float | None]:
     if not (ok & same).any():
         return {"value": None, "low": None, "high": None}
     gap = stack[:, ok & same].mean(1) - stack[:, ok].mean(1)
-    low, high = np.quantile(gap[1:], [0.025, 0.975]) if len(gap) > 1 and np.isfinite(gap[1:]).all() else (None, None)
+    low, high = percentile_interval(gap[1:], defaults.INTERVAL_LEVEL) if len(gap) > 1 and np.isfinite(gap[1:]).all() \
+        else (None, None)
     return json_safe({"value": gap[0], "low": low, "high": high})
 
 

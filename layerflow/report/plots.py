@@ -606,7 +606,6 @@ def trace_flow(trace: Any, stem: Path, position: int = -1, chains: int = FLOW_CH
     chain_colors = plt.get_cmap("tab10").colors
     for ax, m, (place, highlighted, _) in zip(axes[0], panels, layouts):
         token = m.positions[position]
-        row = {layer.hook: i for i, layer in enumerate(token.layers)}
         for t in token.trajectories:
             if t in highlighted:
                 continue

@@ -60,7 +60,7 @@ from torch import Tensor
 from layerflow import defaults
 from layerflow.dictionaries.kinds import encode, predict
 from layerflow.errors import LayerflowError
-from layerflow.metrics import reconstruction_metrics
+from layerflow.metrics import InputSums, ReconstructionStats, bootstrap_weights, group_ids, percentile_interval
 from layerflow.models.sites import Site
 from layerflow.transfer.align import AlignedActivations
 from layerflow.transfer.calibration import Calibration
@@ -142,8 +142,15 @@ def _reconstruct(sae: Any, x: Tensor) -> Tensor:
     return torch.cat([predict(sae, chunk).float().cpu() for chunk in x.split(ENCODE_BATCH)])
 
 
-def _ev(x: Tensor, x_hat: Tensor) -> float:
-    return reconstruction_metrics(x, x_hat).explained_variance
+def _ev(x: Tensor, x_hat: Tensor, tests: "_Tests | None" = None) -> tuple[float, Tensor | None]:
+    """EV of x_hat on x, and its value in each bootstrap resample of the held-out documents (`tests.weights`)."""
+    if tests is None or tests.weights is None:
+        stats = ReconstructionStats()
+        stats.add(x, x_hat, error_only=True)
+        return stats.compute().explained_variance, None
+    stats = ReconstructionStats()
+    stats.add(x, x_hat, x_sums=InputSums.of(x, tests.groups, tests.weights.shape[1]), error_only=True)
+    return stats.compute().explained_variance, stats.bootstrap(tests.weights)
 
 
 def centered_gram(z: Float[Tensor, "n f"], debiased: bool = True) -> Float[Tensor, "n n"]:
@@ -358,15 +365,28 @@ class _Tests:
     n_perm_svcca: int
     fdr: float
     seed: int
+    groups: Tensor | None = None  # each held-out word's document, numbered 0..G-1
+    weights: Tensor | None = None  # [B, G] bootstrap draws of the documents (None: no resampling)
 
 
-def _pair_metrics(a: _SiteData, b: _SiteData, maps: tuple[AffineMap, AffineMap], target_ev: float, tests: _Tests,
-                  match: bool) -> tuple[dict[str, float], MatchedFeatures | None]:
+RESAMPLED = ("stitched_explained_variance", "stitch_only_explained_variance", "target_sae_explained_variance",
+             "relative_transfer", "stitched_beyond_stitch")  # the figures with bootstrap resamples
+
+
+def _pair_metrics(a: _SiteData, b: _SiteData, maps: tuple[AffineMap, AffineMap], target_ev: tuple[float, Tensor | None],
+                  tests: _Tests, match: bool) -> tuple[dict[str, float], dict[str, Tensor], MatchedFeatures | None]:
+    """The pair's figures, their bootstrap resamples (`RESAMPLED`; empty without resampling), the matched features."""
     map_ab, map_ba = maps
     x_b = b.x_heldout
     in_a = map_ba.apply(x_b)
-    stitched = _ev(x_b, map_ab.apply(_reconstruct(a.sae, in_a)))
-    stitch_only = _ev(x_b, map_ab.apply(in_a))
+    stitched, stitched_r = _ev(x_b, map_ab.apply(_reconstruct(a.sae, in_a)), tests)
+    stitch_only, stitch_only_r = _ev(x_b, map_ab.apply(in_a), tests)
+    target_ev, target_r = target_ev
+    resamples = {} if stitched_r is None else {
+        "stitched_explained_variance": stitched_r, "stitch_only_explained_variance": stitch_only_r,
+        "target_sae_explained_variance": target_r,
+        "relative_transfer": stitched_r / target_r if target_ev > 0 else torch.full_like(stitched_r, math.nan),
+        "stitched_beyond_stitch": stitched_r - stitch_only_r}
     cka, cka_p = _cka_with_p(a.gram, b.gram, tests.cka_perms)
     metrics = {
         "stitched_explained_variance": stitched,
@@ -382,7 +402,7 @@ def _pair_metrics(a: _SiteData, b: _SiteData, maps: tuple[AffineMap, AffineMap],
         "paired_svcca_components": math.nan,
     }
     if not match:
-        return metrics, None
+        return metrics, resamples, None
     corr = _train_correlation(a.sae, b.sae, a.x_train, b.x_train)
     latents_b = _encode(b.sae, x_b)
     matched = _test_matches(corr, a.latents_heldout[tests.rows], latents_b[tests.rows], tests.perms, tests.fdr)
@@ -399,7 +419,7 @@ def _pair_metrics(a: _SiteData, b: _SiteData, maps: tuple[AffineMap, AffineMap],
                                 tests.n_perm_svcca, tests.seed)
     metrics.update(paired_svcca=svcca_result.score, paired_svcca_p_value=svcca_result.p_value,
                    paired_svcca_pairs=svcca_result.n_pairs, paired_svcca_components=min(svcca_result.components))
-    return metrics, matched
+    return metrics, resamples, matched
 
 
 def cross_model_matrix(
@@ -414,6 +434,8 @@ def cross_model_matrix(
     seed: int = 0,
     match_pairs: str = "all",
     twins_b: dict[str, Any] | None = None,
+    bootstrap: int = defaults.BOOTSTRAP_REPLICATES,
+    interval: float = defaults.INTERVAL_LEVEL,
 ) -> TransferMatrix:
     """Every CrossModelPair metric for each (A site, B site): sources are `saes_a`' hooks, targets `saes_b`'.
 
@@ -424,6 +446,10 @@ def cross_model_matrix(
     `twins_b` (second-seed SAEs of some of B's sites) gives floors and ceilings at those sites
     (`_references`): what relative transfer, CKA and matching give for SAE_B against a rotated copy of
     itself (no shared features) and against its twin (the same features learned twice).
+
+    `bootstrap` resamples of the held-out documents (0: none) give the EV figures and relative
+    transfer their `interval` percentile intervals and the matrix its `replicates`; every pair is
+    resampled with the same draws.
     """
     if match_pairs not in MATCH_PAIRS:
         raise LayerflowError(f"Unknown match_pairs '{match_pairs}'. Valid: {', '.join(MATCH_PAIRS)}.")
@@ -433,11 +459,14 @@ def cross_model_matrix(
     cka_rows, cka_perms = document_permutations(documents, cka_max_words, n_perm, seed)
     rows, perms = document_permutations(documents, aligned.n_heldout, n_perm_features, seed + 1)
     junk = aligned.junk[heldout] if aligned.junk is not None else None
-    tests = _Tests(cka_rows, cka_perms, rows, perms, junk, n_perm if perms else 0, fdr, seed)
+    groups, n_groups = group_ids(documents)
+    weights = bootstrap_weights(n_groups, bootstrap, seed) if bootstrap and n_groups >= 2 else None
+    tests = _Tests(cka_rows, cka_perms, rows, perms, junk, n_perm if perms else 0, fdr, seed, groups, weights)
     targets = {h: _site(sae, aligned.acts_b[h], heldout, cka_rows, keep_latents=False) for h, sae in saes_b.items()}
-    target_ev = {h: _ev(site.x_heldout, _reconstruct(site.sae, site.x_heldout)) for h, site in targets.items()}
+    target_ev = {h: _ev(site.x_heldout, _reconstruct(site.sae, site.x_heldout), tests) for h, site in targets.items()}
     shape = (len(saes_a), len(saes_b))
     metrics = {name: np.full(shape, np.nan) for name in metric_names("cross_model")}
+    replicates = {name: np.full((len(weights), *shape), np.nan) for name in RESAMPLED} if weights is not None else {}
     matched: dict[tuple[str, str], MatchedFeatures] = {}
     sites_a, sites_b = [aligned.site("a", h) for h in saes_a], [aligned.site("b", h) for h in saes_b]
     same_depth = set(nearest_depth_pairs(sites_a, sites_b))
@@ -446,11 +475,14 @@ def cross_model_matrix(
         for j, hook_b in enumerate(saes_b):
             maps = fit_stitch(aligned, hook_a, hook_b, ridge)
             match = match_pairs == "all" or (match_pairs == "same_depth" and (i, j) in same_depth)
-            values, pair_matched = _pair_metrics(source, targets[hook_b], maps, target_ev[hook_b], tests, match)
+            values, resamples, pair_matched = _pair_metrics(source, targets[hook_b], maps, target_ev[hook_b], tests,
+                                                            match)
             if pair_matched is not None:
                 matched[hook_a, hook_b] = pair_matched
             for name, value in values.items():
                 metrics[name][i, j] = value
+            for name, value in resamples.items():
+                replicates[name][:, i, j] = value.numpy()
     settings = {
         "model_a": aligned.model_a, "model_b": aligned.model_b,
         "n_train_words": aligned.n_train, "n_heldout_words": aligned.n_heldout,
@@ -462,10 +494,14 @@ def cross_model_matrix(
         "permutations": "whole held-out documents (each contributes the same number of words)" if perms else
                         "none: fewer than 2 held-out documents of equal length, so no p-values (read more documents)",
         "fdr": fdr, "seed": seed, "match_pairs": match_pairs,
+        "intervals": f"{interval:.0%} percentile bootstrap, {bootstrap} resamples of whole held-out documents "
+                     f"({', '.join(RESAMPLED)})" if weights is not None else
+                     "none" + ("" if not bootstrap else ": fewer than 2 held-out documents"),
     }
     references = _references(saes_b, twins_b or {}, aligned, tests, sites_b) if twins_b else {}
     return TransferMatrix("cross_model", sites_a, sites_b, metrics, settings, extras={"matched_features": matched},
-                          references=references)
+                          references=references, replicates=replicates,
+                          intervals={name: percentile_interval(r, interval) for name, r in replicates.items()})
 
 
 def _references(saes_b: dict[str, Any], twins_b: dict[str, Any], aligned: AlignedActivations, tests: "_Tests",
@@ -485,14 +521,14 @@ def _references(saes_b: dict[str, Any], twins_b: dict[str, Any], aligned: Aligne
         calibration = Calibration.of({hook: x_train}, covariance=True)
         mean, rotation = calibration.means[hook].float(), calibration.rotation(hook, tests.seed + 7919 * (k + 1))
         rotate = lambda v: (v - mean) @ rotation + mean  # noqa: E731  the rotated SAE on v == the SAE on rotate(v)
-        own = _ev(x_held, _reconstruct(sae, x_held))
+        own = _ev(x_held, _reconstruct(sae, x_held))[0]
         latents = _encode(sae, x_held)
         gram = centered_gram(latents[tests.cka_rows])
         for kind, other, train_in, held_in in (("floor", sae, rotate(x_train), rotate(x_held)),
                                                ("ceiling", twin, x_train, x_held)):
             other_latents = _encode(other, held_in)
             target = getattr(refs, kind)
-            target["relative_transfer"][hook] = _ev(held_in, _reconstruct(other, held_in)) / own if own > 0 else math.nan
+            target["relative_transfer"][hook] = _ev(held_in, _reconstruct(other, held_in))[0] / own if own > 0 else math.nan
             target["cka"][hook] = _cka_with_p(gram, centered_gram(other_latents[tests.cka_rows]), [])[0]
             corr = _train_correlation(sae, other, x_train, train_in)
             matched = _test_matches(corr, latents[tests.rows], other_latents[tests.rows], tests.perms, tests.fdr)

@@ -42,7 +42,7 @@ from scipy.stats import spearmanr
 from layerflow import defaults
 from layerflow.dictionaries.kinds import is_transcoder, output_hook
 from layerflow.errors import LayerflowError
-from layerflow.metrics import InputSums, ReconstructionStats
+from layerflow.metrics import InputSums, ReconstructionStats, bootstrap_weights, group_ids, percentile_interval
 from layerflow.models.sites import Site
 from layerflow.transfer.calibration import Calibration, SiteMatch
 from layerflow.transfer.coder import Coder, LinearCoder, dense_latents, make_coder, with_skip
@@ -218,11 +218,7 @@ def _pair_matrix(dictionaries: dict[str, SAE], activations: dict[str, torch.Tens
 def _groups(sequences: torch.Tensor | None, n_tokens: int) -> tuple[torch.Tensor, int]:
     """Each held-out token's resampling group: its sequence (renumbered 0..G-1), else blocks of
     `defaults.BOOTSTRAP_BLOCK` consecutive tokens."""
-    if sequences is None:
-        groups = torch.arange(n_tokens) // defaults.BOOTSTRAP_BLOCK
-    else:
-        groups = torch.cat([torch.zeros(1, dtype=torch.long), (sequences.diff() != 0).long().cumsum(0)])
-    return groups, int(groups.max()) + 1 if n_tokens else 0
+    return group_ids(torch.arange(n_tokens) // defaults.BOOTSTRAP_BLOCK if sequences is None else sequences)
 
 
 def _bootstrap(acc: dict[tuple[int, int], "_PairAccumulators"], n: int, n_groups: int,
@@ -232,10 +228,7 @@ def _bootstrap(acc: dict[tuple[int, int], "_PairAccumulators"], n: int, n_groups
     their `options.interval` percentile intervals. Returns (intervals, replicates)."""
     if not options.bootstrap or n_groups < 2:
         return {}, {}
-    g = torch.Generator().manual_seed(options.seed)
-    draws = torch.randint(n_groups, (options.bootstrap, n_groups), generator=g)
-    weights = torch.zeros(options.bootstrap, n_groups, dtype=torch.float64).scatter_add_(
-        1, draws, torch.ones(draws.shape, dtype=torch.float64))
+    weights = bootstrap_weights(n_groups, options.bootstrap, options.seed)
     own = [acc[t, t].matched.bootstrap(weights) for t in range(n)]
     replicates = {name: np.full((options.bootstrap, n, n), np.nan)
                   for name in ("explained_variance", "relative_transfer", "transfer_beyond_persistence")}
@@ -247,12 +240,6 @@ def _bootstrap(acc: dict[tuple[int, int], "_PairAccumulators"], n: int, n_groups
         for name, values in samples.items():
             replicates[name][:, s, t] = values.numpy()
     return {name: percentile_interval(r, options.interval) for name, r in replicates.items()}, replicates
-
-
-def percentile_interval(replicates: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
-    """The `level` percentile interval of resampled figures (resamples along axis 0); NaN where any is NaN."""
-    low, high = np.quantile(replicates, [(1 - level) / 2, (1 + level) / 2], axis=0)
-    return low, high
 
 
 def _match(coder: Coder, calibration: Calibration, in_hooks: list[str], out_hooks: list[str], s: int, t: int,
@@ -335,7 +322,7 @@ def _checked_outputs(dictionaries: dict[str, SAE], activations: dict[str, torch.
 
 def _grams(xs: list[torch.Tensor], means: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """[n, n] sums over tokens of <x_i - mean_i, x_j - mean_j> and of <x_i, x_j>, in float64."""
-    n, T = len(xs), xs[0].shape[0]
+    T = xs[0].shape[0]
     flat = torch.stack([x.double().reshape(-1) for x in xs])  # [n, T*d]
     raw = flat @ flat.T
     mean_flat = torch.stack(means)  # [n, d]
