@@ -303,10 +303,18 @@ def test_each_figure_is_read_against_its_floor_and_ceiling(tmp_path):
     floor = np.mean([0.15 + 0.01 * k for k in range(6)])
     assert r["floor"] == pytest.approx(floor) and r["ceiling"] == 0.95 and r["ceiling_layers"] == [2, 8]
     assert r["position"] == pytest.approx((0.5 - floor) / (0.95 - floor))
-    assert (f"Scale of relative transfer: off-diagonal mean 0.5, {fmt(r['position'])} of the way from floor to "
-            f"ceiling; floor {fmt(floor)} (layers 0, 2, 4, 6, 8 and 10), ceiling 0.95 (layers 2 and 8).") in text
+    M = np.array(json.loads((root / "transfer" / "toy-a" / "transfer_matrix.json").read_text())["metrics"]
+                 ["relative_transfer"], dtype=float)
+    R = TransferMatrix.read(root / "transfer" / "toy-a").replicates["relative_transfer"]
+    off = ~np.eye(6, dtype=bool)
+    low, high = np.quantile(R[:, off].mean(1), [0.025, 0.975])
+    assert (r["observed"], r["observed_low"], r["observed_high"]) == pytest.approx((M[off].mean(), low, high))
+    assert r["position_low"] == pytest.approx((low - floor) / (0.95 - floor))
+    assert (f"Scale of relative transfer: off-diagonal mean 0.5 [{fmt(low)}, {fmt(high)}], {fmt(r['position'])} "
+            f"[{fmt(r['position_low'])}, {fmt(r['position_high'])}] of the way from floor to ceiling; floor "
+            f"{fmt(floor)} (layers 0, 2, 4, 6, 8 and 10), ceiling 0.95 (layers 2 and 8).") in text
     low = findings(make_run(tmp_path / "low", flat_matrix(value=0.1), references=references()))
-    assert "off-diagonal mean 0.1, at or below the floor" in low
+    assert "off-diagonal mean 0.1 [" in low and "], below the floor" in low
     none = findings(make_run(tmp_path / "none", flat_matrix(value=0.5)))
     assert "Scale of" not in none
 

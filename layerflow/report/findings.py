@@ -179,22 +179,27 @@ def _references(matrix: TransferMatrix | None) -> dict[str, Any]:
     for metric in CROSS_METRICS if cross else REFERENCE_METRICS:
         if metric not in matrix.metrics:
             continue
+        M = matrix[metric]
+        mask = np.zeros(M.shape, dtype=bool)
         if cross:
-            values = np.array([matrix[metric][i, j] for i, j in same_depth_pairs(matrix)])
+            for i, j in same_depth_pairs(matrix):
+                mask[i, j] = True
         else:
-            values = matrix[metric][~np.eye(len(matrix.sources), dtype=bool)]
-        values = values[np.isfinite(values)]
-        entry = {"observed": float(values.mean()) if values.size else None, "observed_pairs": int(values.size)}
+            mask = ~np.eye(len(matrix.sources), dtype=bool)
+        observed = pairs_mean(M, matrix.replicates.get(metric), mask)
+        entry = {"observed": observed.value, "observed_low": observed.low, "observed_high": observed.high,
+                 "observed_pairs": int((mask & np.isfinite(M)).sum())}
         for kind in ("floor", "ceiling"):
             mean, n = refs.summary(kind, metric)
             entry[kind] = mean if n else None
             entry[f"{kind}_layers"] = sorted(layer[h] for h, v in getattr(refs, kind).get(metric, {}).items()
                                              if v is not None and math.isfinite(v) and h in layer)
-        known = None not in (entry["observed"], entry["floor"], entry["ceiling"])
+        known = math.isfinite(observed.value) and None not in (entry["floor"], entry["ceiling"])
         span = entry["ceiling"] - entry["floor"] if known else 0.0
         # where the observed figure lies: 0 at the floor, 1 at the ceiling
-        entry["position"] = (entry["observed"] - entry["floor"]) / span if span > 0 else None
-        out[metric] = entry
+        for key in ("", "_low", "_high"):
+            entry[f"position{key}"] = (entry[f"observed{key}"] - entry["floor"]) / span if span > 0 else None
+        out[metric] = json_safe(entry)
     return out
 
 
@@ -484,14 +489,17 @@ def _scale(refs: dict, names: dict[str, tuple[str, str]] = WITHIN_SCALES, own: s
         if not r or r["observed"] is None or r["floor"] is None:
             continue
         floor = f"floor {fmt(r['floor'])} ({_layers(r['floor_layers'])})"
+        observed = iv({"value": r["observed"], "low": r["observed_low"], "high": r["observed_high"]})
         if r["ceiling"] is None:
-            lines.append(f"Scale of {label}: {what} {fmt(r['observed'])}, {floor}; no ceiling was measured.")
+            lines.append(f"Scale of {label}: {what} {observed}, {floor}; no ceiling was measured.")
             continue
         ceiling = f"ceiling {fmt(r['ceiling'])} ({_layers(r['ceiling_layers'])})"
-        where = "at or below the floor" if r["observed"] <= r["floor"] else (
-            "at or above the ceiling" if r["observed"] >= r["ceiling"] else
-            f"{fmt(r['position'])} of the way from floor to ceiling" if r["position"] is not None else "")
-        lines.append(f"Scale of {label}: {what} {fmt(r['observed'])}, {where}; {floor}, {ceiling}.")
+        low, high = r["observed_low"], r["observed_high"]
+        position = iv({"value": r["position"], "low": r["position_low"], "high": r["position_high"]})
+        where = ("below the floor" if high is not None and high < r["floor"] else
+                 "above the ceiling" if low is not None and low > r["ceiling"] else
+                 f"{position} of the way from floor to ceiling" if r["position"] is not None else "")
+        lines.append(f"Scale of {label}: {what} {observed}, {where}; {floor}, {ceiling}.")
     if lines:
         lines.append(f"Floor: the {own} rotated inside the layer's principal subspace (its sparsity, norms "
                      "and subspace, none of the data's features). Ceiling: a second SAE trained on the same layer with "
