@@ -400,7 +400,7 @@ def test_summary_is_internally_consistent(full_run):
 
 
 def _hub_excess(M, layers):
-    """An independent implementation of the hub excess: per signed distance, the mean clipped entry."""
+    """An independent implementation of the hub excess: per signed distance, the median clipped entry."""
     C = np.clip(M, 0, 1)
     n = len(layers)
     by_offset = {}
@@ -408,7 +408,7 @@ def _hub_excess(M, layers):
         for j in range(n):
             if i != j and np.isfinite(C[i, j]):
                 by_offset.setdefault(layers[j] - layers[i], []).append(C[i, j])
-    return [np.mean([C[i, j] - np.mean(by_offset[layers[j] - layers[i]]) for j in range(n)
+    return [np.mean([C[i, j] - np.median(by_offset[layers[j] - layers[i]]) for j in range(n)
                      if j != i and np.isfinite(C[i, j])]) for i in range(n)]
 
 

@@ -58,14 +58,15 @@ DEFINITIONS = {
                     "nothing (worse than the target's mean), and a single entry far below zero would outweigh several perfect ones; "
                     "above 1 counts as 'as good as its own'. The median is given unclipped.",
     "interval": "Percentile interval over bootstrap resamples of whole held-out sequences; every derived figure is "
-                "recomputed on each resample.",
+                "recomputed on each resample. It covers the sampling of held-out text, not the randomness of "
+                "training the dictionaries: the ceiling (a second seed) shows how far two trainings differ.",
     "universality": "A layer's mean (clipped) relative transfer to every other layer (outgoing).",
     "universal": f"A layer whose whole universality interval lies at or above {UNIVERSAL_AT:g} (the MODERATE band "
                  "edge).",
     "specialised": f"A layer whose whole universality interval lies below {SPECIALISED_BELOW:g} (the LOW band edge).",
     "intermediate": f"A layer whose whole universality interval lies in [{SPECIALISED_BELOW:g}, {UNIVERSAL_AT:g}).",
     "not_resolved": "A figure whose interval straddles the line a claim needs: no claim is made at this sample size.",
-    "hub_excess": "A layer's mean (clipped) transfer minus the fitted decay, the mean transfer at the same signed "
+    "hub_excess": "A layer's mean (clipped) transfer minus the fitted decay, the median transfer at the same signed "
                   "layer distance: how much better it transfers than its distances predict. Intervals are "
                   "simultaneous over the layers (max-|t| bootstrap).",
     "hub": "A layer whose hub excess is at least min_effect with its simultaneous interval above 0.",
@@ -332,15 +333,21 @@ def _same_minus_all(m: TransferMatrix, metric: str) -> dict[str, float | None]:
 
 def _layers(layers: list[int]) -> str:
     """"layer 3", "layers 3 and 7", "layers 2 to 8, 10 and 12" (runs of three or more joined by "to")."""
-    runs: list[list[int]] = []
-    for layer in layers:
-        if runs and layer == runs[-1][-1] + 1:
-            runs[-1].append(layer)
-        else:
-            runs.append([layer])
+    runs = _runs(layers, list(range(max(layers, default=0) + 1)))
     parts = [p for r in runs for p in ([f"{r[0]} to {r[-1]}"] if len(r) >= 3 else map(str, r))]
     text = parts[-1] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
     return ("layers " if len(layers) > 1 else "layer ") + text
+
+
+def _runs(chosen: list[int], layers: list[int]) -> list[list[int]]:
+    """`chosen` split into runs of consecutive entries of `layers` (the sampled layers)."""
+    runs: list[list[int]] = []
+    for layer in chosen:
+        if runs and layers.index(layer) == layers.index(runs[-1][-1]) + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return runs
 
 
 def _findings(s: dict, conv: dict) -> list[str]:
@@ -367,10 +374,13 @@ def _findings(s: dict, conv: dict) -> list[str]:
     hubs, top = s["hub_layers"], s["largest_hub_excess"]
     if hubs:
         excess = "; ".join(f"layer {h}: {iv(s['hub_excess'][s['layers'].index(h)])}" for h in hubs)
+        runs = [r for r in _runs(hubs, s["layers"]) if len(r) >= 3]
+        blocks = (f" Consecutive layers among them ({'; '.join(_layers(r) for r in runs)}) are regions of depth whose "
+                  "dictionaries transfer better than distance predicts, rather than isolated hub layers." if runs else "")
         lines.append(f"{_layers(hubs).capitalize()} {'is a hub' if len(hubs) == 1 else 'are hubs'}: "
                      f"{'it transfers' if len(hubs) == 1 else 'they transfer'} better than "
                      f"{'its' if len(hubs) == 1 else 'their'} distances predict "
-                     f"(excess over the fitted decay, simultaneous {level} interval: {excess}).")
+                     f"(excess over the fitted decay, simultaneous {level} interval: {excess}).{blocks}")
     elif top and top["value"] >= s["min_effect"]:
         lines.append(f"Hubs are not resolved at this sample size: the largest excess over the fitted decay, layer "
                      f"{top['layer']} at {iv(top)}, reaches {effect} but its simultaneous interval does not clear 0.")
@@ -495,7 +505,8 @@ def _scale(refs: dict, names: dict[str, tuple[str, str]] = WITHIN_SCALES, own: s
             continue
         ceiling = f"ceiling {fmt(r['ceiling'])} ({_layers(r['ceiling_layers'])})"
         low, high = r["observed_low"], r["observed_high"]
-        position = iv({"value": r["position"], "low": r["position_low"], "high": r["position_high"]})
+        position = iv({"value": r["position"], "low": r["position_low"], "high": r["position_high"]}) \
+            if low is not None else fmt(r["position"])
         where = ("below the floor" if high is not None and high < r["floor"] else
                  "above the ceiling" if low is not None and low > r["ceiling"] else
                  f"{position} of the way from floor to ceiling" if r["position"] is not None else "")

@@ -37,9 +37,11 @@ Figures.
   whole universality interval is at or above UNIVERSAL_AT (0.6, the notes' MODERATE band edge),
   *specialised* when it is wholly below SPECIALISED_BELOW (0.4, the LOW band edge), *intermediate*
   when it lies wholly between the two, else not resolved at this sample size.
-- expected[o]: the fitted decay, the mean clipped entry at each signed layer distance o =
+- expected[o]: the fitted decay, the median clipped entry at each signed layer distance o =
   layers[j] - layers[i] (forward and backward transfer may decay differently, so they are fit
-  apart). No functional form is assumed.
+  apart). No functional form is assumed; the median keeps a minority of poor layers (whose
+  entries are low at every distance) from pulling the decay down and making every other layer
+  look like a hub.
 - hub_excess[i]: the mean over j of the clipped M[i, j] - expected[layers[j] - layers[i]]: how much
   better layer i's dictionary transfers than its distances alone predict. Middle layers are close
   to every layer, so their plain universality is high in a pure distance decay; their excess is 0.
@@ -196,7 +198,7 @@ def summarize(M, layers, n_layers, metric, replicates=None, level: float = defau
     expected = np.full(clipped.shape, np.nan)
     for o in np.unique(signed[computed]):
         at = computed & (signed == o)
-        expected[:, at] = _nanmean(clipped[:, at], -1)[:, None]
+        expected[:, at] = _nanmedian(clipped[:, at], -1)[:, None]
     hub_excess = _simultaneous(_nanmean(clipped - expected, -1), level)
     hubs = [layers[i] for i, e in enumerate(hub_excess) if e.value >= min_effect and e.above(0)]
 
@@ -271,6 +273,12 @@ def _nanmean(x: np.ndarray, axis: int) -> np.ndarray:
         return np.nanmean(x, axis=axis)
 
 
+def _nanmedian(x: np.ndarray, axis: int) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(x, axis=axis)
+
+
 def _bounds(samples: np.ndarray, level: float) -> tuple[float, float]:
     """The percentile interval of resamples `samples[1:]` (NaN without any, or when one is NaN)."""
     if len(samples) < 2 or not np.isfinite(samples[1:]).all():
@@ -311,9 +319,7 @@ def _break_sizes(chain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     stacks, m = chain.shape
     if m < 3:
         return np.full(stacks, np.nan), np.full((stacks, m), np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        trend = np.nanmedian(np.diff(chain, axis=1), axis=1)
+    trend = _nanmedian(np.diff(chain, axis=1), 1)
     flat = chain - trend[:, None] * np.arange(m)
     left = np.concatenate([np.full((stacks, 1), np.nan), flat[:, :-1] - flat[:, 1:]], 1)  # previous link's drop to k
     right = np.concatenate([flat[:, 1:] - flat[:, :-1], np.full((stacks, 1), np.nan)], 1)  # next link's drop to k
