@@ -40,7 +40,7 @@ def raw_ratio(R, norm):
 
 
 def write_model(root, name, layers, n_layers, R, evals=True, train=True, nan_at=None, references=None, noise=0.01,
-                quality="poor"):
+                quality="poor", persistence_gap=0.3):
     """A model's capture manifest, evals (quality "poor": FVU 0.1-0.4, up to 30% dead; "good": passes every gate),
     training manifest and within-model matrix, with `noise`-sized bootstrap resamples (None: none)."""
     sites = [{"layer": layer, "kind": "resid_post", "hook_name": hook(layer), "d": 8} for layer in layers]
@@ -76,7 +76,7 @@ def write_model(root, name, layers, n_layers, R, evals=True, train=True, nan_at=
         if nan_at:
             R[nan_at] = W[nan_at] = np.nan  # a pair not computed
         ids = [SiteId(name, hook(layer), layer, n_layers) for layer in layers]
-        P = R - 0.3  # persistence: most of each pair's transfer, 0.3 less
+        P = R - persistence_gap  # persistence: most of each pair's transfer
         np.fill_diagonal(P, 1.0)
         metrics = {"relative_transfer": R, "transfer_recon_ratio": W, "relative_persistence": P,
                    "transfer_beyond_persistence": R - P}
@@ -293,6 +293,9 @@ def test_persistence_appears_next_to_transfer(tmp_path):
     assert p["relative_persistence"]["value"] == pytest.approx(0.5)
     assert "Transfer beyond persistence: 0.3 [" in text
     assert "so adjacent layers share features beyond the residual stream carrying the earlier layer forward" in text
+    small = findings(make_run(tmp_path / "small", flat_matrix(value=0.8), persistence_gap=0.02))
+    assert "Transfer beyond persistence: 0.02 [" in small
+    assert "above zero but below 0.05: nearly all of adjacent transfer is the residual stream" in small
 
 
 def test_each_figure_is_read_against_its_floor_and_ceiling(tmp_path):

@@ -432,14 +432,16 @@ def _findings(s: dict, conv: dict) -> list[str]:
     return lines
 
 
-def _persistence_lines(p: dict | None) -> list[str]:
+def _persistence_lines(p: dict | None, min_effect: float) -> list[str]:
     if not p:
         return []
     rt, beyond, persist = p["relative_transfer"], p["transfer_beyond_persistence"], p["relative_persistence"]
+    low, high = beyond["low"], beyond["high"]
     claim = ("so adjacent layers share features beyond the residual stream carrying the earlier layer forward"
-             if beyond["low"] is not None and beyond["low"] > 0 else
-             "so adjacent transfer is below what persistence alone gives" if beyond["high"] is not None
-             and beyond["high"] < 0 else
+             if low is not None and low > 0 and beyond["value"] >= min_effect else
+             f"above zero but below {fmt(min_effect)}: nearly all of adjacent transfer is the residual stream carrying "
+             "the earlier layer forward" if low is not None and low > 0 else
+             "so adjacent transfer is below what persistence alone gives" if high is not None and high < 0 else
              "so whether adjacent layers share more than persistence carries is not resolved at this sample size")
     return [f"Persistence next to transfer: over the {p['n_pairs']} adjacent pairs (both directions) relative transfer "
             f"averages {iv(rt)}; the source dictionary's own output on its own layer, carried forward (persistence), "
@@ -622,7 +624,8 @@ def findings_markdown(summary: dict) -> list[str]:
                     "by that explained variance, so the transfer figures of these layers are not meaningful: "
                     "train them longer or with another schedule.", ""]
         if SCALE_AWARE in m["transfer"]:
-            lines = _findings(m["transfer"][SCALE_AWARE], conv) + _persistence_lines(m["persistence"])
+            lines = _findings(m["transfer"][SCALE_AWARE], conv)
+            lines += _persistence_lines(m["persistence"], m["transfer"][SCALE_AWARE]["min_effect"])
             lines += _scale(m.get("references") or {})
             out += [f"- {tentative}{line}" for line in lines] + [""]
         else:
