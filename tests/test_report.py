@@ -16,7 +16,7 @@ from layerflow.metrics import ReconstructionMetrics
 from layerflow.models.sites import site_at as SiteId
 from layerflow.report import build_summary, findings_markdown, fmt, report_run, write_report
 from layerflow.results import RunResults
-from layerflow.transfer import TransferMatrix, band, compare_same_depth
+from layerflow.transfer import TransferMatrix, compare_same_depth, same_depth_pairs
 
 LAYERS, N_LAYERS = [0, 2, 4, 6, 8, 10], 12
 NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[+-]?\d+)?(?!\w)")
@@ -352,6 +352,11 @@ def test_cross_model_same_depth_is_reported(full_run):
     assert "whether same depth is higher is not resolved at this sample size" in report
     n = c["n_sources"]
     assert f"For {n} of the {n} source layers the best target by relative transfer is the same-depth one" in report
+    matrix = RunResults.load(root).cross[0].matrix
+    R = matrix.replicates["relative_transfer"]
+    best = [np.mean(R[:, i].argmax(1) == j) for i, j in same_depth_pairs(matrix)]
+    assert c["n_best_is_same_depth_resolved"] == sum(f >= 0.95 for f in best)
+    assert f"for {c['n_best_is_same_depth_resolved']} of them it stays the best in at least 95% of the resamples" in report
 
 
 # --- summary consistency ------------------------------------------------------------------------------

@@ -295,21 +295,32 @@ def _cross_summary(c: CrossModelResults) -> dict[str, Any]:
     # relative transfer is NaN wherever the target SAE explains nothing; fall back to the next figure
     primary = next((x for x in metrics[:3] if np.isfinite(m[x]).any()), None)
     by_depth = []
+    resampled = m.replicates.get(primary) if primary is not None else None
     for i, j in same_depth_pairs(m):
         s, t = m.sources[i], m.targets[j]
         row = {"source_layer": s.layer, "source_depth": s.relative_depth, "target_layer": t.layer,
                "target_depth": t.relative_depth, **{x: float(m[x][i, j]) for x in metrics}}
+        for x in metrics:
+            if x in m.intervals:
+                row.update({f"{x}_low": float(m.intervals[x][0][i, j]), f"{x}_high": float(m.intervals[x][1][i, j])})
         if primary is not None and np.isfinite(m[primary][i]).any():
             best = int(np.nanargmax(m[primary][i]))
             row.update(best_target_layer=m.targets[best].layer, best_target_depth=m.targets[best].relative_depth,
                        best_value=float(m[primary][i, best]))
+            if resampled is not None and np.isfinite(resampled[:, i]).all():
+                # how often the same-depth target is the best one when the held-out documents are redrawn
+                row["same_depth_best_fraction"] = float(np.mean(resampled[:, i].argmax(1) == j))
         by_depth.append(row)
+    level = defaults.INTERVAL_LEVEL
+    fractions = [r["same_depth_best_fraction"] for r in by_depth if "same_depth_best_fraction" in r]
     return {"model_a": c.model_a, "model_b": c.model_b, "n_sources": len(m.sources), "n_targets": len(m.targets),
             "depth_comparison": {x: asdict(compare_same_depth(m, x)) for x in metrics},
             "same_minus_all": {x: _same_minus_all(m, x) for x in metrics},
             "references": _references(m),
             "by_depth_metric": primary,
             "n_best_is_same_depth": sum(r.get("best_target_layer") == r["target_layer"] for r in by_depth),
+            "n_best_is_same_depth_resolved": sum(f >= level for f in fractions) if fractions else None,
+            "interval_percent": 100 * level,
             "by_depth": by_depth}
 
 
@@ -537,12 +548,17 @@ def _cross(c: dict) -> list[str]:
     rows = [r for r in c["by_depth"] if r.get(metric) is not None]
     if rows:
         top, bottom = max(rows, key=lambda r: r[metric]), min(rows, key=lambda r: r[metric])
-        lines.append(f"By relative depth, same-depth {LABELS[metric]} ranges from {fmt(bottom[metric])} at depth "
+        cell = lambda r: iv({"value": r[metric], "low": r.get(f"{metric}_low"), "high": r.get(f"{metric}_high")})  # noqa: E731
+        lines.append(f"By relative depth, same-depth {LABELS[metric]} ranges from {cell(bottom)} at depth "
                      f"{fmt(bottom['source_depth'])} (layer {bottom['source_layer']} on layer {bottom['target_layer']}) "
-                     f"to {fmt(top[metric])} at depth {fmt(top['source_depth'])} (layer {top['source_layer']} on layer "
+                     f"to {cell(top)} at depth {fmt(top['source_depth'])} (layer {top['source_layer']} on layer "
                      f"{top['target_layer']}).")
+        resolved = c["n_best_is_same_depth_resolved"]
         lines.append(f"For {c['n_best_is_same_depth']} of the {c['n_sources']} source layers the best target by "
-                     f"{LABELS[metric]} is the same-depth one.")
+                     f"{LABELS[metric]} is the same-depth one"
+                     + (f"; for {resolved} of them it stays the best in at least {fmt(c['interval_percent'])}% "
+                        "of the resamples of the held-out documents." if resolved is not None else
+                        " (no resamples: not resolved)."))
     lines += _scale(c.get("references") or {}, CROSS_SCALES, f"target ({c['model_b']}) layer's own SAE")
     return lines
 
