@@ -1,21 +1,25 @@
 """A run's `summary.json` (every figure the findings rest on) and `report.md` (findings written from it).
 
-`build_summary` derives everything from the loaded run (`results.RunResults`): per model a
-per-layer table and the `transfer.summary.summarize` figures of the scale-aware `relative_transfer` and of
-the notes' raw `transfer_recon_ratio`, how the conclusions differ between the two, the
-cross-model same-depth comparisons, and the stage timings of run.json. Top-level keys (schema_version 1):
+`build_summary` derives everything from the loaded run (`results.RunResults`). Per model: the
+facts, the quality gates' verdict on the dictionaries (`evaluate.gates`), a per-layer table, the
+`transfer.summary.summarize` figures of relative transfer with their bootstrap intervals,
+persistence next to transfer, the facts that show why the notes' raw ratio misleads (no bands or
+verdicts for it), and each figure's floor and ceiling; per cross-model pair the same-depth
+comparisons with their intervals; the stage timings of run.json; and `definitions`, the meaning of
+every figure and word the report uses. Top-level keys (schema_version 2):
 
-    schema, schema_version, conventions (metrics, bands, thresholds),
-    models: {name: {facts, layers: [per-layer row], transfer: {metric: summary}, unreliable_sae_layers,
-                    raw_vs_scale_aware}},
-    cross_model: [{model_a, model_b, depth_comparison: {metric: ...}, by_depth: [same-depth pair]}],
+    schema, schema_version, conventions (bands, thresholds, interval level, gates), definitions,
+    models: {name: {facts, quality, layers: [per-layer row], transfer: {relative_transfer: summary},
+                    unreliable_sae_layers, persistence, raw_ratio, references}},
+    cross_model: [{model_a, model_b, depth_comparison, same_minus_all, by_depth: [same-depth pair], ...}],
     stages: {stage: {status, seconds}}, stages_total_seconds
 
-`write_report` turns that summary into markdown. No finding is fixed in advance: each sentence is
-picked by the numbers (hubs or none, a divergence layer or none, ...). Every number it prints goes
-through `fmt` (integers as they are, other numbers to 3 significant digits) and comes from
-summary.json or the matrices, so a test can trace each one back. Identifiers (model and hook
-names, file paths) are written in code spans or link targets, where no number is meant to be read.
+`findings_markdown(summary)` writes the Findings from summary.json alone, so they can be
+re-derived from the file; `write_report` adds the plots, tables and run facts. No finding is fixed
+in advance: each sentence is picked by the numbers and their intervals, and a claim the interval
+does not support is reported as not resolved. Every number goes through `fmt` (integers as they
+are, others to 3 significant digits) and comes from summary.json or the matrices, so a test can
+trace each one back. Identifiers (model and hook names, paths) are in code spans or link targets.
 """
 
 from __future__ import annotations
@@ -31,9 +35,8 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from layerflow import defaults
-from layerflow.evaluate.gates import GATES
+from layerflow.evaluate.gates import GATES, quality_verdict
 from layerflow.evaluate.gates import LABELS as GATE_LABELS
-from layerflow.evaluate.gates import quality_verdict
 from layerflow.files import PLOTS_DIR, REPORT_FILE, SUMMARY_FILE, atomic_write_text, json_safe
 from layerflow.metrics import percentile_interval
 from layerflow.results import CrossModelResults, ModelResults, RunResults
