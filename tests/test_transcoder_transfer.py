@@ -285,7 +285,8 @@ def test_cli_transfer_on_transcoders(tiny_transcoders, tmp_path):
                      "--max-tokens", "512")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "transfer_matrix.json").exists() and (tmp_path / "transfer_matrix.csv").exists()
-    assert "0.mlp_in" in result.stdout and "relative_transfer: off-diagonal mean" in result.stdout
+    assert "0.mlp_in" in result.stdout and "off-diagonal mean (clipped to [0, 1])" in result.stdout
+    assert "hubs (beyond the fitted decay)" in result.stdout
 
 
 def test_mixed_folder_spliced_and_uncaptured_output_hooks_are_clear_errors(tiny_transcoders, tmp_path):
