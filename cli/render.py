@@ -224,10 +224,11 @@ def references(refs: dict) -> None:
 
 def transfer_summary(s: Any) -> None:
     """A few lines of `transfer.summary.TransferSummary`, each figure with its interval."""
-    iv = lambda e: f"{e.value:.3f}" + (f" [{e.low:.3f}, {e.high:.3f}]" if np.isfinite(e.low) else "")  # noqa: E731
+    iv = lambda e: "n/a" if not np.isfinite(e.value) else f"{e.value:.3f}" + (  # noqa: E731
+        f" [{e.low:.3f}, {e.high:.3f}]" if np.isfinite(e.low) else "")
     level = f"{s.level:.0%} intervals over {s.n_replicates} resamples" if s.n_replicates else "no resamples: no intervals"
     out.print(f"[bold]{s.metric}[/bold] ({level}): off-diagonal mean (clipped to [0, 1]) {iv(s.mean)}, median "
-              f"{s.median:.3f}; decay {iv(s.decay_rate)} per layer")
+              f"{s.median:.3f}; decay rate {iv(s.decay_rate)} per layer")
     out.print(f"  hubs (beyond the fitted decay): {s.hub_layers or 'none'}; breaks in the adjacent links: "
               f"{s.breaks or 'none'}; strong pairs (both directions' interval >= {s.strong_threshold}): "
               f"{len(s.bidirectional_pairs)} (+{s.strong_pairs_unresolved} not resolved)")

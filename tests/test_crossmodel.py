@@ -450,7 +450,7 @@ def test_capture_and_matrix_on_real_models(smollm2, gemma3, tmp_path):
     # One held-out document: nothing to permute, so no p-values rather than p-values that mean nothing.
     assert np.isnan(matrix["cka_p_value"]).all() and np.isnan(matrix["fraction_features_with_partner"]).all()
     assert matrix.settings["permutations"].startswith("none") and np.isfinite(matrix["cka"]).all()
-    json_path, _ = matrix.write(tmp_path)
+    json_path, *_ = matrix.write(tmp_path)
     assert TransferMatrix.read(json_path).equals(matrix)
 
 

@@ -233,7 +233,7 @@ def test_matching_finds_planted_shared_features(planted):
 
 def test_matrix_round_trips_through_json_and_csv(planted, tmp_path):
     m, _ = _planted_matrix(planted, options=TransferOptions(match_distance=1))
-    json_path, csv_path = m.write(tmp_path)
+    json_path, csv_path, *_ = m.write(tmp_path)
     back = TransferMatrix.read(json_path)
     assert back.equals(m)
     json.loads(json_path.read_text())  # strict JSON: NaN written as null
@@ -303,7 +303,9 @@ def test_cli_transfer_and_bad_input(tiny_run, tmp_path):
     result = run_cli("transfer", str(tiny_run / "run"), "--out", str(out), "--max-tokens", "512")
     assert result.returncode == 0, result.stderr
     assert (out / "transfer_matrix.json").exists() and (out / "transfer_matrix.csv").exists()
-    assert "0.resid_post" in result.stdout and "relative_transfer: off-diagonal mean" in result.stdout
+    assert "0.resid_post" in result.stdout and "off-diagonal mean (clipped to [0, 1])" in result.stdout
+    assert "decay rate n/a per layer" in result.stdout  # two layers: one distance, no slope
+    assert "transfer_matrix.bootstrap.npz" in result.stdout
     bad = run_cli("transfer", str(tmp_path / "missing"))
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "No SAE folders" in bad.stderr
     bad = run_cli("transfer", str(tiny_run / "run"), "--hooks", "blocks.7.hook_resid_post", "--out", str(out))

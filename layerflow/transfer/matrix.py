@@ -235,9 +235,9 @@ class TransferMatrix:
                                  *("" if math.isnan(v) else repr(float(v)) for v in (c[i, j] for c in columns.values()))])
         return text.getvalue()
 
-    def write(self, folder: str | Path, stem: str = "transfer_matrix") -> tuple[Path, Path]:
+    def write(self, folder: str | Path, stem: str = "transfer_matrix") -> list[Path]:
         """`<stem>.json` and `<stem>.csv` in `folder` (and the resamples' .npz), each written to a
-        temporary name and renamed, the JSON last."""
+        temporary name and renamed, the JSON last. Returns the paths, the JSON first."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         json_path, csv_path = folder / f"{stem}.json", folder / f"{stem}.csv"
@@ -246,7 +246,7 @@ class TransferMatrix:
                 np.savez_compressed(f, **self.replicates)
         atomic_write_text(csv_path, self.to_csv())
         write_json(json_path, self.to_dict(), indent=1)
-        return json_path, csv_path
+        return [json_path, csv_path, *([_replicates_path(json_path)] if self.replicates else [])]
 
     @classmethod
     def read(cls, path: str | Path) -> "TransferMatrix":
