@@ -42,6 +42,7 @@ MATCH_DISTANCE = 1  # feature matching for sites at most this far apart
 REFERENCE_SITES = 3  # sites with a seed twin (the ceiling) and a matching floor; interpolated in depth between them
 BOOTSTRAP_REPLICATES = 200  # transfer intervals: resamples of whole held-out sequences
 BOOTSTRAP_BLOCK = 128  # tokens per resampling group when the sequences are not known
+MIN_BOOTSTRAP_GROUPS = 10  # fewer held-out sequences (documents) than this: no intervals, and no claims
 INTERVAL_LEVEL = 0.95
 MIN_EFFECT = 0.05  # a hub's excess over the fitted decay, or a break in the adjacent links, must be this large too
 MIN_DECODER_COSINE = 0.7  # a decoder match must also reach this cosine, whatever the null says

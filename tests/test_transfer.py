@@ -391,7 +391,9 @@ def test_intervals_resample_whole_sequences_and_narrow_with_more_of_them(tmp_pat
         return within_model_matrix({_hook(i): true_sae(p, i) for i in range(3)}, acts, sites,
                                    Calibration.of({_hook(i): p.train[i] for i in range(3)}), NO_MATCH, sequences=sequences)
 
-    small, large = matrix(2048), matrix(32768)
+    small, large, tiny = matrix(2048), matrix(32768), matrix(256)
+    # 4 sequences: a resample reuses most of them, so no intervals (and no claims downstream), and the settings say why
+    assert tiny.intervals == {} and tiny.replicates == {} and "only 4 held-out sequences" in tiny.settings["intervals"]
     for m in (small, large):
         for name in ("explained_variance", "relative_transfer", "transfer_beyond_persistence"):
             low, high = m.intervals[name]

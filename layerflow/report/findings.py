@@ -159,7 +159,7 @@ def _model_summary(m: ModelResults) -> dict[str, Any]:
              "n_tokens": m.capture.n_tokens, "heldout_tokens": m.capture.split.get("heldout_tokens"),
              "transfer_tokens": matrix.settings.get("n_tokens") if matrix is not None else None,
              "n_replicates": len(next(iter(matrix.replicates.values()))) if matrix is not None and matrix.replicates
-             else 0}
+             else 0, "intervals": matrix.settings.get("intervals") if matrix is not None else None}
     if m.train is not None:
         facts.update(train_steps=m.train.steps, train_tokens_per_site=m.train.tokens_per_site,
                      train_seconds=m.train.seconds)
@@ -364,17 +364,18 @@ def _runs(chosen: list[int], layers: list[int]) -> list[list[int]]:
     return runs
 
 
-def _findings(s: dict, conv: dict) -> list[str]:
+def _findings(s: dict, conv: dict, intervals: str | None = None) -> list[str]:
     """Sentences for the relative-transfer summary: each cites its figure with its interval, and a claim
-    whose interval does not support it is reported as not resolved."""
+    whose interval does not support it is reported as not resolved. `intervals`: how the matrix's
+    intervals were drawn (its settings), quoted when there are none."""
     level, effect, t = f"{fmt(100 * s['level'])}%", fmt(s["min_effect"]), fmt(s["strong_threshold"])
     lines = [f"Off-diagonal relative transfer, entries clipped to [0, 1] before averaging: mean {iv(s['mean'])} "
              f"over {s['n_pairs']} pairs, median {fmt(s['median'])} (unclipped range {fmt(s['min'])} to "
              f"{fmt(s['max'])}); intervals are {level} bootstrap intervals over {s['n_replicates']} resamples of "
              "whole held-out sequences." if s["n_replicates"] else
              f"Off-diagonal relative transfer, entries clipped to [0, 1] before averaging: mean {iv(s['mean'])} over "
-             f"{s['n_pairs']} pairs, median {fmt(s['median'])}. This matrix has no bootstrap resamples, so no "
-             "claim below is resolved: recompute it with resampling on (the default)."]
+             f"{s['n_pairs']} pairs, median {fmt(s['median'])}. This matrix has no bootstrap resamples"
+             + (f" (intervals: {intervals})" if intervals else "") + ", so no claim below is resolved."]
     by = s["layers_by_verdict"]
     named = lambda layers: _layers(layers) if layers else "none"  # noqa: E731
     lines.append(f"Universal layers (definition: the whole universality interval at or above "
@@ -643,7 +644,7 @@ def findings_markdown(summary: dict) -> list[str]:
                     "by that explained variance, so the transfer figures of these layers are not meaningful: "
                     "train them longer or with another schedule.", ""]
         if SCALE_AWARE in m["transfer"]:
-            lines = _findings(m["transfer"][SCALE_AWARE], conv)
+            lines = _findings(m["transfer"][SCALE_AWARE], conv, m["facts"].get("intervals"))
             lines += _persistence_lines(m["persistence"], m["transfer"][SCALE_AWARE]["min_effect"])
             lines += _scale(m.get("references") or {})
             out += [f"- {tentative}{line}" for line in lines] + [""]

@@ -460,7 +460,8 @@ def cross_model_matrix(
     rows, perms = document_permutations(documents, aligned.n_heldout, n_perm_features, seed + 1)
     junk = aligned.junk[heldout] if aligned.junk is not None else None
     groups, n_groups = group_ids(documents)
-    weights = bootstrap_weights(n_groups, bootstrap, seed) if bootstrap and n_groups >= 2 else None
+    weights = bootstrap_weights(n_groups, bootstrap, seed) if bootstrap and n_groups >= defaults.MIN_BOOTSTRAP_GROUPS \
+        else None
     tests = _Tests(cka_rows, cka_perms, rows, perms, junk, n_perm if perms else 0, fdr, seed, groups, weights)
     targets = {h: _site(sae, aligned.acts_b[h], heldout, cka_rows, keep_latents=False) for h, sae in saes_b.items()}
     target_ev = {h: _ev(site.x_heldout, _reconstruct(site.sae, site.x_heldout), tests) for h, site in targets.items()}
@@ -494,9 +495,10 @@ def cross_model_matrix(
         "permutations": "whole held-out documents (each contributes the same number of words)" if perms else
                         "none: fewer than 2 held-out documents of equal length, so no p-values (read more documents)",
         "fdr": fdr, "seed": seed, "match_pairs": match_pairs,
-        "intervals": f"{interval:.0%} percentile bootstrap, {bootstrap} resamples of whole held-out documents "
-                     f"({', '.join(RESAMPLED)})" if weights is not None else
-                     "none" + ("" if not bootstrap else ": fewer than 2 held-out documents"),
+        "intervals": f"{interval:.0%} percentile bootstrap, {bootstrap} resamples of {n_groups} whole held-out "
+                     f"documents ({', '.join(RESAMPLED)})" if weights is not None else "none (bootstrap off)"
+                     if not bootstrap else f"none: only {n_groups} held-out documents, and resamples of fewer than "
+                     f"{defaults.MIN_BOOTSTRAP_GROUPS} say little; read more documents",
     }
     references = _references(saes_b, twins_b or {}, aligned, tests, sites_b) if twins_b else {}
     return TransferMatrix("cross_model", sites_a, sites_b, metrics, settings, extras={"matched_features": matched},

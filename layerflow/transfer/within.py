@@ -110,7 +110,7 @@ def within_model_matrix(
                 "reconstruction / the same factor", "persistence": PERSISTENCE,
                 "calibration": calibration.summary(), **_null_settings(calibration, sequences),
                 "mean_activation_norm": dict(zip(hooks, norms))}
-    return TransferMatrix("within_model", sites, sites, metrics, {**settings, **_interval_settings(options, sequences)},
+    return TransferMatrix("within_model", sites, sites, metrics, {**settings, **_interval_settings(options, sequences, settings["n_tokens"])},
                           extras, intervals=extras.pop("intervals"), replicates=extras.pop("replicates"))
 
 
@@ -145,7 +145,7 @@ def transcoder_matrix(
                 "calibration": calibration.summary(), **_null_settings(calibration, sequences),
                 "mean_activation_norm": dict(zip(in_hooks, in_norms)),
                 "mean_output_norm": dict(zip(out_hooks, out_norms))}
-    return TransferMatrix("within_model", sites, sites, metrics, {**settings, **_interval_settings(options, sequences)},
+    return TransferMatrix("within_model", sites, sites, metrics, {**settings, **_interval_settings(options, sequences, settings["n_tokens"])},
                           extras, intervals=extras.pop("intervals"), replicates=extras.pop("replicates"))
 
 
@@ -226,7 +226,7 @@ def _bootstrap(acc: dict[tuple[int, int], "_PairAccumulators"], n: int, n_groups
     """Bootstrap over whole sequences, every pair resampled with the same draws: the resampled
     matrices [B, n, n] of explained_variance, relative_transfer and transfer_beyond_persistence, and
     their `options.interval` percentile intervals. Returns (intervals, replicates)."""
-    if not options.bootstrap or n_groups < 2:
+    if not options.bootstrap or n_groups < defaults.MIN_BOOTSTRAP_GROUPS:
         return {}, {}
     weights = bootstrap_weights(n_groups, options.bootstrap, options.seed)
     own = [acc[t, t].matched.bootstrap(weights) for t in range(n)]
@@ -413,11 +413,17 @@ def _feature_matching(metrics, extras, saes, xs, in_hooks, out_hooks, coders, ca
     extras["matched_features"] = matched
 
 
-def _interval_settings(options: TransferOptions, sequences: torch.Tensor | None) -> dict[str, Any]:
-    return {"intervals": f"{options.interval:.0%} percentile bootstrap, {options.bootstrap} resamples of whole "
-                         + ("held-out sequences" if sequences is not None else
-                            f"blocks of {defaults.BOOTSTRAP_BLOCK} held-out tokens (no sequence boundaries given)")
-                         + "; the figures themselves use every token" if options.bootstrap else "none"}
+def _interval_settings(options: TransferOptions, sequences: torch.Tensor | None, n_tokens: int) -> dict[str, Any]:
+    groups = "held-out sequences" if sequences is not None else \
+        f"blocks of {defaults.BOOTSTRAP_BLOCK} held-out tokens (no sequence boundaries given)"
+    n_groups = _groups(sequences, n_tokens)[1]
+    if not options.bootstrap:
+        return {"intervals": "none (bootstrap off)"}
+    if n_groups < defaults.MIN_BOOTSTRAP_GROUPS:
+        return {"intervals": f"none: only {n_groups} {groups}, and resamples of fewer than "
+                             f"{defaults.MIN_BOOTSTRAP_GROUPS} say little; use more held-out tokens"}
+    return {"intervals": f"{options.interval:.0%} percentile bootstrap, {options.bootstrap} resamples of {n_groups} whole "
+                         f"{groups}; the figures themselves use every token"}
 
 
 def _null_settings(calibration: Calibration, sequences: torch.Tensor | None) -> dict[str, str]:
