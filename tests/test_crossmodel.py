@@ -321,7 +321,12 @@ def test_same_depth_pairs_and_summary(planted_matrix):
     summary = compare_same_depth(matrix, "relative_transfer")
     assert summary.same_depth_n == 2 and summary.all_n == 4
     assert summary.same_depth_mean > summary.all_mean + 0.3
-    assert summary.all_mean == pytest.approx(np.nanmean(matrix["relative_transfer"]))
+    assert summary.all_mean == pytest.approx(np.nanmean(np.clip(matrix["relative_transfer"], 0, 1)))
+    # averages are bounded: one pair at -50 (a target SAE that explains almost nothing) counts as 0, not -50
+    worse = TransferMatrix("cross_model", matrix.sources, matrix.targets,
+                           {"relative_transfer": np.array([[0.9, -50.0], [0.1, 0.8]])})
+    bounded = compare_same_depth(worse, "relative_transfer")
+    assert bounded.all_mean == pytest.approx((0.9 + 0 + 0.1 + 0.8) / 4) and bounded.same_depth_mean == pytest.approx(0.85)
 
 
 def test_resamples_redraw_whole_held_out_documents(planted_matrix):

@@ -328,8 +328,10 @@ def _cross_summary(c: CrossModelResults) -> dict[str, Any]:
 
 
 def _same_minus_all(m: TransferMatrix, metric: str) -> dict[str, float | None]:
-    """Same-depth mean minus the mean over all pairs, with its interval where the matrix has resamples."""
-    stack = np.concatenate([m[metric][None], m.replicates.get(metric, np.empty((0, *m[metric].shape)))])
+    """Same-depth mean minus the mean over all pairs (entries clipped, as in `compare_same_depth`), with its
+    interval where the matrix has resamples."""
+    stack = np.clip(np.concatenate([m[metric][None], m.replicates.get(metric, np.empty((0, *m[metric].shape)))]),
+                    *BOUNDS)
     same = np.zeros(m[metric].shape, dtype=bool)
     for i, j in same_depth_pairs(m):
         same[i, j] = True
@@ -546,7 +548,8 @@ def _cross(c: dict) -> list[str]:
         verdict = ("same depth is higher" if gap["low"] is not None and gap["low"] > 0 else
                    "same depth is lower" if gap["high"] is not None and gap["high"] < 0 else
                    "whether same depth is higher is not resolved at this sample size")
-        lines.append(f"{label}: same-depth pairs average {fmt(same)} (n={d['same_depth_n']}), all pairs "
+        lines.append(f"{label} (entries clipped to [0, 1]): same-depth pairs average {fmt(same)} "
+                     f"(n={d['same_depth_n']}), all pairs "
                      f"{fmt(every)} (n={d['all_n']}); the difference is {iv(gap)}: {verdict}.")
     metric = c["by_depth_metric"]
     rows = [r for r in c["by_depth"] if r.get(metric) is not None]

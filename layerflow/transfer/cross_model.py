@@ -67,6 +67,7 @@ from layerflow.transfer.calibration import Calibration
 from layerflow.transfer.matching import ActivationCorrelation
 from layerflow.transfer.matrix import TransferMatrix, metric_names
 from layerflow.transfer.references import References
+from layerflow.transfer.summary import BOUNDS
 
 ENCODE_BATCH = 4096
 MATCH_PAIRS = defaults.MATCH_PAIRS
@@ -578,8 +579,9 @@ class DepthComparison:
 
 
 def compare_same_depth(matrix: TransferMatrix, metric: str = "relative_transfer") -> DepthComparison:
-    """Mean of `metric` over same-depth pairs and over all pairs (NaN entries left out)."""
-    values = matrix[metric]
+    """Mean of `metric` over same-depth pairs and over all pairs (NaN entries left out), each entry
+    clipped to `summary.BOUNDS` first, as every average of transfer figures is (`transfer.summary`)."""
+    values = np.clip(matrix[metric], *BOUNDS)
     same = np.array([values[i, j] for i, j in same_depth_pairs(matrix)])
     same, every = same[~np.isnan(same)], values[~np.isnan(values)]
     mean = lambda v: float(v.mean()) if len(v) else math.nan  # noqa: E731
