@@ -26,11 +26,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-GATES = {  # figure -> (threshold, the direction that passes)
-    "fvu": (0.2, "at most"),
-    "dead_fraction": (0.1, "at most"),
-    "delta_ce": (0.25, "at most"),
-}
+GATES = {"fvu": 0.2, "dead_fraction": 0.1, "delta_ce": 0.25}  # figure -> the most that passes
 LABELS = {"fvu": "held-out FVU", "dead_fraction": "dead fraction", "delta_ce": "spliced delta CE (nats)"}
 ADVICE = {
     "fvu": "more training tokens and steps per site, or a wider dictionary (or a larger k) where the dead fraction "
@@ -46,7 +42,7 @@ class QualityVerdict:
     failing: dict[str, list[int]]  # figure -> the layers above its threshold
     worst: dict[str, float | None]  # figure -> the worst value over the layers
     measured: dict[str, int]  # figure -> how many layers have it
-    thresholds: dict[str, float] = field(default_factory=lambda: {k: t for k, (t, _) in GATES.items()})
+    thresholds: dict[str, float] = field(default_factory=lambda: dict(GATES))
     advice: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -58,7 +54,7 @@ def quality_verdict(rows: list[dict[str, Any]]) -> QualityVerdict:
     failing: dict[str, list[int]] = {}
     worst: dict[str, float | None] = {}
     measured: dict[str, int] = {}
-    for figure, (threshold, _) in GATES.items():
+    for figure, threshold in GATES.items():
         values = [(r["layer"], r.get(figure)) for r in rows if r.get(figure) is not None]
         measured[figure] = len(values)
         worst[figure] = max((v for _, v in values), default=None)

@@ -58,8 +58,8 @@ DEFINITIONS = {
     "relative_transfer": "EV of layer i's SAE on layer j (mean and spread matched, train-split statistics) divided "
                          "by the EV of layer j's own SAE; 1 = as good as the target's own dictionary.",
     "bounded_mean": f"Averages clip each entry to [{BOUNDS[0]:g}, {BOUNDS[1]:g}] first: below 0 the source explains "
-                    "nothing (worse than the target's mean), and a single entry far below zero would outweigh several perfect ones; "
-                    "above 1 counts as 'as good as its own'. The median is given unclipped.",
+                    "nothing (worse than the target's mean), and a single entry far below zero would outweigh "
+                    "several perfect ones; above 1 counts as 'as good as its own'. The median is given unclipped.",
     "interval": "Percentile interval over bootstrap resamples of whole held-out sequences; every derived figure is "
                 "recomputed on each resample. It covers the sampling of held-out text, not the randomness of "
                 "training the dictionaries: the ceiling (a second seed) shows how far two trainings differ.",
@@ -136,7 +136,7 @@ def build_summary(results: RunResults) -> dict[str, Any]:
                         "interval_percent": 100 * level if level is not None else None,
                         "min_effect": next((t["min_effect"] for m in models.values() for t in m["transfer"].values()),
                                            None),
-                        "quality_gates": {k: t for k, (t, _) in GATES.items()}, "unreliable_fvu": UNRELIABLE_FVU},
+                        "quality_gates": dict(GATES), "unreliable_fvu": UNRELIABLE_FVU},
         "definitions": DEFINITIONS,
         "models": models,
         "cross_model": [_cross_summary(c) for c in results.cross],

@@ -144,14 +144,13 @@ def _reconstruct(sae: Any, x: Tensor) -> Tensor:
 
 
 def _ev(x: Tensor, x_hat: Tensor, tests: "_Tests | None" = None) -> tuple[float, Tensor | None]:
-    """EV of x_hat on x, and its value in each bootstrap resample of the held-out documents (`tests.weights`)."""
-    if tests is None or tests.weights is None:
-        stats = ReconstructionStats()
-        stats.add(x, x_hat, error_only=True)
-        return stats.compute().explained_variance, None
+    """EV of x_hat on x, and its value in each bootstrap resample of the held-out documents (`tests.weights`;
+    None without)."""
+    grouped = tests is not None and tests.weights is not None
     stats = ReconstructionStats()
-    stats.add(x, x_hat, x_sums=InputSums.of(x, tests.groups, tests.weights.shape[1]), error_only=True)
-    return stats.compute().explained_variance, stats.bootstrap(tests.weights)
+    stats.add(x, x_hat, x_sums=InputSums.of(x, tests.groups, tests.weights.shape[1]) if grouped else None,
+              error_only=True)
+    return stats.compute().explained_variance, stats.bootstrap(tests.weights) if grouped else None
 
 
 def centered_gram(z: Float[Tensor, "n f"], debiased: bool = True) -> Float[Tensor, "n n"]:
