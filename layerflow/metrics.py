@@ -127,14 +127,27 @@ class ReconstructionStats:
 
     def bootstrap(self, weights: Float[torch.Tensor, "replicates groups"]) -> Float[torch.Tensor, " replicates"]:
         """Explained variance under each row of `weights` (how many times each group is drawn): the
-        ratio of the reweighted sums, as `compute()` takes it over all tokens. Needs grouped inputs."""
+        reweighted squared error over the reweighted squared deviation from the mean of all the tokens.
+        Needs grouped inputs.
+
+        The centre stays the full sample's mean. Re-centring each resample on its own mean would
+        leave out of the denominator the resample's mean shift, which the error (against predictions
+        whose mean is fixed) keeps: every resample would then fall below the figure, by about
+        ||mean shift||^2 / variance, and a figure near 0 would lie above its own interval."""
         if self.groups is None:
             raise ValueError("No per-group sums: add batches with InputSums.of(x, groups, n_groups).")
         g, w = self.groups, weights.double()
         n = w @ g["n"]
-        mean = (w @ g["sum_x"]) / n[:, None]
-        variance = (w @ g["sq_norm"]) / n - mean.square().sum(-1)
-        return 1 - (w @ g["residual"]) / n / variance
+        center = self.sum_x / self.n
+        deviation = ((w @ g["sq_norm"]) - 2 * (w @ g["sum_x"]) @ center) / n + center.square().sum()
+        return 1 - (w @ g["residual"]) / n / deviation
+
+    def bootstrap_mse(self, weights: Float[torch.Tensor, "replicates groups"]) -> Float[torch.Tensor, " replicates"]:
+        """E||x - x_hat||^2 under each row of `weights`, as `bootstrap` reweights the explained variance."""
+        if self.groups is None:
+            raise ValueError("No per-group sums: add batches with InputSums.of(x, groups, n_groups).")
+        w = weights.double()
+        return (w @ self.groups["residual"]) / (w @ self.groups["n"])
 
     def add_firing(self, counts: Float[torch.Tensor, " d_sae"], n_active: int) -> None:
         """Latent firing for the batch last added, when the caller has it sparse: how many tokens

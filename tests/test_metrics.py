@@ -88,8 +88,11 @@ def test_bootstrap_from_group_sums_equals_recomputing_on_the_resampled_tokens():
         stats.add(x[c:c + 256], x_hat[c:c + 256], x_sums=InputSums.of(x[c:c + 256], groups[c:c + 256], 12))
     draws = torch.randint(12, (5, 12), generator=g)
     counts = torch.stack([torch.bincount(row, minlength=12) for row in draws])
-    boot = stats.bootstrap(counts)
+    boot, boot_mse = stats.bootstrap(counts), stats.bootstrap_mse(counts)
     for b in range(5):
         rows = torch.cat([torch.arange(k * 50, k * 50 + 50).repeat(int(counts[b, k])) for k in range(12)])
-        assert boot[b].item() == pytest.approx(reconstruction_metrics(x[rows], x_hat[rows]).explained_variance, abs=1e-12)
+        again = reconstruction_metrics(x[rows], x_hat[rows])
+        deviation = (x[rows].double() - x.double().mean(0)).square().sum(-1).mean()  # around the full sample's mean
+        assert boot[b].item() == pytest.approx(1 - again.mse / deviation.item(), abs=1e-12)
+        assert boot_mse[b].item() == pytest.approx(again.mse, rel=1e-12)
     assert stats.bootstrap(torch.ones(1, 12))[0].item() == pytest.approx(stats.compute().explained_variance, abs=1e-12)

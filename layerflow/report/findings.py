@@ -462,7 +462,7 @@ def _persistence_lines(p: dict | None, min_effect: float) -> list[str]:
              "so whether adjacent layers share more than persistence carries is not resolved at this sample size")
     return [f"Persistence next to transfer: over the {p['n_pairs']} adjacent pairs (both directions) relative transfer "
             f"averages {iv(rt)}; the source dictionary's own output on its own layer, carried forward (persistence), "
-            f"scores {fmt(persist['value'])} on the same scale. Transfer beyond persistence: {iv(beyond)}, {claim}."]
+            f"scores {iv(persist)} on the same scale. Transfer beyond persistence: {iv(beyond)}, {claim}."]
 
 
 def _quality_lines(q: dict, facts: dict) -> list[str]:

@@ -221,25 +221,36 @@ def _groups(sequences: torch.Tensor | None, n_tokens: int) -> tuple[torch.Tensor
     return group_ids(torch.arange(n_tokens) // defaults.BOOTSTRAP_BLOCK if sequences is None else sequences)
 
 
+KEPT_REPLICATES = ("explained_variance", "relative_transfer", "relative_persistence", "transfer_beyond_persistence")
+
+
 def _bootstrap(acc: dict[tuple[int, int], "_PairAccumulators"], n: int, n_groups: int,
                options: TransferOptions) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]:
-    """Bootstrap over whole sequences, every pair resampled with the same draws: the resampled
-    matrices [B, n, n] of explained_variance, relative_transfer and transfer_beyond_persistence, and
-    their `options.interval` percentile intervals. Returns (intervals, replicates)."""
+    """Bootstrap over whole sequences, every pair resampled with the same draws: the `options.interval`
+    percentile interval of every figure that is a sum over tokens (the EVs, relative figures,
+    persistence and the notes' MSE ratio), and the resampled matrices [B, n, n] of KEPT_REPLICATES.
+    Returns (intervals, replicates)."""
     if not options.bootstrap or n_groups < defaults.MIN_BOOTSTRAP_GROUPS:
         return {}, {}
     weights = bootstrap_weights(n_groups, options.bootstrap, options.seed)
-    own = [acc[t, t].matched.bootstrap(weights) for t in range(n)]
-    replicates = {name: np.full((options.bootstrap, n, n), np.nan)
-                  for name in ("explained_variance", "relative_transfer", "transfer_beyond_persistence")}
-    for (s, t), pair in acc.items():
-        ev = pair.matched.bootstrap(weights)
-        relative = ev / own[t]
-        samples = {"explained_variance": ev, "relative_transfer": relative,
-                   "transfer_beyond_persistence": relative - pair.persistence.bootstrap(weights) / own[t]}
+    ev = {kind: {k: getattr(pair, kind).bootstrap(weights) for k, pair in acc.items()}
+          for kind in ("raw", "scale_only", "matched", "persistence")}
+    mse = {k: pair.raw.bootstrap_mse(weights) for k, pair in acc.items()}
+    replicates: dict[str, np.ndarray] = {}
+    for (s, t) in acc:
+        own = ev["matched"][t, t]
+        relative, persistence = ev["matched"][s, t] / own, ev["persistence"][s, t] / own
+        samples = {
+            "transfer_recon_ratio": mse[s, s] / mse[s, t], "transfer_recon_ratio_inverse": mse[s, t] / mse[s, s],
+            "explained_variance_raw": ev["raw"][s, t], "explained_variance_scale_only": ev["scale_only"][s, t],
+            "explained_variance": ev["matched"][s, t], "relative_transfer_raw": ev["raw"][s, t] / own,
+            "relative_transfer_scale_only": ev["scale_only"][s, t] / own, "relative_transfer": relative,
+            "delta_fvu": own - ev["matched"][s, t], "persistence_ev_through_source": ev["persistence"][s, t],
+            "relative_persistence": persistence, "transfer_beyond_persistence": relative - persistence}
         for name, values in samples.items():
-            replicates[name][:, s, t] = values.numpy()
-    return {name: percentile_interval(r, options.interval) for name, r in replicates.items()}, replicates
+            replicates.setdefault(name, np.full((options.bootstrap, n, n), np.nan))[:, s, t] = values.numpy()
+    intervals = {name: percentile_interval(r, options.interval) for name, r in replicates.items()}
+    return intervals, {name: replicates[name] for name in KEPT_REPLICATES}
 
 
 def _match(coder: Coder, calibration: Calibration, in_hooks: list[str], out_hooks: list[str], s: int, t: int,
