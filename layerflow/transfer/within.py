@@ -30,6 +30,8 @@ Decoding touches only active latents.
 
 from __future__ import annotations
 
+import ctypes
+
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -205,6 +207,7 @@ def _pair_matrix(dictionaries: dict[str, SAE], activations: dict[str, torch.Tens
             acc[s, t] = pair
             done += 1
             report(done, total)
+        _release_freed_memory()
 
     metrics = _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, [dictionaries[h] for h in in_hooks])
     intervals, replicates = _bootstrap(acc, n, n_groups, options)
@@ -213,6 +216,20 @@ def _pair_matrix(dictionaries: dict[str, SAE], activations: dict[str, torch.Tens
         _feature_matching(metrics, extras, dictionaries, xs, in_hooks, out_hooks, coders, calibration, sequences,
                           options, lambda i: report(n * n + i, total))
     return metrics, extras, in_norms, out_norms
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc only; elsewhere nothing happens).
+
+    Each batch allocates and frees a few [batch_tokens, d] float32 buffers. Once one such buffer has
+    been freed, glibc raises its mmap threshold above that size and serves the rest from its heaps,
+    which the torch threads fragment: on the default run (30 sites) the process grew past 20 GiB
+    and was killed on a 24 GiB machine, for about 2 GiB of live data. Trimming once per source
+    keeps it at about 2 GiB and costs nothing measurable."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _groups(sequences: torch.Tensor | None, n_tokens: int) -> tuple[torch.Tensor, int]:
