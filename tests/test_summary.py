@@ -106,6 +106,8 @@ def test_invariants_on_random_matrices(seed):
     strong = [(layers[a], layers[b]) for a in range(n) for b in range(a + 1, n)
               if lows[a, b] >= 0.7 and lows[b, a] >= 0.7]
     assert [(p.layer_a, p.layer_b) for p in s.bidirectional_pairs] == strong
+    point = [(layers[a], layers[b]) for a in range(n) for b in range(a + 1, n) if M[a, b] >= 0.7 and M[b, a] >= 0.7]
+    assert s.strong_pairs_unresolved == len(set(point) - set(strong))
     for hub in s.hub_layers:
         e = s.hub_excess[layers.index(hub)]
         assert e.value >= s.min_effect and e.low > 0

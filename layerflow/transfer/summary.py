@@ -206,15 +206,16 @@ def summarize(M, layers, n_layers, metric, replicates=None, level: float = defau
     trend, sizes = _break_sizes(chain)
     break_size = _simultaneous(sizes, level)
     links = [Link(layers[k], layers[k + 1], v, b) for k, (v, b) in enumerate(zip(est(chain), break_size))]
-    breaks = [link.target for link in links if link.break_size.value >= min_effect and link.break_size.above(0)]
-    divergence = max(breaks, key=lambda layer: next(x.break_size.value for x in links if x.target == layer),
-                     default=None)
+    breaking = [x for x in links if x.break_size.value >= min_effect and x.break_size.above(0)]
+    divergence = max(breaking, key=lambda x: x.break_size.value).target if breaking else None
 
     lows, highs = np.quantile(R, [(1 - level) / 2, (1 + level) / 2], axis=0) if len(R) else np.full((2, n, n), np.nan)
     entry = lambda a, b: Estimate(float(M[a, b]), *_bounds(stack[:, a, b], level))  # noqa: E731
+    upper = [(a, b) for a in range(n) for b in range(a + 1, n)]
     pairs = [BidirectionalPair(layers[a], layers[b], entry(a, b), entry(b, a))
-             for a in range(n) for b in range(a + 1, n) if lows[a, b] >= strong_threshold <= lows[b, a]]
-    point_strong = sum(M[a, b] >= strong_threshold <= M[b, a] for a in range(n) for b in range(a + 1, n))
+             for a, b in upper if lows[a, b] >= strong_threshold <= lows[b, a]]
+    unresolved = sum(M[a, b] >= strong_threshold <= M[b, a] and not lows[a, b] >= strong_threshold <= lows[b, a]
+                     for a, b in upper)
 
     distance = np.abs(signed)
     decay = []
@@ -237,9 +238,9 @@ def summarize(M, layers, n_layers, metric, replicates=None, level: float = defau
         metric=metric, layers=layers, relative_depth=[layer / (n_layers - 1) for layer in layers],
         diagonal=[float(v) for v in np.diag(M)], universality=universality, universality_incoming=incoming,
         verdicts=verdicts, hub_excess=hub_excess, hub_layers=hubs, links=links, link_trend=float(trend[0]),
-        breaks=breaks, divergence_layer=divergence,
+        breaks=[x.target for x in breaking], divergence_layer=divergence,
         divergence_depth=divergence / (n_layers - 1) if divergence is not None else None,
-        bidirectional_pairs=pairs, strong_pairs_unresolved=int(point_strong) - len(pairs),
+        bidirectional_pairs=pairs, strong_pairs_unresolved=int(unresolved),
         distance_decay=decay, decay_rate=decay_rate,
         band_counts=band_counts, band_unresolved=int((straddles & computed).sum()),
         mean=est(_nanmean(clipped.reshape(len(stack), -1), -1)),
