@@ -80,6 +80,7 @@ import numpy as np
 from layerflow import defaults
 from layerflow.errors import LayerflowError
 from layerflow.files import json_safe
+from layerflow.metrics import percentile_interval
 
 BANDS = ((0.9, "HIGH"), (0.6, "MODERATE"), (0.4, "LOW"), (-math.inf, "SPECIALISED"))
 UNIVERSAL_AT, SPECIALISED_BELOW = 0.6, 0.4  # universality verdicts: the MODERATE and LOW band edges
@@ -209,7 +210,7 @@ def summarize(M, layers, n_layers, metric, replicates=None, level: float = defau
     breaking = [x for x in links if x.break_size.value >= min_effect and x.break_size.above(0)]
     divergence = max(breaking, key=lambda x: x.break_size.value).target if breaking else None
 
-    lows, highs = np.quantile(R, [(1 - level) / 2, (1 + level) / 2], axis=0) if len(R) else np.full((2, n, n), np.nan)
+    lows, highs = percentile_interval(R, level) if len(R) else np.full((2, n, n), np.nan)
     entry = lambda a, b: Estimate(float(M[a, b]), *_bounds(stack[:, a, b], level))  # noqa: E731
     upper = [(a, b) for a in range(n) for b in range(a + 1, n)]
     pairs = [BidirectionalPair(layers[a], layers[b], entry(a, b), entry(b, a))
@@ -284,7 +285,7 @@ def _bounds(samples: np.ndarray, level: float) -> tuple[float, float]:
     """The percentile interval of resamples `samples[1:]` (NaN without any, or when one is NaN)."""
     if len(samples) < 2 or not np.isfinite(samples[1:]).all():
         return math.nan, math.nan
-    low, high = np.quantile(samples[1:], [(1 - level) / 2, (1 + level) / 2])
+    low, high = percentile_interval(samples[1:], level)
     return float(low), float(high)
 
 
