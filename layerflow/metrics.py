@@ -107,23 +107,53 @@ class ReconstructionStats:
         self.sum_sq_norm += x_sums.sum_sq_norm
         self.sum_sq_residual += residual_norm.square().sum().item()
         self.n += x.shape[0]
+        new_groups = {}
         if x_sums.groups is not None:
-            self._add_groups(x_sums, torch.bincount(x_sums.groups, residual_norm.square(), len(x_sums.group_n)).cpu())
+            new_groups["residual"] = torch.bincount(x_sums.groups, residual_norm.square(), len(x_sums.group_n)).cpu()
         if not error_only:
             hat_norm = torch.linalg.vector_norm(x_hat, dim=-1, dtype=f64)
             self.sum_sq_norm_hat += hat_norm.square().sum().item()
             self.sum_dot += (x * x_hat).sum(-1, dtype=f64).sum().item()
             ok = x_sums.norm >= SMALL_NORM
-            self.sum_l2_ratio += (hat_norm[ok] / x_sums.norm[ok]).sum(dtype=f64).item()
+            ratio = hat_norm[ok] / x_sums.norm[ok]
+            self.sum_l2_ratio += ratio.sum(dtype=f64).item()
             self.n_l2_ratio += int(ok.sum())
             self.n_full += x.shape[0]
+            if x_sums.groups is not None:
+                n_groups = len(x_sums.group_n)
+                new_groups["l2_sum"] = torch.bincount(x_sums.groups[ok], ratio, n_groups).cpu()
+                new_groups["l2_n"] = torch.bincount(x_sums.groups[ok], minlength=n_groups).double().cpu()
+        if x_sums.groups is not None:
+            self._add_groups({"sum_x": x_sums.group_sum_x, "sq_norm": x_sums.group_sq_norm, "n": x_sums.group_n,
+                              **new_groups})
         if latents is not None:
             active = latents != 0
-            self.add_firing(active.sum(0), int(active.sum()))
+            by_group = None if x_sums.groups is None else torch.bincount(
+                x_sums.groups, active.sum(1).double(), len(x_sums.group_n))
+            self.add_firing(active.sum(0), int(active.sum()), by_group)
 
-    def _add_groups(self, x_sums: InputSums, residual: torch.Tensor) -> None:
-        new = {"sum_x": x_sums.group_sum_x, "sq_norm": x_sums.group_sq_norm, "n": x_sums.group_n, "residual": residual}
-        self.groups = new if self.groups is None else {k: self.groups[k] + v for k, v in new.items()}
+    def _add_groups(self, new: dict[str, torch.Tensor]) -> None:
+        old = self.groups or {}
+        self.groups = {**old, **{k: v + old[k] if k in old else v for k, v in new.items()}}
+
+    def resample(self, weights: Float[torch.Tensor, "replicates groups"]) -> dict[str, torch.Tensor]:
+        """Every figure the per-group sums allow, under each row of `weights` (how many times each
+        group is drawn): explained_variance and mse always; l2_ratio when the batches were added
+        with every sum; l0 when latents were given. Each a [replicates] float64 tensor.
+
+        Not dead_fraction: a latent never seen firing stays dead in every resample, and a resample
+        holds about 63% of the groups, so resampled dead fractions only rise; the bootstrap cannot
+        speak for events the sample never saw."""
+        if self.groups is None:
+            raise ValueError("No per-group sums: add batches with InputSums.of(x, groups, n_groups).")
+        g, w = self.groups, weights.double()
+        n = w @ g["n"]
+        out = {"explained_variance": self.bootstrap(weights), "mse": self.bootstrap_mse(weights)}
+        if "l2_sum" in g:
+            out["l2_ratio"] = (w @ g["l2_sum"]) / (w @ g["l2_n"])
+        if "active" in g:
+            out["l0"] = (w @ g["active"]) / n
+        return out
 
     def bootstrap(self, weights: Float[torch.Tensor, "replicates groups"]) -> Float[torch.Tensor, " replicates"]:
         """Explained variance under each row of `weights` (how many times each group is drawn): the
@@ -149,12 +179,16 @@ class ReconstructionStats:
         w = weights.double()
         return (w @ self.groups["residual"]) / (w @ self.groups["n"])
 
-    def add_firing(self, counts: Float[torch.Tensor, " d_sae"], n_active: int) -> None:
+    def add_firing(self, counts: Float[torch.Tensor, " d_sae"], n_active: int,
+                   by_group: Float[torch.Tensor, " groups"] | None = None) -> None:
         """Latent firing for the batch last added, when the caller has it sparse: how many tokens
-        each latent fired on, and the number of (token, latent) activations in all."""
+        each latent fired on, the number of (token, latent) activations in all, and (for `resample`)
+        that number per group."""
         self.sum_l0 += n_active
         counts = counts.cpu()
         self.fire_counts = counts if self.fire_counts is None else self.fire_counts + counts
+        if by_group is not None:
+            self._add_groups({"active": by_group.double().cpu()})
 
     def compute(self) -> ReconstructionMetrics:
         if self.n == 0:

@@ -164,3 +164,26 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="float32 CPU"):
         fused_encode.topk(P.double(), [1.0], torch.zeros(1, 32), None, 3)
     assert not fused_encode.accepts(P.double()) and not fused_encode.accepts(P.t())
+
+
+@pytest.mark.parametrize("topk", [True, False])
+def test_sparse_latents_sum_and_count_per_group_as_the_dense_latents_do(topk):
+    g = torch.Generator().manual_seed(3)
+    dense = torch.relu(torch.randn(40, 12, generator=g))
+    if topk:
+        values, indices = dense.topk(3, dim=1)
+        values[::5, 2] = 0.0  # a TopK value the ReLU zeroed: present, but not firing
+        latents = SparseLatents(indices, values, 40)
+    else:
+        nonzero = dense.nonzero()
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(nonzero[:, 0], minlength=40).cumsum(0)])
+        latents = SparseLatents(nonzero[:, 1], dense[nonzero[:, 0], nonzero[:, 1]], 40, offsets)
+    z = latents.dense(12).double()
+    groups = torch.arange(40) // 7
+    per_group = torch.zeros(6, 12, dtype=torch.float64).index_add_(0, groups, z)
+    squares = torch.zeros(6, 12, dtype=torch.float64).index_add_(0, groups, z * z)
+    sums = latents.sums(12, groups, 6)
+    assert torch.allclose(sums[0], per_group) and torch.allclose(sums[1], squares)
+    counts, n_active, by_group = latents.firing(12, groups, 6)
+    assert torch.equal(counts, (z != 0).sum(0)) and n_active == int((z != 0).sum())
+    assert torch.equal(by_group, torch.bincount(groups, (z != 0).sum(1), 6).long())

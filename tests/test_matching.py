@@ -11,8 +11,10 @@ from layerflow.metrics import reconstruction_metrics
 from layerflow.testing import planted_layers, true_sae
 from layerflow.transfer.calibration import Calibration
 from layerflow.transfer.coder import LinearCoder
-from layerflow.transfer.within import feature_flow_ev
-from layerflow.transfer.matching import (null_shift, 
+from layerflow.transfer.within import feature_flow
+from layerflow.transfer.matching import (
+    null_shift,
+    resampled_fraction,
     ActivationCorrelation,
     FeatureMatching,
     decoder_top1_cosine,
@@ -222,13 +224,37 @@ def test_feature_flow_transition_recovers_a_planted_relabelling():
     coder1 = LinearCoder.from_sae(sae1)
     z0 = sae0.encode(p.activations[0]).detach()
     calibration = Calibration.of({"0": p.train[0], "1": p.train[1]})
-    ev = feature_flow_ev(z0, LinearCoder.from_sae(sae0), coder1, p.activations[1],
-                         calibration.spread("1") / calibration.spread("0"), 1000)
+    ev = feature_flow(z0, LinearCoder.from_sae(sae0), coder1, p.activations[1],
+                      calibration.spread("1") / calibration.spread("0"), 1000).compute().explained_variance
     own = reconstruction_metrics(p.activations[1], sae1(p.activations[1]).detach()).explained_variance
     assert ev == pytest.approx(own, abs=0.02) and ev > 0.9
     fresh = planted_layers([1.0, 0.0], [1.0, 3.0], seed=4, noise=0.0)  # layer 1 shares no feature
     sae_fresh = true_sae(fresh, 1)
     z_fresh = true_sae(fresh, 0).encode(fresh.activations[0]).detach()
-    unrelated = feature_flow_ev(z_fresh, LinearCoder.from_sae(true_sae(fresh, 0)), LinearCoder.from_sae(sae_fresh),
-                                fresh.activations[1], 3.0, 1000)
+    unrelated = feature_flow(z_fresh, LinearCoder.from_sae(true_sae(fresh, 0)), LinearCoder.from_sae(sae_fresh),
+                             fresh.activations[1], 3.0, 1000).compute().explained_variance
     assert unrelated < 0.1
+
+
+def test_resampled_fraction_recomputes_the_matched_correlations_on_the_drawn_sequences():
+    # B's latents are A's, permuted, with noise rising across latents: correlations from about 1 down to 0.3,
+    # so the floor of 0.5 cuts through them and the fraction moves between resamples.
+    g = torch.Generator().manual_seed(5)
+    a = torch.relu(torch.randn(1200, 10, generator=g))
+    perm = torch.randperm(10, generator=g)
+    b = a[:, perm] + torch.linspace(0, 8, 10)[perm] * torch.rand(1200, 10, generator=g)
+    sequences = torch.arange(1200) // 40
+    m = match_activations(a, b, sequences=sequences)
+    counts = torch.stack([torch.bincount(r, minlength=30) for r in torch.randint(30, (6, 30), generator=g)])
+    fractions = resampled_fraction(m, a, b, sequences, torch.cat([torch.ones(1, 30), counts]))
+    assert fractions[0].item() == pytest.approx(m.fraction_significant, abs=1e-12)  # every sequence once
+    assert 0 < m.fraction_significant < 1 and fractions[1:].std() > 0
+    floor = max(m.null_threshold, m.min_similarity)
+    for k in range(6):
+        rows = torch.cat([torch.arange(j * 40, j * 40 + 40).repeat(int(counts[k, j])) for j in range(30)])
+        x = a[rows][:, m.source_index].double() - a[:, m.source_index].double().mean(0)  # around all tokens' means
+        y = b[rows][:, m.target_index].double() - b[:, m.target_index].double().mean(0)
+        r = (x * y).sum(0) / (x.square().sum(0) * y.square().sum(0)).sqrt()
+        assert fractions[k + 1].item() == pytest.approx((r > floor).double().mean().item(), abs=1e-12)
+    with pytest.raises(ValueError, match="decoder matching"):
+        resampled_fraction(match_decoders(a.T, b.T), a, b, sequences, counts)

@@ -96,3 +96,26 @@ def test_bootstrap_from_group_sums_equals_recomputing_on_the_resampled_tokens():
         assert boot[b].item() == pytest.approx(1 - again.mse / deviation.item(), abs=1e-12)
         assert boot_mse[b].item() == pytest.approx(again.mse, rel=1e-12)
     assert stats.bootstrap(torch.ones(1, 12))[0].item() == pytest.approx(stats.compute().explained_variance, abs=1e-12)
+
+
+def test_resample_gives_l0_and_l2_ratio_of_the_resampled_tokens():
+    from layerflow.metrics import InputSums, ReconstructionStats, reconstruction_metrics
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(600, 8, generator=g) * 3 + 5
+    x_hat = x * 0.8 + torch.randn(600, 8, generator=g)
+    latents = torch.relu(torch.randn(600, 16, generator=g) - 0.5)  # a different number of latents on each token
+    groups = torch.arange(600) // 50
+    stats = ReconstructionStats()
+    for c in range(0, 600, 256):
+        rows = slice(c, c + 256)
+        stats.add(x[rows], x_hat[rows], latents[rows], x_sums=InputSums.of(x[rows], groups[rows], 12))
+    counts = torch.stack([torch.bincount(row, minlength=12) for row in torch.randint(12, (4, 12), generator=g)])
+    resampled = stats.resample(counts)
+    assert "dead_fraction" not in resampled  # never-seen latents cannot be resampled (see `resample`)
+    for b in range(4):
+        rows = torch.cat([torch.arange(k * 50, k * 50 + 50).repeat(int(counts[b, k])) for k in range(12)])
+        again = reconstruction_metrics(x[rows], x_hat[rows], latents[rows])
+        assert resampled["l0"][b].item() == pytest.approx(again.l0, rel=1e-12)
+        assert resampled["l2_ratio"][b].item() == pytest.approx(again.l2_ratio, rel=1e-12)
+        assert resampled["mse"][b].item() == pytest.approx(again.mse, rel=1e-12)

@@ -146,22 +146,41 @@ class SparseLatents:
     n_tokens: int
     offsets: torch.Tensor | None = None  # [n_tokens + 1]
 
-    def firing(self, d_sae: int) -> tuple[torch.Tensor, int]:
-        """(tokens each latent fired on [d_sae], total active (token, latent) pairs)."""
-        fired = self.indices if self.offsets is not None else self.indices[self.values != 0]
-        return torch.bincount(fired.reshape(-1), minlength=d_sae), fired.numel()
+    def firing(self, d_sae: int, groups: torch.Tensor | None = None,
+               n_groups: int = 0) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        """(tokens each latent fired on [d_sae], total active (token, latent) pairs, and with
+        `groups` (each token's group) that total per group [n_groups])."""
+        fired = self.values != 0 if self.offsets is None else None
+        idx = self.indices.reshape(-1) if fired is None else self.indices[fired]
+        by_group = None
+        if groups is not None:
+            rows = self._rows() if fired is None else self._rows()[fired.reshape(-1)]
+            by_group = torch.bincount(groups[rows], minlength=n_groups)
+        return torch.bincount(idx, minlength=d_sae), idx.numel(), by_group
 
-    def sums(self, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per latent, float64 sums over tokens of the activation and of its square."""
+    def sums(self, d_sae: int, groups: torch.Tensor | None = None,
+             n_groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per latent, float64 sums over tokens of the activation and of its square: [d_sae], or
+        with `groups` (each token's group) per group, [n_groups, d_sae]."""
         idx, v = self.indices.reshape(-1), self.values.reshape(-1).double()
-        return torch.bincount(idx, v, minlength=d_sae), torch.bincount(idx, v * v, minlength=d_sae)
+        if groups is None:
+            return torch.bincount(idx, v, minlength=d_sae), torch.bincount(idx, v * v, minlength=d_sae)
+        key, size = groups[self._rows()] * d_sae + idx, n_groups * d_sae
+        return (torch.bincount(key, v, minlength=size).view(n_groups, d_sae),
+                torch.bincount(key, v * v, minlength=size).view(n_groups, d_sae))
+
+    def _rows(self) -> torch.Tensor:
+        """The token of each entry of the flattened `indices`."""
+        rows = torch.arange(self.n_tokens, device=self.indices.device)
+        if self.offsets is None:
+            return rows.repeat_interleave(self.indices.shape[1])
+        return rows.repeat_interleave(self.offsets.diff())
 
     def dense(self, d_sae: int) -> torch.Tensor:
         out = torch.zeros(self.n_tokens, d_sae, dtype=self.values.dtype, device=self.values.device)
         if self.offsets is None:
             return out.scatter_(-1, self.indices, self.values)
-        rows = torch.arange(self.n_tokens, device=self.indices.device).repeat_interleave(self.offsets.diff())
-        out[rows, self.indices] = self.values
+        out[self._rows(), self.indices] = self.values
         return out
 
 

@@ -232,6 +232,34 @@ def match_activations(
     return _result("activation", live_a[rows], live_b[cols], sim, null_sim, null_quantile, min_correlation)
 
 
+@torch.no_grad()
+def resampled_fraction(matching: FeatureMatching, lat_a: Float[Tensor, "t fa"], lat_b: Float[Tensor, "t fb"],
+                       groups: Int[Tensor, " t"], weights: Float[Tensor, "replicates groups"],
+                       chunk: int = 8192) -> Float[Tensor, " replicates"]:
+    """An activation matching's `fraction_significant` under each row of `weights` (how many times
+    each group of tokens is drawn), with the matching and its thresholds held fixed: each matched
+    pair's correlation is recomputed on the resampled tokens, around the means of all the tokens
+    (as `ReconstructionStats.bootstrap` keeps its centre). Re-running the matching per resample
+    would cost a Hungarian assignment each; this interval covers the token sampling of the
+    correlations, not the choice of partners."""
+    if matching.kind != "activation":
+        raise ValueError(f"only an activation matching depends on the tokens, not a {matching.kind} matching")
+    rows, cols = torch.from_numpy(matching.source_index), torch.from_numpy(matching.target_index)
+    n_groups = weights.shape[1]
+    mean_a, mean_b = lat_a[:, rows].double().mean(0).cpu(), lat_b[:, cols].double().mean(0).cpu()
+    sums = torch.zeros(3, n_groups, len(rows), dtype=torch.float64)  # (a a, b b, a b) around the means
+    for i in range(0, len(lat_a), chunk):
+        a = lat_a[i:i + chunk, rows.to(lat_a.device)].double().cpu() - mean_a
+        b = lat_b[i:i + chunk, cols.to(lat_b.device)].double().cpu() - mean_b
+        g = groups[i:i + chunk].cpu()
+        for k, v in enumerate((a * a, b * b, a * b)):
+            sums[k].index_add_(0, g, v)
+    aa, bb, ab = (weights.double() @ part for part in sums)
+    correlation = ab / (aa * bb).sqrt().clamp(min=1e-300)
+    floor = max(matching.null_threshold, matching.min_similarity)
+    return (correlation > floor).double().mean(1)
+
+
 def null_shift(n_tokens: int, sequences: Int[Tensor, " t"] | None, seed: int) -> int:
     """A seeded shift between a quarter and three quarters of the tokens, moved to the start of a
     sequence when `sequences` is given (token t of A is then paired with token t + shift of B)."""

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 from sae_lens import SAE
-from scipy.stats import spearmanr
+from scipy.stats import rankdata, spearmanr
 
 from layerflow import defaults
 from layerflow.dictionaries.kinds import is_transcoder, output_hook
@@ -48,7 +48,7 @@ from layerflow.metrics import InputSums, ReconstructionStats, bootstrap_weights,
 from layerflow.models.sites import Site
 from layerflow.transfer.calibration import Calibration, SiteMatch
 from layerflow.transfer.coder import Coder, LinearCoder, dense_latents, make_coder, with_skip
-from layerflow.transfer.matching import decoder_top1_cosine, match_activations, match_decoders
+from layerflow.transfer.matching import decoder_top1_cosine, match_activations, match_decoders, resampled_fraction
 from layerflow.transfer.matrix import TransferMatrix
 
 
@@ -78,11 +78,27 @@ class _PairAccumulators:
     persistence: ReconstructionStats  # the source dictionary on its own site, carried to the target
     latent_sum: torch.Tensor  # raw mode, per latent, for the notes' variance ratio
     latent_sq_sum: torch.Tensor
+    latent_group_sums: list[torch.Tensor] | None = None  # the same per resampling group, [groups, d_sae] each
+    replicates: dict[str, torch.Tensor] | None = None  # every resampled figure of the pair: `_resample_pair`
 
     @classmethod
-    def empty(cls, d_sae: int) -> "_PairAccumulators":
+    def empty(cls, d_sae: int, grouped: bool) -> "_PairAccumulators":
         return cls(ReconstructionStats(), ReconstructionStats(), ReconstructionStats(), ReconstructionStats(),
-                   torch.zeros(d_sae, dtype=torch.float64), torch.zeros(d_sae, dtype=torch.float64))
+                   torch.zeros(d_sae, dtype=torch.float64), torch.zeros(d_sae, dtype=torch.float64),
+                   [] if grouped else None)
+
+    def latent_variances(self) -> torch.Tensor:
+        """Each latent's variance over the tokens (raw mode): the notes' variance ratio."""
+        n = self.raw.n
+        return (self.latent_sq_sum / n - (self.latent_sum / n) ** 2).clamp(min=0)
+
+    def top_latents(self, k: int) -> torch.Tensor:
+        """The k latents of largest variance (on the source's own site, for the diagonal pair)."""
+        variances = self.latent_variances()
+        return variances.topk(min(k, len(variances))).indices
+
+
+STATS = ("raw", "scale_only", "matched", "persistence")
 
 
 @torch.no_grad()
@@ -181,9 +197,11 @@ def _pair_matrix(dictionaries: dict[str, SAE], activations: dict[str, torch.Tens
     in_norms = [x.norm(dim=-1).double().mean().item() for x in xs]
     out_norms = in_norms if not transcoders else [y.norm(dim=-1).double().mean().item() for y in ys]
     y_means = [y.double().mean(0) for y in ys]
-    centered_gram, raw_gram = _grams(ys, y_means)
     coders = [make_coder(dictionaries[h], device) for h in in_hooks]
     groups, n_groups = _groups(sequences, n_tokens)
+    weights = bootstrap_weights(n_groups, options.bootstrap, options.seed) \
+        if options.bootstrap and n_groups >= defaults.MIN_BOOTSTRAP_GROUPS else None
+    grams = _grams(ys, y_means, groups.to(device), n_groups)
     y_sums = [[InputSums.of(chunk, g, n_groups) for chunk, g in zip(y.split(bt), groups.split(bt))] for y in ys]
     acc: dict[tuple[int, int], _PairAccumulators] = {}
     total = n * n + (n if options.match_distance else 0)
@@ -194,7 +212,7 @@ def _pair_matrix(dictionaries: dict[str, SAE], activations: dict[str, torch.Tens
         buffers = tuple(torch.empty(2, min(bt, n_tokens), d_sae, device=device))  # P, pre-activations
         own: list[torch.Tensor] = []  # the source's raw output on its own site: kept from the diagonal pair, first
         for t in [s, *(t for t in range(n) if t != s)]:
-            pair = _PairAccumulators.empty(d_sae)
+            pair = _PairAccumulators.empty(d_sae, grouped=weights is not None)
             rho_in, rho_out = in_norms[s] / in_norms[t], out_norms[s] / out_norms[t]
             match = _match(coder, calibration, in_hooks, out_hooks, s, t, device)
             a = calibration.slope(out_hooks[s], out_hooks[t])
@@ -204,17 +222,19 @@ def _pair_matrix(dictionaries: dict[str, SAE], activations: dict[str, torch.Tens
                 if t == s:
                     own.append(raw)
                 pair.persistence.add(y_t, torch.add(carried, own[c], alpha=a), x_sums=y_sums[t][c], error_only=True)
+            if weights is not None:
+                _resample_pair(pair, weights, acc.get((s, s)), options.top_k)
             acc[s, t] = pair
             done += 1
             report(done, total)
         _release_freed_memory()
 
-    metrics = _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, [dictionaries[h] for h in in_hooks])
-    intervals, replicates = _bootstrap(acc, n, n_groups, options)
+    metrics = _assemble(acc, n, grams, options, [dictionaries[h] for h in in_hooks])
+    intervals, replicates = _bootstrap(acc, n, grams, weights, options)
     extras: dict[str, Any] = {"intervals": intervals, "replicates": replicates}
     if options.match_distance:
         _feature_matching(metrics, extras, dictionaries, xs, in_hooks, out_hooks, coders, calibration, sequences,
-                          options, lambda i: report(n * n + i, total))
+                          options, lambda i: report(n * n + i, total), groups, weights)
     return metrics, extras, in_norms, out_norms
 
 
@@ -239,31 +259,84 @@ def _groups(sequences: torch.Tensor | None, n_tokens: int) -> tuple[torch.Tensor
 
 
 KEPT_REPLICATES = ("explained_variance", "relative_transfer", "relative_persistence", "transfer_beyond_persistence")
+# Figures without a resampling interval, and why (`settings["no_interval"]` of every matrix).
+NO_INTERVAL = {
+    "decoder_similarity": "decoder weights only (over the source's top latents of the full sample)",
+    "decoder_top1_cosine_mean": "decoder weights only", "decoder_top1_cosine_median": "decoder weights only",
+    "decoder_matched_fraction": "decoder weights only",
+    "dead_fraction": "a count of latents never seen firing: they stay dead in every resample, which holds about "
+                     "63% of the sequences, so resampled dead fractions only rise; it falls as tokens are added",
+}
+CONDITIONAL = {  # what each of these intervals holds fixed
+    "activation_matched_fraction": "the matching's partners and thresholds; the matched correlations are resampled",
+    "feature_variance_ratio": "the source's top latents of the full sample",
+    "top_k_spearman": "the source's top latents of the full sample",
+}
+NO_INTERVAL_NOTE = ("figures from decoder weights alone do not depend on the tokens; how they vary with the training "
+                    "seed is what the seed-twin ceiling measures")
 
 
-def _bootstrap(acc: dict[tuple[int, int], "_PairAccumulators"], n: int, n_groups: int,
+def _resample_pair(pair: _PairAccumulators, weights: torch.Tensor, diagonal: _PairAccumulators | None,
+                   top_k: int) -> None:
+    """Every resampled figure of one pair (`diagonal`: the source on its own site, None for that pair
+    itself), kept on the pair as [replicates] tensors; its per-group sums are then dropped, since
+    they are most of a pair's memory. The notes' variance figures keep the source's top latents of
+    the full sample in every resample."""
+    w, r = weights.double(), {}
+    n_w = w @ pair.raw.groups["n"]
+    for kind in STATS:
+        stats = getattr(pair, kind)
+        r.update({f"{kind}.{name}": v for name, v in stats.resample(weights).items()})
+        stats.groups = None
+    top = (pair if diagonal is None else diagonal).top_latents(top_k)
+    sums, squares = (torch.stack([part[i] for part in pair.latent_group_sums]).sum(0)[:, top.cpu()] for i in (0, 1))
+    mean = (w @ sums) / n_w[:, None]
+    r["top_variance"] = ((w @ squares) / n_w[:, None] - mean ** 2).clamp(min=0)
+    source = r["top_variance"] if diagonal is None else diagonal.replicates["top_variance"]
+    r["feature_variance_ratio"] = r["top_variance"].mean(1) / source.mean(1)
+    r["top_k_spearman"] = _spearman_rows(source, r["top_variance"])
+    pair.latent_group_sums, pair.replicates = None, r
+
+
+def _spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman's rank correlation of each row of a with the same row of b (average ranks for ties,
+    as scipy's `spearmanr`); NaN where b's row is constant."""
+    ra, rb = (torch.from_numpy(rankdata(v.numpy(), axis=1)) for v in (a, b))
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    rho = (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
+    return torch.where(b.std(1) > 0, rho, torch.nan)
+
+
+def _bootstrap(acc: dict[tuple[int, int], _PairAccumulators], n: int, grams: "_Grams", weights: torch.Tensor | None,
                options: TransferOptions) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]:
     """Bootstrap over whole sequences, every pair resampled with the same draws: the `options.interval`
-    percentile interval of every figure that is a sum over tokens (the EVs, relative figures,
-    persistence and the notes' MSE ratio), and the resampled matrices [B, n, n] of KEPT_REPLICATES.
-    Returns (intervals, replicates)."""
-    if not options.bootstrap or n_groups < defaults.MIN_BOOTSTRAP_GROUPS:
+    percentile interval of every figure that depends on the tokens (all but NO_INTERVAL and the
+    feature matchings, which `_feature_matching` adds), and the resampled matrices [B, n, n] of
+    KEPT_REPLICATES. Returns (intervals, replicates)."""
+    if weights is None:
         return {}, {}
-    weights = bootstrap_weights(n_groups, options.bootstrap, options.seed)
-    ev = {kind: {k: getattr(pair, kind).bootstrap(weights) for k, pair in acc.items()}
-          for kind in ("raw", "scale_only", "matched", "persistence")}
-    mse = {k: pair.raw.bootstrap_mse(weights) for k, pair in acc.items()}
+    raw, centered = grams.resampled(weights)
     replicates: dict[str, np.ndarray] = {}
-    for (s, t) in acc:
-        own = ev["matched"][t, t]
-        relative, persistence = ev["matched"][s, t] / own, ev["persistence"][s, t] / own
+    for (s, t), pair in acc.items():
+        r = pair.replicates
+        own = acc[t, t].replicates["matched.explained_variance"]
+        mse = acc[s, s].replicates["raw.mse"], r["raw.mse"]
+        relative = r["matched.explained_variance"] / own
+        persistence = r["persistence.explained_variance"] / own
         samples = {
-            "transfer_recon_ratio": mse[s, s] / mse[s, t], "transfer_recon_ratio_inverse": mse[s, t] / mse[s, s],
-            "explained_variance_raw": ev["raw"][s, t], "explained_variance_scale_only": ev["scale_only"][s, t],
-            "explained_variance": ev["matched"][s, t], "relative_transfer_raw": ev["raw"][s, t] / own,
-            "relative_transfer_scale_only": ev["scale_only"][s, t] / own, "relative_transfer": relative,
-            "delta_fvu": own - ev["matched"][s, t], "persistence_ev_through_source": ev["persistence"][s, t],
-            "relative_persistence": persistence, "transfer_beyond_persistence": relative - persistence}
+            "transfer_recon_ratio": mse[0] / mse[1], "transfer_recon_ratio_inverse": mse[1] / mse[0],
+            "feature_variance_ratio": r["feature_variance_ratio"], "top_k_spearman": r["top_k_spearman"],
+            "explained_variance_raw": r["raw.explained_variance"],
+            "explained_variance_scale_only": r["scale_only.explained_variance"],
+            "explained_variance": r["matched.explained_variance"],
+            "relative_transfer_raw": r["raw.explained_variance"] / own,
+            "relative_transfer_scale_only": r["scale_only.explained_variance"] / own, "relative_transfer": relative,
+            "delta_fvu": own - r["matched.explained_variance"],
+            "persistence_ev_identity": 1 - (raw[:, t, t] + raw[:, s, s] - 2 * raw[:, s, t]) / centered[:, t, t],
+            "persistence_ev_scalar": centered[:, s, t] ** 2 / (centered[:, s, s] * centered[:, t, t]),
+            "persistence_ev_through_source": r["persistence.explained_variance"],
+            "relative_persistence": persistence, "transfer_beyond_persistence": relative - persistence,
+            "l0": r["matched.l0"], "l2_ratio": r["matched.l2_ratio"]}
         for name, values in samples.items():
             replicates.setdefault(name, np.full((options.bootstrap, n, n), np.nan))[:, s, t] = values.numpy()
     intervals = {name: percentile_interval(r, options.interval) for name, r in replicates.items()}
@@ -285,6 +358,8 @@ def _accumulate(coder: Coder, x_t: torch.Tensor, y_t: torch.Tensor, rho_in: floa
     """The source on one batch of the target, against y_t: raw, scale-only and matched, from one
     encoder matmul. Returns the raw output."""
     d_sae = len(pair.latent_sum)
+    grouped = pair.latent_group_sums is not None
+    groups, n_groups = (y_sums.groups, len(y_sums.group_n)) if grouped else (None, 0)
     if isinstance(coder, LinearCoder):
         P, buffer = buffers[0][:len(x_t)], buffers[1][:len(x_t)]
         torch.mm(x_t, coder.W_enc, out=P)
@@ -293,13 +368,14 @@ def _accumulate(coder: Coder, x_t: torch.Tensor, y_t: torch.Tensor, rho_in: floa
         latents, scaled, matched = coder.encode_variants(P, variants, buffer)
         raw = with_skip(coder.decode(latents), skip, 1.0)
         pair.raw.add(y_t, raw, x_sums=y_sums, error_only=True)
-        total, squares = latents.sums(d_sae)
+        if grouped:
+            pair.latent_group_sums.append(latents.sums(d_sae, groups, n_groups))
         pair.scale_only.add(y_t, with_skip(coder.decode(scaled), skip, rho_in) / rho_out, x_sums=y_sums, error_only=True)
         prediction = with_skip(coder.decode(matched), skip, match.into.alpha)
         if match.skip_shift is not None:
             prediction += match.skip_shift
         pair.matched.add(y_t, match.back.to_target(prediction), x_sums=y_sums)
-        pair.matched.add_firing(*matched.firing(d_sae))
+        pair.matched.add_firing(*matched.firing(d_sae, groups, n_groups))
     else:
         lat, raw = coder.reconstruct(x_t)
         pair.raw.add(y_t, raw, x_sums=y_sums, error_only=True)
@@ -307,9 +383,18 @@ def _accumulate(coder: Coder, x_t: torch.Tensor, y_t: torch.Tensor, rho_in: floa
         pair.scale_only.add(y_t, prediction_s / rho_out, x_sums=y_sums, error_only=True)
         lat_m, prediction_m = coder.reconstruct(match.into.to_source(x_t))
         pair.matched.add(y_t, match.back.to_target(prediction_m), lat_m, x_sums=y_sums)
-        total, squares = lat.sum(0, dtype=torch.float64), lat.square().sum(0, dtype=torch.float64)
+        if grouped:
+            pair.latent_group_sums.append(tuple(torch.zeros(n_groups, d_sae, dtype=torch.float64, device=lat.device)
+                                                .index_add_(0, groups, v.double()) for v in (lat, lat.square())))
+    if grouped:
+        total, squares = pair.latent_group_sums[-1][0].sum(0), pair.latent_group_sums[-1][1].sum(0)
+    else:
+        total, squares = latents.sums(d_sae) if isinstance(coder, LinearCoder) else \
+            (lat.sum(0, dtype=torch.float64), lat.square().sum(0, dtype=torch.float64))
     pair.latent_sum += total.cpu()
     pair.latent_sq_sum += squares.cpu()
+    if grouped:
+        pair.latent_group_sums[-1] = tuple(v.cpu() for v in pair.latent_group_sums[-1])
     return raw
 
 
@@ -348,17 +433,41 @@ def _checked_outputs(dictionaries: dict[str, SAE], activations: dict[str, torch.
     return out_hooks
 
 
-def _grams(xs: list[torch.Tensor], means: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[n, n] sums over tokens of <x_i - mean_i, x_j - mean_j> and of <x_i, x_j>, in float64."""
-    T = xs[0].shape[0]
-    flat = torch.stack([x.double().reshape(-1) for x in xs])  # [n, T*d]
-    raw = flat @ flat.T
-    mean_flat = torch.stack(means)  # [n, d]
-    centered = raw - T * (mean_flat @ mean_flat.T)
-    return centered, raw
+@dataclass
+class _Grams:
+    """Per resampling group g, sums over its tokens of <y_i, y_j> (`raw`) and of
+    <y_i - mean_i, y_j - mean_j> (`centered`, around the means of all the tokens), [groups, n, n]
+    float64: the dictionary-free persistence figures and their resamples."""
+
+    raw: torch.Tensor
+    centered: torch.Tensor
+
+    def resampled(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw, centered) summed under each row of `weights`: [replicates, n, n] each."""
+        g, n = self.raw.shape[:2]
+        w = weights.double()
+        return tuple((w @ m.reshape(g, n * n)).reshape(-1, n, n) for m in (self.raw, self.centered))
 
 
-def _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, saes) -> dict[str, np.ndarray]:
+def _grams(ys: list[torch.Tensor], means: list[torch.Tensor], groups: torch.Tensor, n_groups: int) -> _Grams:
+    """The per-group grams of the sites `ys`; `groups` numbers consecutive runs of tokens."""
+    n, d = len(ys), ys[0].shape[1]
+    sizes = torch.bincount(groups, minlength=n_groups).cpu()
+    raw = torch.zeros(n_groups, n, n, dtype=torch.float64)
+    sums = torch.zeros(n_groups, n, d, dtype=torch.float64)
+    start = 0
+    for g, size in enumerate(sizes.tolist()):
+        block = torch.stack([y[start:start + size].double() for y in ys])  # [n, size, d]
+        flat = block.reshape(n, -1)
+        raw[g], sums[g] = (flat @ flat.T).cpu(), block.sum(1).cpu()
+        start += size
+    mu = torch.stack(means).cpu()  # [n, d]
+    cross = torch.einsum("sd,gtd->gst", mu, sums)  # mean_s . (sum of y_t over group g)
+    centered = raw - cross - cross.transpose(1, 2) + sizes.double()[:, None, None] * (mu @ mu.T)
+    return _Grams(raw, centered)
+
+
+def _assemble(acc, n, grams: _Grams, options, saes) -> dict[str, np.ndarray]:
     """Every metric of `_PairAccumulators`; the grams are those of the sites compared with."""
     names = ["transfer_recon_ratio", "transfer_recon_ratio_inverse", "feature_variance_ratio", "top_k_spearman",
              "decoder_similarity", "explained_variance_raw", "explained_variance_scale_only", "explained_variance",
@@ -370,9 +479,10 @@ def _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, saes) -> dict[
     scaled = {k: v.scale_only.compute() for k, v in acc.items()}
     matched = {k: v.matched.compute() for k, v in acc.items()}
     persist = {k: v.persistence.compute() for k, v in acc.items()}
-    variances = {k: (v.latent_sq_sum / n_tokens - (v.latent_sum / n_tokens) ** 2).clamp(min=0) for k, v in acc.items()}
-    top = {s: variances[s, s].topk(min(options.top_k, len(variances[s, s]))).indices for s in range(n)}
+    variances = {k: v.latent_variances() for k, v in acc.items()}
+    top = {s: acc[s, s].top_latents(options.top_k) for s in range(n)}
     decoders = [sae.W_dec.detach().float() for sae in saes]
+    raw_gram, centered_gram = grams.raw.sum(0), grams.centered.sum(0)
     for (s, t) in acc:
         own = matched[t, t].explained_variance
         m["transfer_recon_ratio"][s, t] = raw[s, s].mse / raw[s, t].mse
@@ -401,15 +511,18 @@ def _assemble(acc, n, centered_gram, raw_gram, n_tokens, options, saes) -> dict[
 
 
 def _feature_matching(metrics, extras, saes, xs, in_hooks, out_hooks, coders, calibration, sequences, options,
-                      report) -> None:
+                      report, groups, weights) -> None:
     """Decoder top-1 cosines for every pair; Hungarian matchings and Feature Flow's transition for pairs
     within `match_distance`. The decoder null rotates inside the principal subspace of the site the
-    decoders write to when `calibration` has covariances, else the whole space."""
+    decoders write to when `calibration` has covariances, else the whole space. With `weights`,
+    intervals for the two figures that depend on the tokens (the decoder figures do not)."""
     n = len(in_hooks)
     decoders = [saes[h].W_dec.detach().float() for h in in_hooks]
     for name in ("decoder_top1_cosine_mean", "decoder_top1_cosine_median", "decoder_matched_fraction",
                  "activation_matched_fraction", "feature_flow_ev"):
         metrics[name] = np.full((n, n), np.nan)
+    resampled = {name: np.full((len(weights), n, n), np.nan) for name in ("activation_matched_fraction",
+                                                                          "feature_flow_ev")} if weights is not None else {}
     for s in range(n):
         for t in range(n):
             top1 = decoder_top1_cosine(decoders[s], decoders[t])
@@ -428,17 +541,24 @@ def _feature_matching(metrics, extras, saes, xs, in_hooks, out_hooks, coders, ca
                 rotations[t] = calibration.rotation(out_hooks[t], options.seed + t)
             dec = match_decoders(decoders[s], decoders[t], options.null_quantile, options.seed, rotations.get(t))
             act = match_activations(latents[s], latents[t], options.null_quantile, options.seed, sequences=sequences)
+            fractions = resampled_fraction(act, latents[s], latents[t], groups, weights) if weights is not None else None
             for i, j in ((s, t), (t, s)):
                 metrics["decoder_matched_fraction"][i, j] = dec.fraction_significant
                 metrics["activation_matched_fraction"][i, j] = act.fraction_significant
+                if fractions is not None:
+                    resampled["activation_matched_fraction"][:, i, j] = fractions.numpy()
                 if in_hooks == out_hooks:  # SAEs: Feature Flow's transition (a transcoder's latents predict another site)
-                    metrics["feature_flow_ev"][i, j] = feature_flow_ev(
-                        latents[i], coders[i], coders[j], xs[j],
-                        calibration.spread(in_hooks[j]) / calibration.spread(in_hooks[i]), options.batch_tokens)
+                    flow = feature_flow(latents[i], coders[i], coders[j], xs[j],
+                                        calibration.spread(in_hooks[j]) / calibration.spread(in_hooks[i]),
+                                        options.batch_tokens, groups if weights is not None else None)
+                    metrics["feature_flow_ev"][i, j] = flow.compute().explained_variance
+                    if weights is not None:
+                        resampled["feature_flow_ev"][:, i, j] = flow.bootstrap(weights).numpy()
             matched[in_hooks[s], in_hooks[t]] = {"decoder": dec, "activation": act}
         latents.pop(s, None)
         report(s + 1)
     extras["matched_features"] = matched
+    extras["intervals"].update({name: percentile_interval(r, options.interval) for name, r in resampled.items()})
 
 
 def _interval_settings(options: TransferOptions, sequences: torch.Tensor | None, n_tokens: int) -> dict[str, Any]:
@@ -451,7 +571,8 @@ def _interval_settings(options: TransferOptions, sequences: torch.Tensor | None,
         return {"intervals": f"none: only {n_groups} {groups}, and resamples of fewer than "
                              f"{defaults.MIN_BOOTSTRAP_GROUPS} say little; use more held-out tokens"}
     return {"intervals": f"{options.interval:.0%} percentile bootstrap, {options.bootstrap} resamples of {n_groups} whole "
-                         f"{groups}; the figures themselves use every token"}
+                         f"{groups}; the figures themselves use every token",
+            "no_interval": {**NO_INTERVAL, "note": NO_INTERVAL_NOTE}, "conditional_intervals": CONDITIONAL}
 
 
 def _null_settings(calibration: Calibration, sequences: torch.Tensor | None) -> dict[str, str]:
@@ -463,27 +584,30 @@ def _null_settings(calibration: Calibration, sequences: torch.Tensor | None) -> 
             "min_decoder_cosine": defaults.MIN_DECODER_COSINE}
 
 
-def feature_flow_ev(latents_i: torch.Tensor, coder_i: Coder, coder_j: Coder, x_j: torch.Tensor, spread_ratio: float,
-                    batch_tokens: int) -> float:
+def feature_flow(latents_i: torch.Tensor, coder_i: Coder, coder_j: Coder, x_j: torch.Tensor, spread_ratio: float,
+                 batch_tokens: int, groups: torch.Tensor | None = None) -> ReconstructionStats:
     """Feature Flow's transition (Laptev et al. 2025, appendix): each latent of SAE_i is sent to its
-    top-1 decoder-cosine partner in SAE_j, and EV on x_j of decode_j(T encode_i(x_i)). A latent's
-    contribution keeps its size in data units times s_j / s_i (the spread rule of the cross-site
-    match): its value is multiplied by ||d_i|| s_j / (s_i ||d_partner||)."""
+    top-1 decoder-cosine partner in SAE_j, and decode_j(T encode_i(x_i)) is scored on x_j (its
+    explained variance is `feature_flow_ev`; with `groups`, each token's resampling group, it can
+    be resampled). A latent's contribution keeps its size in data units times s_j / s_i (the
+    spread rule of the cross-site match): its value is multiplied by ||d_i|| s_j / (s_i ||d_partner||)."""
     dec_i, dec_j = _decoding_rows(coder_i), _decoding_rows(coder_j)
     norm_i, norm_j = dec_i.norm(dim=-1), dec_j.norm(dim=-1)
     a, b = dec_i / norm_i.clamp(min=1e-12)[:, None], dec_j / norm_j.clamp(min=1e-12)[:, None]
     partner = torch.cat([(a[k:k + 4096] @ b.T).argmax(1) for k in range(0, len(a), 4096)])
     weight = norm_i * spread_ratio / norm_j[partner].clamp(min=1e-12)
+    n_groups = int(groups.max()) + 1 if groups is not None else 0
+    chunks = groups.split(batch_tokens) if groups is not None else [None] * len(x_j.split(batch_tokens))
     stats = ReconstructionStats()
-    for z, x in zip(latents_i.split(batch_tokens), x_j.split(batch_tokens)):
+    for z, x, g in zip(latents_i.split(batch_tokens), x_j.split(batch_tokens), chunks):
         mapped = torch.zeros(len(z), len(dec_j), dtype=torch.float32, device=z.device)
         mapped.index_add_(1, partner.to(z.device), z.float() * weight.to(z.device))
         if isinstance(coder_j, LinearCoder):
             x_hat = mapped @ coder_j.W_dec + coder_j.b_dec
         else:
             x_hat = coder_j.sae.decode(mapped.to(coder_j.sae.dtype)).float()
-        stats.add(x, x_hat)
-    return stats.compute().explained_variance
+        stats.add(x, x_hat, x_sums=InputSums.of(x, g, n_groups) if g is not None else None, error_only=True)
+    return stats
 
 
 def _decoding_rows(coder: Coder) -> torch.Tensor:
