@@ -177,6 +177,28 @@ def test_spliced_figures_on_fewer_tokens_use_the_first_sequences(tmp_path_factor
         assert results[hook].reconstruction.n_tokens == len(_heldout(store, hook))  # reconstruction: all tokens
 
 
+def test_resampled_spliced_figures_equal_splicing_the_drawn_sequences(tmp_path_factory):
+    from layerflow.evaluate.splice import splice_start, spliced_metrics, spliced_sums
+
+    loaded, store = _store("gpt2-twin", tmp_path_factory)
+    sites = store.manifest.sites
+    saes = {s["hook_name"]: _sae(s["d"], seed=i) for i, s in enumerate(sites)}
+    starts = {s["hook_name"]: splice_start(s["layer"], s["kind"]) for s in sites}
+    tokens, specials = store.tokens("heldout"), store.manifest.special_token_ids
+    sums = spliced_sums(saes, loaded.model, tokens, starts, specials)
+    counts = torch.stack([torch.bincount(r, minlength=len(tokens))
+                          for r in torch.randint(len(tokens), (2, len(tokens)), generator=torch.Generator().manual_seed(0))])
+    for b in range(2):
+        drawn = spliced_metrics(saes, loaded.model, tokens.repeat_interleave(counts[b], dim=0), starts, specials)
+        for hook in saes:
+            again = sums.resample(hook, counts)
+            assert again["delta_ce"][b].item() == pytest.approx(drawn[hook]["delta_ce"], rel=1e-4, abs=1e-6)
+            assert again["kl_div"][b].item() == pytest.approx(drawn[hook]["kl_div"], rel=1e-4, abs=1e-7)
+    for hook, r in sums.metrics().items():  # every sequence once is the figure itself
+        once = sums.resample(hook, torch.ones(1, len(tokens)))
+        assert once["delta_ce"].item() == pytest.approx(r["delta_ce"], rel=1e-12)
+
+
 def test_left_padding_tokenizer_masks_both_passes():
     """With a left-padding tokenizer TL masks leading pads itself; the spliced pass must too."""
     from tokenizers import Tokenizer, models

@@ -1,6 +1,5 @@
 """Training runs: SAELens folders, determinism, resume, bad input, and the 30-layer end-to-end run."""
 
-import json
 
 import pytest
 import torch

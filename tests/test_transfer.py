@@ -11,7 +11,6 @@ import torch
 from scipy.stats import spearmanr
 from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 
-import layerflow.transfer as transfer
 from conftest import run_cli, tiny_twin
 from layerflow.capture import CaptureConfig, capture
 from layerflow.errors import LayerflowError
@@ -326,6 +325,9 @@ def test_spliced_diagonal_equals_the_spliced_evals(tiny_run, tmp_path):
         assert matrix["spliced_delta_ce"][i, i] == pytest.approx(evals[site.hook_name].delta_ce, rel=1e-4, abs=1e-6)
         assert matrix["spliced_kl"][i, i] == pytest.approx(evals[site.hook_name].kl_div, rel=1e-4, abs=1e-6)
     assert np.isfinite(matrix["spliced_delta_ce"]).all()
+    for name in ("spliced_delta_ce", "spliced_kl"):  # resampled over the spliced sequences
+        low, high = matrix.intervals[name]
+        assert (low <= matrix[name] + 1e-9).all() and (matrix[name] <= high + 1e-9).all() and (low < high).all()
 
 
 # ---------------------------------------------------------------- floors and ceilings

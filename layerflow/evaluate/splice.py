@@ -20,7 +20,7 @@ serve the interventions of `features.intervene`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,9 @@ from jaxtyping import Float, Int
 from layerflow.dictionaries.kinds import predict
 from layerflow.models.load import attention_mask
 from layerflow.models.sites import prepare_hooks
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 
 def splice_start(layer: int, kind: str) -> tuple[int, bool]:
@@ -61,6 +64,11 @@ class CleanBatch:
     def nll_sum(self, logp: Float[torch.Tensor, "batch pos vocab"]) -> float:
         """Summed next-token loss of `logp` (one copy of the batch) over the counted predictions."""
         return next_token_nll(logp, self.tokens)[self.keep_ce].double().sum().item()
+
+    def nll_rows(self, logp: Float[torch.Tensor, "batch pos vocab"]) -> Float[torch.Tensor, " batch"]:
+        """`nll_sum` per sequence, float64 on the CPU."""
+        nll = next_token_nll(logp, self.tokens).double()
+        return torch.where(self.keep_ce, nll, 0.0).sum(1).cpu()
 
     def kl(self, logp: Float[torch.Tensor, "batch pos vocab"]) -> Float[torch.Tensor, "batch pos"]:
         """KL(clean || patched) of the next-token distributions, per position."""
@@ -100,8 +108,46 @@ def patched_logp(model: Any, clean: CleanBatch, start: int, fwd_hooks: list, cop
     return out.log_softmax(-1)
 
 
+@dataclass
+class SplicedSums:
+    """Per held-out sequence: the counted predictions (`n_ce`) and positions (`n_kl`), the clean
+    next-token loss, and for each site (`hook`) [sequences, 3] sums of the spliced loss, the
+    zero-ablated loss and KL(clean || spliced). `metrics()` gives the figures; `resample` the
+    figures of whole sequences drawn again (the transfer matrix's intervals)."""
+
+    n_ce: torch.Tensor
+    n_kl: torch.Tensor
+    clean: torch.Tensor
+    sites: dict[str, torch.Tensor]
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        n_ce, n_kl = max(self.n_ce.sum().item(), 1), max(self.n_kl.sum().item(), 1)
+        clean = self.clean.sum().item() / n_ce
+        results = {}
+        for hook, s in self.sites.items():
+            spliced, zero, kl = s[:, 0].sum().item() / n_ce, s[:, 1].sum().item() / n_ce, s[:, 2].sum().item() / n_kl
+            results[hook] = {"ce_clean": clean, "ce_spliced": spliced, "ce_zero_ablation": zero,
+                             "ce_loss_score": (zero - spliced) / (zero - clean) if zero != clean else float("nan"),
+                             "delta_ce": spliced - clean, "kl_div": kl}
+        return results
+
+    def resample(self, hook: str, weights: Float[torch.Tensor, "replicates sequences"]) -> dict[str, torch.Tensor]:
+        """delta_ce and kl_div of `hook` under each row of `weights` (how many times each sequence is drawn)."""
+        w, s = weights.double(), self.sites[hook]
+        return {"delta_ce": (w @ (s[:, 0] - self.clean)) / (w @ self.n_ce), "kl_div": (w @ s[:, 2]) / (w @ self.n_kl)}
+
+
 @torch.no_grad()
-def spliced_metrics(
+def spliced_metrics(saes: dict[str, "SAE"], model: Any, tokens: Int[torch.Tensor, "seqs ctx"],
+                    starts: dict[str, tuple[int, bool]], special_ids: list[int], batch_size: int = 8,
+                    on_batch: Callable[[int], None] | None = None,
+                    targets: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
+    """CE clean/spliced/zero-ablated, CE loss score, delta CE and KL for each site's SAE: `spliced_sums`."""
+    return spliced_sums(saes, model, tokens, starts, special_ids, batch_size, on_batch, targets).metrics()
+
+
+@torch.no_grad()
+def spliced_sums(
     saes: dict[str, "SAE"],
     model: Any,
     tokens: Int[torch.Tensor, "seqs ctx"],
@@ -110,8 +156,8 @@ def spliced_metrics(
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
     targets: dict[str, str] | None = None,
-) -> dict[str, dict[str, float]]:
-    """CE clean/spliced/zero-ablated, CE loss score, delta CE and KL for each site's SAE.
+) -> SplicedSums:
+    """The per-sequence sums behind CE clean/spliced/zero-ablated and KL for each site's SAE.
 
     `saes` are keyed by the hook they read. Each replaces `targets[hook]` (default: that same hook;
     a transcoder's target, e.g. `hook_mlp_out`) with its prediction from the clean activation.
@@ -122,13 +168,13 @@ def spliced_metrics(
     prepare_hooks(model, list(saes) + list(targets.values()))
     cached = set(saes) | set(targets.values()) | {f"blocks.{layer}.hook_resid_pre" for layer, is_input in starts.values()
                                                   if not is_input}
-    sums = {h: torch.zeros(3, dtype=torch.float64) for h in saes}  # CE spliced, CE zero-ablated, KL
-    clean_sum, n_ce, n_kl = 0.0, 0, 0
+    rows: dict[str, list[torch.Tensor]] = {h: [] for h in saes}  # per batch, [batch, 3]
+    clean_rows, n_ce, n_kl = [], [], []
     for b, clean in enumerate(clean_batches(model, tokens, special_ids, batch_size, cached)):
         n, keep = clean.tokens.shape[0], clean.keep
-        clean_sum += clean.nll_sum(clean.logp)
-        n_ce += int(clean.keep_ce.sum())
-        n_kl += int(keep.sum())
+        clean_rows.append(clean.nll_rows(clean.logp))
+        n_ce.append(clean.keep_ce.sum(1).double().cpu())
+        n_kl.append(keep.sum(1).double().cpu())
         for hook, sae in saes.items():
             x_in, act = clean.cache[hook], clean.cache[targets[hook]]
             recon = predict(sae, x_in.to(sae.device, sae.dtype)).to(act.device, act.dtype)
@@ -136,15 +182,11 @@ def spliced_metrics(
             start, is_input = starts[hook]
             replace = [(targets[hook], lambda a, hook, both=both: both)]
             logp = patched_logp(model, clean, start, replace, copies=2, resid=both if is_input else None)
-            sums[hook] += torch.tensor([clean.nll_sum(logp[:n]), clean.nll_sum(logp[n:]),
-                                        clean.kl(logp[:n])[keep].double().sum().item()], dtype=torch.float64)
+            kl = torch.where(keep, clean.kl(logp[:n]).double(), 0.0).sum(1).cpu()
+            rows[hook].append(torch.stack([clean.nll_rows(logp[:n]), clean.nll_rows(logp[n:]), kl], 1))
         if on_batch:
             on_batch(b + 1)
-    clean = clean_sum / max(n_ce, 1)
-    results = {}
-    for hook, s in sums.items():
-        spliced, zero, kl = s[0].item() / max(n_ce, 1), s[1].item() / max(n_ce, 1), s[2].item() / max(n_kl, 1)
-        results[hook] = {"ce_clean": clean, "ce_spliced": spliced, "ce_zero_ablation": zero,
-                         "ce_loss_score": (zero - spliced) / (zero - clean) if zero != clean else float("nan"),
-                         "delta_ce": spliced - clean, "kl_div": kl}
-    return results
+    empty = torch.zeros(0, dtype=torch.float64)
+    cat = lambda parts: torch.cat(parts) if parts else empty  # noqa: E731
+    return SplicedSums(cat(n_ce), cat(n_kl), cat(clean_rows),
+                       {h: torch.cat(r) if r else torch.zeros(0, 3, dtype=torch.float64) for h, r in rows.items()})

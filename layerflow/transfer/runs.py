@@ -20,7 +20,8 @@ from layerflow.data.tokens import iter_documents
 from layerflow.dictionaries.io import load_saes
 from layerflow.dictionaries.kinds import is_transcoder, output_hook
 from layerflow.errors import LayerflowError
-from layerflow.evaluate.splice import splice_start, spliced_metrics
+from layerflow.metrics import bootstrap_weights, percentile_interval
+from layerflow.evaluate.splice import splice_start, spliced_sums
 from layerflow.files import (DEPTH_FILE, MATCHED_FILE, SUMMARY_FILE, TOKENS_KEY, TRANSFER_DIR, cross_dir_name, json_safe,
                              run_store, write_json)
 from layerflow.models.load import LoadedModel, load_model
@@ -187,15 +188,27 @@ def _add_spliced(matrix: TransferMatrix, saes: dict[str, SAE], store: Activation
     tokens = store.tokens("heldout")
     specials = store.manifest.special_token_ids if options.exclude_special_tokens else []
     starts = {t.hook_name: splice_start(t.layer, t.kind) for t in matrix.targets}
-    delta_ce = np.full((len(matrix.sources), len(matrix.targets)), np.nan)
-    kl = delta_ce.copy()
+    shape = (len(matrix.sources), len(matrix.targets))
+    figures = {"delta_ce": "spliced_delta_ce", "kl_div": "spliced_kl"}
+    values = {name: np.full(shape, np.nan) for name in figures.values()}
+    resampled = bool(options.bootstrap) and len(tokens) >= defaults.MIN_BOOTSTRAP_GROUPS
+    weights = bootstrap_weights(len(tokens), options.bootstrap, options.seed) if resampled else None
+    replicates = {name: np.full((options.bootstrap, *shape), np.nan) for name in figures.values()} if resampled else {}
     for i, source in enumerate(matrix.sources):
         placed = {t.hook_name: _Matched(saes[source.hook_name], calibration.match(source.hook_name, t.hook_name))
                   for t in matrix.targets}
-        results = spliced_metrics(placed, loaded.model, tokens, starts, specials)
+        sums = spliced_sums(placed, loaded.model, tokens, starts, specials)
+        results = sums.metrics()
         for j, target in enumerate(matrix.targets):
-            delta_ce[i, j], kl[i, j] = results[target.hook_name]["delta_ce"], results[target.hook_name]["kl_div"]
-    matrix.metrics["spliced_delta_ce"], matrix.metrics["spliced_kl"] = delta_ce, kl
+            for key, name in figures.items():
+                values[name][i, j] = results[target.hook_name][key]
+            if resampled:
+                for key, r in sums.resample(target.hook_name, weights).items():
+                    replicates[figures[key]][:, i, j] = r.numpy()
+    matrix.metrics.update(values)
+    matrix.intervals.update({name: percentile_interval(r, options.interval) for name, r in replicates.items()})
+    matrix.settings["spliced_intervals"] = (f"{options.interval:.0%} percentile bootstrap over the {len(tokens)} "
+                                            f"held-out sequences spliced" if resampled else "none")
 
 
 def write_transfer(matrix: TransferMatrix, folder: Path) -> list[Path]:
