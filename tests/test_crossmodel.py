@@ -23,7 +23,7 @@ from layerflow.transfer.align import (AlignedActivations, align_words, capture_a
                                       word_ends)
 from layerflow.transfer.cross_model import (benjamini_hochberg, compare_same_depth, cross_model_matrix, fit_affine,
                                             document_permutations, fit_stitch, linear_cka, match_features,
-                                            paired_svcca, same_depth_pairs)
+                                            paired_svcca, same_depth_pairs, centered_gram)
 
 R0, R1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 
@@ -348,6 +348,21 @@ def test_resamples_redraw_whole_held_out_documents(planted_matrix):
     x_hat = sae_b(x_b.float()).double()
     ev = 1 - (x_b - x_hat).square().sum() / (x_b - held.mean(0)).square().sum()  # centred on all held-out words
     assert matrix.replicates["target_sae_explained_variance"][r, 0, 0] == pytest.approx(ev.item(), abs=1e-5)
+    # CKA: the sums over the drawn CKA words' pairs of the U-centred Grams of all CKA words (a word paired with
+    # a copy of itself adds 0: the diagonal), recomputed on the drawn rows
+    sae_a = true_sae(planted_matrix[1], 0)
+    z_a, z_b = sae_a.encode(aligned.acts_a[R0][aligned.heldout]).detach(), sae_b.encode(held.float()).detach()
+    cka_rows, _ = document_permutations(documents, 2048, 100, 0)
+    kc, lc = centered_gram(z_a[cka_rows]), centered_gram(z_b[cka_rows])
+    drawn = torch.cat([torch.nonzero(documents[cka_rows] == d).flatten().repeat(int(w)) for d, w in zip(ids, weights[r])])
+    k, l = kc[drawn][:, drawn], lc[drawn][:, drawn]
+    cka = (k * l).sum() / ((k * k).sum() * (l * l).sum()).sqrt()
+    assert matrix.replicates["cka"][r, 0, 0] == pytest.approx(cka.item(), rel=1e-9)
+    for name in ("cka", "matched_feature_correlation_mean", "fraction_features_with_partner"):
+        low, high = matrix.intervals[name]
+        assert (low <= matrix[name] + 1e-9).all() and (matrix[name] <= high + 1e-9).all(), name
+        assert (low[0, 0] < high[0, 0]) or name == "fraction_features_with_partner", name
+    assert set(matrix.intervals) | set(matrix.settings["no_interval"]) == set(matrix.metrics)
 
 
 def test_matching_only_same_depth_pairs_leaves_the_rest_nan(planted_matrix):

@@ -64,7 +64,7 @@ from layerflow.metrics import InputSums, ReconstructionStats, bootstrap_weights,
 from layerflow.models.sites import Site
 from layerflow.transfer.align import AlignedActivations
 from layerflow.transfer.calibration import Calibration
-from layerflow.transfer.matching import ActivationCorrelation
+from layerflow.transfer.matching import ActivationCorrelation, resampled_correlations
 from layerflow.transfer.matrix import TransferMatrix, metric_names
 from layerflow.transfer.references import References
 from layerflow.transfer.summary import BOUNDS
@@ -370,7 +370,33 @@ class _Tests:
 
 
 RESAMPLED = ("stitched_explained_variance", "stitch_only_explained_variance", "target_sae_explained_variance",
-             "relative_transfer", "stitched_beyond_stitch")  # the figures with bootstrap resamples
+             "relative_transfer", "stitched_beyond_stitch", "cka", "matched_feature_correlation_mean",
+             "fraction_features_with_partner")  # the figures with bootstrap resamples
+NO_INTERVAL = {  # the rest, and why (`settings["no_interval"]`)
+    "cka_p_value": "a test, not an estimate", "paired_svcca_p_value": "a test, not an estimate",
+    "paired_svcca": "decoder weights of the matched pairs only",
+    "paired_svcca_pairs": "a count of the matching", "paired_svcca_components": "a count of the matching",
+}
+CONDITIONAL = {  # what each of these intervals holds fixed
+    "cka": "the U-centred Gram matrices of all the CKA words (each resample reweights their document blocks)",
+    "matched_feature_correlation_mean": "the matching; the held-out correlations are resampled",
+    "fraction_features_with_partner": "the matching and its Benjamini-Hochberg rejections; the held-out "
+                                      "correlation floor is applied to the resampled correlations",
+}
+
+
+def _cka_resampled(kc: Tensor, lc: Tensor, tests: "_Tests") -> Tensor:
+    """Debiased CKA under each bootstrap draw of the documents: the sums over word pairs of Kc Lc,
+    Kc Kc and Lc Lc, each pair weighted by how many times both words' documents are drawn."""
+    g, w = tests.groups[tests.cka_rows], tests.weights.double()
+    n_groups = w.shape[1]
+
+    def weighted(m: Tensor) -> Tensor:
+        blocks = torch.zeros(n_groups, len(g), dtype=torch.float64).index_add_(0, g, m)
+        blocks = torch.zeros(n_groups, n_groups, dtype=torch.float64).index_add_(1, g, blocks)
+        return ((w @ blocks) * w).sum(1)
+
+    return weighted(kc * lc) / (weighted(kc * kc) * weighted(lc * lc)).sqrt()
 
 
 def _pair_metrics(a: _SiteData, b: _SiteData, maps: tuple[AffineMap, AffineMap], target_ev: tuple[float, Tensor | None],
@@ -388,6 +414,8 @@ def _pair_metrics(a: _SiteData, b: _SiteData, maps: tuple[AffineMap, AffineMap],
         "relative_transfer": stitched_r / target_r if target_ev > 0 else torch.full_like(stitched_r, math.nan),
         "stitched_beyond_stitch": stitched_r - stitch_only_r}
     cka, cka_p = _cka_with_p(a.gram, b.gram, tests.cka_perms)
+    if resamples:
+        resamples["cka"] = _cka_resampled(a.gram, b.gram, tests)
     metrics = {
         "stitched_explained_variance": stitched,
         "stitch_only_explained_variance": stitch_only,
@@ -410,6 +438,15 @@ def _pair_metrics(a: _SiteData, b: _SiteData, maps: tuple[AffineMap, AffineMap],
         metrics["matched_feature_correlation_mean"] = float(matched.heldout_correlation.mean())
     if matched.n_live_source and tests.perms:
         metrics["fraction_features_with_partner"] = matched.significant.sum() / matched.n_live_source
+    if resamples and len(matched.source_index):
+        src, tgt = torch.from_numpy(matched.source_index), torch.from_numpy(matched.target_index)
+        r = resampled_correlations(a.latents_heldout[tests.rows][:, src], latents_b[tests.rows][:, tgt],
+                                   tests.groups[tests.rows], tests.weights)
+        resamples["matched_feature_correlation_mean"] = r.mean(1)
+        if matched.n_live_source and tests.perms:
+            rejected = torch.from_numpy(benjamini_hochberg(matched.p_value, tests.fdr))
+            resamples["fraction_features_with_partner"] = (
+                ((r >= defaults.MIN_ACTIVATION_CORRELATION) & rejected).sum(1) / matched.n_live_source).double()
     keep = torch.from_numpy(matched.significant)
     if tests.junk is not None:
         keep &= ~junk_features(a.latents_heldout, tests.junk)[matched.source_index]
@@ -499,6 +536,7 @@ def cross_model_matrix(
                      f"documents ({', '.join(RESAMPLED)})" if weights is not None else "none (bootstrap off)"
                      if not bootstrap else f"none: only {n_groups} held-out documents, and resamples of fewer than "
                      f"{defaults.MIN_BOOTSTRAP_GROUPS} say little; read more documents",
+        **({"no_interval": NO_INTERVAL, "conditional_intervals": CONDITIONAL} if weights is not None else {}),
     }
     references = _references(saes_b, twins_b or {}, aligned, tests, sites_b) if twins_b else {}
     return TransferMatrix("cross_model", sites_a, sites_b, metrics, settings, extras={"matched_features": matched},

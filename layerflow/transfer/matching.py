@@ -234,30 +234,34 @@ def match_activations(
 
 @torch.no_grad()
 def resampled_fraction(matching: FeatureMatching, lat_a: Float[Tensor, "t fa"], lat_b: Float[Tensor, "t fb"],
-                       groups: Int[Tensor, " t"], weights: Float[Tensor, "replicates groups"],
-                       chunk: int = 8192) -> Float[Tensor, " replicates"]:
+                       groups: Int[Tensor, " t"], weights: Float[Tensor, "replicates groups"]) -> Float[Tensor, " replicates"]:
     """An activation matching's `fraction_significant` under each row of `weights` (how many times
     each group of tokens is drawn), with the matching and its thresholds held fixed: each matched
-    pair's correlation is recomputed on the resampled tokens, around the means of all the tokens
-    (as `ReconstructionStats.bootstrap` keeps its centre). Re-running the matching per resample
-    would cost a Hungarian assignment each; this interval covers the token sampling of the
-    correlations, not the choice of partners."""
+    pair's correlation is recomputed on the resampled tokens (`resampled_correlations`). Re-running
+    the matching per resample would cost a Hungarian assignment each; this interval covers the
+    token sampling of the correlations, not the choice of partners."""
     if matching.kind != "activation":
         raise ValueError(f"only an activation matching depends on the tokens, not a {matching.kind} matching")
     rows, cols = torch.from_numpy(matching.source_index), torch.from_numpy(matching.target_index)
-    n_groups = weights.shape[1]
-    mean_a, mean_b = lat_a[:, rows].double().mean(0).cpu(), lat_b[:, cols].double().mean(0).cpu()
-    sums = torch.zeros(3, n_groups, len(rows), dtype=torch.float64)  # (a a, b b, a b) around the means
-    for i in range(0, len(lat_a), chunk):
-        a = lat_a[i:i + chunk, rows.to(lat_a.device)].double().cpu() - mean_a
-        b = lat_b[i:i + chunk, cols.to(lat_b.device)].double().cpu() - mean_b
-        g = groups[i:i + chunk].cpu()
-        for k, v in enumerate((a * a, b * b, a * b)):
+    correlation = resampled_correlations(lat_a[:, rows.to(lat_a.device)], lat_b[:, cols.to(lat_b.device)], groups,
+                                         weights)
+    return (correlation > max(matching.null_threshold, matching.min_similarity)).double().mean(1)
+
+
+@torch.no_grad()
+def resampled_correlations(a: Float[Tensor, "t m"], b: Float[Tensor, "t m"], groups: Int[Tensor, " t"],
+                           weights: Float[Tensor, "replicates groups"], chunk: int = 8192) -> Float[Tensor, "replicates m"]:
+    """The Pearson correlation of each column of a with the same column of b under each row of
+    `weights` (how many times each group of rows is drawn), around the means of all the rows (as
+    `ReconstructionStats.bootstrap` keeps its centre). A row of ones gives the plain correlations."""
+    mean_a, mean_b = a.double().mean(0).cpu(), b.double().mean(0).cpu()
+    sums = torch.zeros(3, weights.shape[1], a.shape[1], dtype=torch.float64)  # (a a, b b, a b) around the means
+    for i in range(0, len(a), chunk):
+        x, y, g = a[i:i + chunk].double().cpu() - mean_a, b[i:i + chunk].double().cpu() - mean_b, groups[i:i + chunk].cpu()
+        for k, v in enumerate((x * x, y * y, x * y)):
             sums[k].index_add_(0, g, v)
     aa, bb, ab = (weights.double() @ part for part in sums)
-    correlation = ab / (aa * bb).sqrt().clamp(min=1e-300)
-    floor = max(matching.null_threshold, matching.min_similarity)
-    return (correlation > floor).double().mean(1)
+    return ab / (aa * bb).sqrt().clamp(min=1e-300)
 
 
 def null_shift(n_tokens: int, sequences: Int[Tensor, " t"] | None, seed: int) -> int:
