@@ -258,7 +258,8 @@ def _groups(sequences: torch.Tensor | None, n_tokens: int) -> tuple[torch.Tensor
     return group_ids(torch.arange(n_tokens) // defaults.BOOTSTRAP_BLOCK if sequences is None else sequences)
 
 
-KEPT_REPLICATES = ("explained_variance", "relative_transfer", "relative_persistence", "transfer_beyond_persistence")
+KEPT_REPLICATES = ("explained_variance", "relative_transfer", "relative_persistence", "transfer_beyond_persistence",
+                   "activation_matched_fraction")  # the figures the report averages
 # Figures without a resampling interval, and why (`settings["no_interval"]` of every matrix).
 NO_INTERVAL = {
     "decoder_similarity": "decoder weights only (over the source's top latents of the full sample)",
@@ -340,7 +341,7 @@ def _bootstrap(acc: dict[tuple[int, int], _PairAccumulators], n: int, grams: "_G
         for name, values in samples.items():
             replicates.setdefault(name, np.full((options.bootstrap, n, n), np.nan))[:, s, t] = values.numpy()
     intervals = {name: percentile_interval(r, options.interval) for name, r in replicates.items()}
-    return intervals, {name: replicates[name] for name in KEPT_REPLICATES}
+    return intervals, {name: replicates[name] for name in KEPT_REPLICATES if name in replicates}
 
 
 def _match(coder: Coder, calibration: Calibration, in_hooks: list[str], out_hooks: list[str], s: int, t: int,
@@ -559,6 +560,7 @@ def _feature_matching(metrics, extras, saes, xs, in_hooks, out_hooks, coders, ca
         report(s + 1)
     extras["matched_features"] = matched
     extras["intervals"].update({name: percentile_interval(r, options.interval) for name, r in resampled.items()})
+    extras["replicates"].update({name: r for name, r in resampled.items() if name in KEPT_REPLICATES})
 
 
 def _interval_settings(options: TransferOptions, sequences: torch.Tensor | None, n_tokens: int) -> dict[str, Any]:
