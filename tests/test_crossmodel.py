@@ -322,6 +322,11 @@ def test_same_depth_pairs_and_summary(planted_matrix):
     assert summary.same_depth_n == 2 and summary.all_n == 4
     assert summary.same_depth_mean > summary.all_mean + 0.3
     assert summary.all_mean == pytest.approx(np.nanmean(np.clip(matrix["relative_transfer"], 0, 1)))
+    # the gap's interval: the same two means on every resample of the held-out documents
+    r = np.clip(matrix.replicates["relative_transfer"], 0, 1)
+    gaps = (r[:, 0, 0] + r[:, 1, 1]) / 2 - r.mean((1, 2))
+    assert summary.difference == pytest.approx(summary.same_depth_mean - summary.all_mean)
+    assert (summary.difference_low, summary.difference_high) == pytest.approx(tuple(np.quantile(gaps, [0.025, 0.975])))
     # averages are bounded: one pair at -50 (a target SAE that explains almost nothing) counts as 0, not -50
     worse = TransferMatrix("cross_model", matrix.sources, matrix.targets,
                            {"relative_transfer": np.array([[0.9, -50.0], [0.1, 0.8]])})

@@ -38,7 +38,6 @@ from layerflow import defaults
 from layerflow.evaluate.gates import GATES, quality_verdict
 from layerflow.evaluate.gates import LABELS as GATE_LABELS
 from layerflow.files import PLOTS_DIR, REPORT_FILE, SUMMARY_FILE, atomic_write_text, json_safe
-from layerflow.metrics import percentile_interval
 from layerflow.results import CrossModelResults, ModelResults, RunResults
 from layerflow.transfer.cross_model import compare_same_depth, same_depth_pairs
 from layerflow.transfer.matrix import TransferMatrix
@@ -315,33 +314,18 @@ def _cross_summary(c: CrossModelResults) -> dict[str, Any]:
                 row["same_depth_best_fraction"] = float(np.mean(resampled[:, i].argmax(1) == j))
         by_depth.append(row)
     level = defaults.INTERVAL_LEVEL
+    comparisons = {x: compare_same_depth(m, x, level) for x in metrics}
     fractions = [r["same_depth_best_fraction"] for r in by_depth if "same_depth_best_fraction" in r]
     return {"model_a": c.model_a, "model_b": c.model_b, "n_sources": len(m.sources), "n_targets": len(m.targets),
-            "depth_comparison": {x: asdict(compare_same_depth(m, x)) for x in metrics},
-            "same_minus_all": {x: _same_minus_all(m, x) for x in metrics},
+            "depth_comparison": {x: json_safe(asdict(comparisons[x])) for x in metrics},
+            "same_minus_all": {x: json_safe({"value": comparisons[x].difference, "low": comparisons[x].difference_low,
+                                             "high": comparisons[x].difference_high}) for x in metrics},
             "references": _references(m),
             "by_depth_metric": primary,
             "n_best_is_same_depth": sum(r.get("best_target_layer") == r["target_layer"] for r in by_depth),
             "n_best_is_same_depth_resolved": sum(f >= level for f in fractions) if fractions else None,
             "interval_percent": 100 * level,
             "by_depth": by_depth}
-
-
-def _same_minus_all(m: TransferMatrix, metric: str) -> dict[str, float | None]:
-    """Same-depth mean minus the mean over all pairs (entries clipped, as in `compare_same_depth`), with its
-    interval where the matrix has resamples."""
-    stack = np.clip(np.concatenate([m[metric][None], m.replicates.get(metric, np.empty((0, *m[metric].shape)))]),
-                    *BOUNDS)
-    same = np.zeros(m[metric].shape, dtype=bool)
-    for i, j in same_depth_pairs(m):
-        same[i, j] = True
-    ok = np.isfinite(m[metric])
-    if not (ok & same).any():
-        return {"value": None, "low": None, "high": None}
-    gap = stack[:, ok & same].mean(1) - stack[:, ok].mean(1)
-    low, high = percentile_interval(gap[1:], defaults.INTERVAL_LEVEL) if len(gap) > 1 and np.isfinite(gap[1:]).all() \
-        else (None, None)
-    return json_safe({"value": gap[0], "low": low, "high": high})
 
 
 # --- report.md -------------------------------------------------------------------------------------

@@ -613,13 +613,29 @@ class DepthComparison:
     same_depth_n: int
     all_mean: float
     all_n: int
+    difference: float  # same_depth_mean - all_mean
+    difference_low: float | None = None  # its percentile interval over the matrix's resamples (None without)
+    difference_high: float | None = None
 
 
-def compare_same_depth(matrix: TransferMatrix, metric: str = "relative_transfer") -> DepthComparison:
+def compare_same_depth(matrix: TransferMatrix, metric: str = "relative_transfer",
+                       level: float = defaults.INTERVAL_LEVEL) -> DepthComparison:
     """Mean of `metric` over same-depth pairs and over all pairs (NaN entries left out), each entry
-    clipped to `summary.BOUNDS` first, as every average of transfer figures is (`transfer.summary`)."""
-    values = np.clip(matrix[metric], *BOUNDS)
-    same = np.array([values[i, j] for i, j in same_depth_pairs(matrix)])
-    same, every = same[~np.isnan(same)], values[~np.isnan(values)]
-    mean = lambda v: float(v.mean()) if len(v) else math.nan  # noqa: E731
-    return DepthComparison(metric, mean(same), len(same), mean(every), len(every))
+    clipped to `summary.BOUNDS` first, as every average of transfer figures is (`transfer.summary`);
+    their difference, with its `level` interval when the matrix has resamples of `metric` (the same
+    pairs on each resample)."""
+    M = matrix[metric]
+    resamples = matrix.replicates.get(metric, np.empty((0, *M.shape)))
+    stack = np.clip(np.concatenate([M[None], resamples]), *BOUNDS)
+    same = np.zeros(M.shape, dtype=bool)
+    for i, j in same_depth_pairs(matrix):
+        same[i, j] = True
+    ok = np.isfinite(M)
+    mean = lambda mask: stack[:, mask].mean(1) if mask.any() else np.full(len(stack), math.nan)  # noqa: E731
+    same_mean, all_mean = mean(ok & same), mean(ok)
+    gap = same_mean - all_mean
+    low = high = None
+    if len(gap) > 1 and np.isfinite(gap[1:]).all():
+        low, high = (float(v) for v in percentile_interval(gap[1:], level))
+    return DepthComparison(metric, float(same_mean[0]), int((ok & same).sum()), float(all_mean[0]), int(ok.sum()),
+                           float(gap[0]), low, high)
