@@ -266,6 +266,7 @@ def transfer(
 
     With --cross-model, apply each SAE of one model to the other model's sites through an affine stitch."""
     from layerflow.transfer import TransferOptions, cross_model_runs, same_depth_pairs, summarize_matrix, transfer_run
+    from layerflow.transfer.summary import source_rows
 
     if cross_model is not None:
         with err.status("cross-model transfer: loading both models, reading aligned words, stitching"):
@@ -279,7 +280,7 @@ def transfer(
     with render.progress("transfer", "pairs") as report:
         matrix, written = transfer_run(saes, store, out_dir, options, hooks.split(",") if hooks else None,
                                        progress=report, twins=twins)
-    render.transfer_table(matrix)
+    render.transfer_table(matrix, source_rows(matrix))
     render.references(matrix.references)
     layers = [s.layer for s in matrix.sources]
     if len(set(layers)) == len(layers) > 1:

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from layerflow.models.sites import KIND_DESCRIPTIONS, Site, SiteKind, unavailable_reason
+from layerflow.formatting import fmt, iv
 
 # Piped or logged output (not a terminal) gets wide tables rather than rich's 80-column default,
 # which truncates the columns of a site table to a few characters.
@@ -177,28 +178,19 @@ def samples_tables(step: int, tops: dict[str, Any], contexts_of: Callable[[Any, 
 # ------------------------------------------------------------------ transfer and runs
 
 
-def transfer_table(matrix: Any) -> None:
-    """Per source site: its own EV, and the mean over the other sites of the main transfer figures."""
+def transfer_table(matrix: Any, rows: list[Any]) -> None:
+    """Per source site (`transfer.summary.source_rows`): its own EV and its means over the other sites."""
     n = len(matrix.sources)
-    off = ~np.eye(n, dtype=bool)
     table = Table(title=f"{matrix.sources[0].model}: {n} x {n} sites, {matrix.settings['n_tokens']} held-out tokens each",
-                  caption="means over the other sites, with this site's SAE as the source")
-    columns = [("own EV", "explained_variance", True), ("relative transfer", "relative_transfer", False),
-               ("beyond persistence", "transfer_beyond_persistence", False),
-               ("notes' ratio", "transfer_recon_ratio", False), ("decoder top-1 cos", "decoder_top1_cosine_mean", False)]
+                  caption="means over the other sites with this site's dictionary as the source; relative transfer "
+                          "clips each entry to [0, 1] first; [bootstrap interval]. The notes' loss ratio is in the "
+                          "CSV only (docs/findings.md says why it misleads).")
     table.add_column("site", no_wrap=True)
-    for name, _, _ in columns:
+    for name in ("own EV", "relative transfer", "beyond persistence", "decoder top-1 cos"):
         table.add_column(name, justify="right")
-    for i, site in enumerate(matrix.sources):
-        cells = []
-        for _, metric, diagonal in columns:
-            values = matrix.metrics.get(metric)
-            if values is None:
-                cells.append("-")
-                continue
-            row = values[i, i:i + 1] if diagonal else values[i][off[i]]
-            cells.append(f"{np.nanmean(row):.3f}" if row.size and np.isfinite(row).any() else "-")
-        table.add_row(short_hook(site.hook_name), *cells)
+    for r in rows:
+        table.add_row(short_hook(r.hook_name), iv(r.own_explained_variance), iv(r.relative_transfer),
+                      iv(r.beyond_persistence), fmt(r.decoder_top1_cosine))
     out.print(table)
 
 
@@ -224,11 +216,9 @@ def references(refs: dict) -> None:
 
 def transfer_summary(s: Any) -> None:
     """A few lines of `transfer.summary.TransferSummary`, each figure with its interval."""
-    iv = lambda e: "n/a" if not np.isfinite(e.value) else f"{e.value:.3f}" + (  # noqa: E731
-        f" [{e.low:.3f}, {e.high:.3f}]" if np.isfinite(e.low) else "")
     level = f"{s.level:.0%} intervals over {s.n_replicates} resamples" if s.n_replicates else "no resamples: no intervals"
     out.print(f"[bold]{s.metric}[/bold] ({level}): off-diagonal mean (clipped to [0, 1]) {iv(s.mean)}, median "
-              f"{s.median:.3f}; decay rate {iv(s.decay_rate)} per layer")
+              f"{fmt(s.median)}; decay rate {iv(s.decay_rate)} per layer")
     out.print(f"  hubs (beyond the fitted decay): {s.hub_layers or 'none'}; breaks in the adjacent links: "
               f"{s.breaks or 'none'}; strong pairs (both directions' interval >= {s.strong_threshold}): "
               f"{len(s.bidirectional_pairs)} (+{s.strong_pairs_unresolved} not resolved)")
@@ -236,16 +226,24 @@ def transfer_summary(s: Any) -> None:
 
 def cross_model_table(matrix: Any, same_depth: dict[int, int]) -> None:
     """Per source site: the same-depth target's figures, and the target it explains best (relative transfer)."""
-    rel, cka = matrix["relative_transfer"], matrix["cka"]
+    rel = matrix["relative_transfer"]
+
+    def cell(metric: str, i: int, j: int) -> str:
+        bounds = matrix.intervals.get(metric)
+        value = matrix[metric][i, j]
+        return fmt(value) if bounds is None else f"{fmt(value)} [{fmt(bounds[0][i, j])}, {fmt(bounds[1][i, j])}]"
+
     table = Table(title=f"{matrix.settings['model_a']} SAEs -> {matrix.settings['model_b']} sites "
-                        f"({matrix.settings['n_heldout_words']} held-out words)")
+                        f"({matrix.settings['n_heldout_words']} held-out words)",
+                  caption="[bootstrap interval over the held-out documents]")
     for col in ("source", "depth", "same-depth target", "rel. transfer", "CKA", "best target", "rel. transfer "):
         label = col in ("source", "same-depth target", "best target")
         table.add_column(col, justify="left" if label else "right", no_wrap=label)
     for i, site in enumerate(matrix.sources):
         j, best = same_depth[i], int(np.nanargmax(rel[i])) if np.isfinite(rel[i]).any() else same_depth[i]
         table.add_row(short_hook(site.hook_name), f"{site.relative_depth:.2f}", short_hook(matrix.targets[j].hook_name),
-                      f"{rel[i, j]:.3f}", f"{cka[i, j]:.3f}", short_hook(matrix.targets[best].hook_name), f"{rel[i, best]:.3f}")
+                      cell("relative_transfer", i, j), cell("cka", i, j), short_hook(matrix.targets[best].hook_name),
+                      cell("relative_transfer", i, best))
     out.print(table)
 
 

@@ -38,6 +38,7 @@ from layerflow import defaults
 from layerflow.evaluate.gates import GATES, quality_verdict
 from layerflow.evaluate.gates import LABELS as GATE_LABELS
 from layerflow.files import PLOTS_DIR, REPORT_FILE, SUMMARY_FILE, atomic_write_text, json_safe
+from layerflow.formatting import fmt, iv
 from layerflow.results import CrossModelResults, ModelResults, RunResults
 from layerflow.transfer.cross_model import compare_same_depth, same_depth_pairs
 from layerflow.transfer.matrix import TransferMatrix
@@ -88,31 +89,6 @@ DEFINITIONS = {
     "raw_ratio": "The notes' MSE(SAE_i on i) / MSE(SAE_i on j). It follows the residual norm, so it gets no bands, "
                  "hubs or verdicts here; it is shown only to explain why it misleads.",
 }
-
-
-def fmt(x: Any) -> str:
-    """The report's one number format: integers as they are, others to 3 significant digits (from 1000 on,
-    rounded to an integer); None and NaN as "n/a"."""
-    if x is None or isinstance(x, bool):
-        return "n/a"
-    if isinstance(x, (int, np.integer)):
-        return str(int(x))
-    x = float(x)
-    if not math.isfinite(x):
-        return "n/a"
-    if abs(x) >= 1000:
-        return str(round(x))
-    text = f"{x:.3g}"
-    return "0" if text == "-0" else text
-
-
-def iv(e: dict | None) -> str:
-    """A figure with its interval, "0.453 [0.44, 0.467]" ("0.453 (no interval)" without one)."""
-    if e is None or e.get("value") is None:
-        return "n/a"
-    if e.get("low") is None or e.get("high") is None:
-        return f"{fmt(e['value'])} (no interval)"
-    return f"{fmt(e['value'])} [{fmt(e['low'])}, {fmt(e['high'])}]"
 
 
 # --- summary.json ----------------------------------------------------------------------------------

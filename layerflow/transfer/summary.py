@@ -258,6 +258,43 @@ def summarize_matrix(matrix, metric: str = "relative_transfer", **kw) -> Transfe
                      matrix.replicates.get(metric), **kw)
 
 
+@dataclass(frozen=True)
+class SourceRow:
+    """One source site of a within-model matrix, as `layerflow transfer` lists it."""
+
+    hook_name: str
+    own_explained_variance: Estimate  # the site's dictionary on its own site
+    relative_transfer: Estimate  # mean over the other sites, entries clipped to BOUNDS
+    beyond_persistence: Estimate  # mean over the other sites (a difference of two fractions: not clipped)
+    decoder_top1_cosine: float  # mean over the other sites (decoder weights only: no interval)
+
+
+def source_rows(matrix, level: float = defaults.INTERVAL_LEVEL) -> list[SourceRow]:
+    """Per source site of a within-model matrix: its own EV and its means over the other sites."""
+    n = len(matrix.sources)
+    off = ~np.eye(n, dtype=bool)
+    nan = np.full((n, n), np.nan)
+
+    def row_mean(metric: str, i: int, clip: bool) -> Estimate:
+        M, R = matrix.metrics.get(metric, nan), matrix.replicates.get(metric)
+        if clip:
+            M, R = np.clip(M, *BOUNDS), None if R is None else np.clip(R, *BOUNDS)
+        mask = np.zeros((n, n), dtype=bool)
+        mask[i] = off[i]
+        return pairs_mean(M, R, mask, level)
+
+    rows = []
+    for i, site in enumerate(matrix.sources):
+        own = matrix.metrics.get("explained_variance", nan)[i, i]
+        low, high = (b[i, i] for b in matrix.intervals["explained_variance"]) if "explained_variance" in matrix.intervals \
+            else (math.nan, math.nan)
+        cosines = matrix.metrics.get("decoder_top1_cosine_mean", nan)[i][off[i]]
+        rows.append(SourceRow(site.hook_name, Estimate(float(own), float(low), float(high)),
+                              row_mean("relative_transfer", i, True), row_mean("transfer_beyond_persistence", i, False),
+                              float(_nanmean(cosines, 0)) if cosines.size else math.nan))
+    return rows
+
+
 def pairs_mean(M: np.ndarray, replicates: np.ndarray | None, mask: np.ndarray,
                level: float = defaults.INTERVAL_LEVEL) -> Estimate:
     """The mean of M over the entries of `mask` (finite ones), with its interval from the resamples;
