@@ -211,6 +211,29 @@ def test_pairs_mean_is_unclipped_with_its_interval():
     assert (e.low, e.high) == pytest.approx(tuple(np.quantile(R[:, [0, 1], [1, 0]].mean(1), [0.025, 0.975])))
 
 
+def test_source_rows_clip_relative_transfer_but_not_the_difference():
+    from layerflow.models.sites import site_at
+    from layerflow.transfer.matrix import TransferMatrix
+    from layerflow.transfer.summary import source_rows
+
+    rng = np.random.default_rng(3)
+    rel = np.array([[1.0, -4.0, 0.6], [0.7, 1.0, 1.3], [0.2, 0.5, 1.0]])
+    beyond = np.array([[0.0, -0.3, 0.1], [0.2, 0.0, -0.1], [0.0, 0.05, 0.0]])
+    ev = np.diag([0.9, 0.8, 0.7])
+    sites = [site_at("m", f"blocks.{i}.hook_resid_post", i, 3) for i in range(3)]
+    R = {"relative_transfer": noisy(rel, 0.02, rng, 100), "transfer_beyond_persistence": noisy(beyond, 0.02, rng, 100)}
+    m = TransferMatrix("within_model", sites, sites, {"relative_transfer": rel, "transfer_beyond_persistence": beyond,
+                                                      "explained_variance": ev, "decoder_top1_cosine_mean": rel},
+                       intervals={"explained_variance": (ev - 0.01, ev + 0.01)}, replicates=R)
+    rows = source_rows(m)
+    assert [r.relative_transfer.value for r in rows] == pytest.approx([0.3, 0.85, 0.35])  # -4 counts as 0, 1.3 as 1
+    assert [r.beyond_persistence.value for r in rows] == pytest.approx([-0.1, 0.05, 0.025])  # not clipped
+    clipped = np.clip(R["relative_transfer"][:, 0, 1:], 0, 1).mean(1)
+    assert (rows[0].relative_transfer.low, rows[0].relative_transfer.high) == pytest.approx(
+        tuple(np.quantile(clipped, [0.025, 0.975])))
+    assert rows[2].own_explained_variance.low == pytest.approx(0.69) and rows[1].decoder_top1_cosine == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("c", [0.05, 1 / 3, 0.75, 0.95])
 def test_flat_matrix_has_no_hubs_and_no_divergence(c):
     M = np.full((6, 6), c)
