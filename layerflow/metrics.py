@@ -12,6 +12,7 @@ equal numbers when activations have a large mean component.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -243,6 +244,21 @@ def percentile_interval(replicates: np.ndarray, level: float) -> tuple[np.ndarra
     """The `level` percentile interval of resampled figures (resamples along axis 0); NaN where any is NaN."""
     low, high = np.quantile(replicates, [(1 - level) / 2, (1 + level) / 2], axis=0)
     return low, high
+
+
+def median_centred(replicates: np.ndarray, figure: np.ndarray, bounds: tuple[float, float] | None = None) -> np.ndarray:
+    """Resamples shifted, entry by entry (axis 0 resamples), so that their median is the figure itself.
+
+    For figures that count values above a threshold (matched fractions) or rank them: such a figure
+    is not smooth in the data, and resampling smooths it, so its resamples sit to one side of it
+    (in the default study every activation-matched fraction's resamples fell below it, and a tenth of
+    the figures lay outside their own percentile intervals). The shift removes that median bias and
+    keeps the spread (Efron's bias-corrected percentile interval makes the same correction); `bounds`
+    clips the shifted resamples to the figure's range."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN entries stay NaN
+        shifted = replicates - (np.nanmedian(replicates, axis=0) - figure)
+    return shifted if bounds is None else np.clip(shifted, *bounds)
 
 
 def group_ids(labels: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -119,3 +119,21 @@ def test_resample_gives_l0_and_l2_ratio_of_the_resampled_tokens():
         assert resampled["l0"][b].item() == pytest.approx(again.l0, rel=1e-12)
         assert resampled["l2_ratio"][b].item() == pytest.approx(again.l2_ratio, rel=1e-12)
         assert resampled["mse"][b].item() == pytest.approx(again.mse, rel=1e-12)
+
+
+def test_median_centred_resamples_keep_their_spread_around_the_figure():
+    import numpy as np
+
+    from layerflow.metrics import median_centred, percentile_interval
+
+    rng = np.random.default_rng(0)
+    figure = np.array([[0.62, np.nan], [0.3, 0.99]])
+    resamples = figure - 0.02 + rng.normal(0, 0.005, (200, 2, 2))  # all to one side, as a thresholded count's are
+    low, high = percentile_interval(resamples, 0.95)
+    assert (high[[0, 1, 1], [0, 0, 1]] < figure[[0, 1, 1], [0, 0, 1]]).all()  # the figure outside its own interval
+    centred = median_centred(resamples, figure, (0, 1))
+    low, high = percentile_interval(centred, 0.95)
+    ok = np.isfinite(figure)
+    assert (low[ok] < figure[ok]).all() and (figure[ok] < high[ok]).all() and np.isnan(low[0, 1])
+    assert np.nanmedian(centred, 0)[0, 0] == pytest.approx(0.62) and np.nanmax(centred) <= 1.0
+    assert np.std(centred[:, 0, 0]) == pytest.approx(np.std(resamples[:, 0, 0]))

@@ -60,7 +60,8 @@ from torch import Tensor
 from layerflow import defaults
 from layerflow.dictionaries.kinds import encode, predict
 from layerflow.errors import LayerflowError
-from layerflow.metrics import InputSums, ReconstructionStats, bootstrap_weights, group_ids, percentile_interval
+from layerflow.metrics import (InputSums, ReconstructionStats, bootstrap_weights, group_ids, median_centred,
+                               percentile_interval)
 from layerflow.models.sites import Site
 from layerflow.transfer.align import AlignedActivations
 from layerflow.transfer.calibration import Calibration
@@ -381,7 +382,8 @@ CONDITIONAL = {  # what each of these intervals holds fixed
     "cka": "the U-centred Gram matrices of all the CKA words (each resample reweights their document blocks)",
     "matched_feature_correlation_mean": "the matching; the held-out correlations are resampled",
     "fraction_features_with_partner": "the matching and its Benjamini-Hochberg rejections; the held-out "
-                                      "correlation floor is applied to the resampled correlations",
+                                      "correlation floor is applied to the resampled correlations, and the resampled "
+                                      "fractions are median-centred on the figure (metrics.median_centred)",
 }
 
 
@@ -538,6 +540,9 @@ def cross_model_matrix(
                      f"{defaults.MIN_BOOTSTRAP_GROUPS} say little; read more documents",
         **({"no_interval": NO_INTERVAL, "conditional_intervals": CONDITIONAL} if weights is not None else {}),
     }
+    if "fraction_features_with_partner" in replicates:  # a count above a threshold (`metrics.median_centred`)
+        replicates["fraction_features_with_partner"] = median_centred(replicates["fraction_features_with_partner"],
+                                                                      metrics["fraction_features_with_partner"], (0, 1))
     references = _references(saes_b, twins_b or {}, aligned, tests, sites_b) if twins_b else {}
     return TransferMatrix("cross_model", sites_a, sites_b, metrics, settings, extras={"matched_features": matched},
                           references=references, replicates=replicates,

@@ -44,7 +44,8 @@ from scipy.stats import rankdata, spearmanr
 from layerflow import defaults
 from layerflow.dictionaries.kinds import is_transcoder, output_hook
 from layerflow.errors import LayerflowError
-from layerflow.metrics import InputSums, ReconstructionStats, bootstrap_weights, group_ids, percentile_interval
+from layerflow.metrics import (InputSums, ReconstructionStats, bootstrap_weights, group_ids, median_centred,
+                               percentile_interval)
 from layerflow.models.sites import Site
 from layerflow.transfer.calibration import Calibration, SiteMatch
 from layerflow.transfer.coder import Coder, LinearCoder, dense_latents, make_coder, with_skip
@@ -230,7 +231,7 @@ def _pair_matrix(dictionaries: dict[str, SAE], activations: dict[str, torch.Tens
         _release_freed_memory()
 
     metrics = _assemble(acc, n, grams, options, [dictionaries[h] for h in in_hooks])
-    intervals, replicates = _bootstrap(acc, n, grams, weights, options)
+    intervals, replicates = _bootstrap(acc, n, grams, weights, options, metrics)
     extras: dict[str, Any] = {"intervals": intervals, "replicates": replicates}
     if options.match_distance:
         _feature_matching(metrics, extras, dictionaries, xs, in_hooks, out_hooks, coders, calibration, sequences,
@@ -269,9 +270,11 @@ NO_INTERVAL = {
                      "63% of the sequences, so resampled dead fractions only rise; it falls as tokens are added",
 }
 CONDITIONAL = {  # what each of these intervals holds fixed
-    "activation_matched_fraction": "the matching's partners and thresholds; the matched correlations are resampled",
+    "activation_matched_fraction": "the matching's partners and thresholds; the matched correlations are resampled, "
+                                   "and the resampled fractions are median-centred on the figure (a count above a "
+                                   "threshold: metrics.median_centred)",
     "feature_variance_ratio": "the source's top latents of the full sample",
-    "top_k_spearman": "the source's top latents of the full sample",
+    "top_k_spearman": "the source's top latents of the full sample; resamples median-centred on the figure (ranks)",
 }
 NO_INTERVAL_NOTE = ("figures from decoder weights alone do not depend on the tokens; how they vary with the training "
                     "seed is what the seed-twin ceiling measures")
@@ -309,7 +312,7 @@ def _spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _bootstrap(acc: dict[tuple[int, int], _PairAccumulators], n: int, grams: "_Grams", weights: torch.Tensor | None,
-               options: TransferOptions) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]:
+               options: TransferOptions, metrics: dict[str, np.ndarray]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]:
     """Bootstrap over whole sequences, every pair resampled with the same draws: the `options.interval`
     percentile interval of every figure that depends on the tokens (all but NO_INTERVAL and the
     feature matchings, which `_feature_matching` adds), and the resampled matrices [B, n, n] of
@@ -340,6 +343,7 @@ def _bootstrap(acc: dict[tuple[int, int], _PairAccumulators], n: int, grams: "_G
             "l0": r["matched.l0"], "l2_ratio": r["matched.l2_ratio"]}
         for name, values in samples.items():
             replicates.setdefault(name, np.full((options.bootstrap, n, n), np.nan))[:, s, t] = values.numpy()
+    replicates["top_k_spearman"] = median_centred(replicates["top_k_spearman"], metrics["top_k_spearman"])  # ranks
     intervals = {name: percentile_interval(r, options.interval) for name, r in replicates.items()}
     return intervals, {name: replicates[name] for name in KEPT_REPLICATES if name in replicates}
 
@@ -559,6 +563,9 @@ def _feature_matching(metrics, extras, saes, xs, in_hooks, out_hooks, coders, ca
         latents.pop(s, None)
         report(s + 1)
     extras["matched_features"] = matched
+    if resampled:  # a count above a threshold: its resamples are median-centred on it (`metrics.median_centred`)
+        resampled["activation_matched_fraction"] = median_centred(resampled["activation_matched_fraction"],
+                                                                  metrics["activation_matched_fraction"], (0, 1))
     extras["intervals"].update({name: percentile_interval(r, options.interval) for name, r in resampled.items()})
     extras["replicates"].update({name: r for name, r in resampled.items() if name in KEPT_REPLICATES})
 
