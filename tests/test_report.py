@@ -40,7 +40,7 @@ def raw_ratio(R, norm):
 
 
 def write_model(root, name, layers, n_layers, R, evals=True, train=True, nan_at=None, references=None, noise=0.01,
-                quality="poor", persistence_gap=0.3):
+                quality="poor", persistence_gap=0.3, decoder_fraction=None):
     """A model's capture manifest, evals (quality "poor": FVU 0.1-0.4, up to 30% dead; "good": passes every gate),
     training manifest and within-model matrix, with `noise`-sized bootstrap resamples (None: none)."""
     sites = [{"layer": layer, "kind": "resid_post", "hook_name": hook(layer), "d": 8} for layer in layers]
@@ -83,7 +83,12 @@ def write_model(root, name, layers, n_layers, R, evals=True, train=True, nan_at=
         rng = np.random.default_rng(7)
         replicates = {} if noise is None else {m: metrics[m][None] + rng.normal(0, noise, (200, *R.shape))
                                                for m in ("relative_transfer", "transfer_beyond_persistence")}
-        TransferMatrix("within_model", ids, ids, metrics, {"n_tokens": 64}, references=references or {},
+        settings = {"n_tokens": 64}
+        if decoder_fraction is not None:  # adjacent pairs only, from decoder weights: no interval, and the reason
+            adjacent = np.abs(np.subtract.outer(np.arange(len(layers)), np.arange(len(layers)))) == 1
+            metrics["decoder_matched_fraction"] = np.where(adjacent, decoder_fraction, np.nan)
+            settings["no_interval"] = {"decoder_matched_fraction": "decoder weights only"}
+        TransferMatrix("within_model", ids, ids, metrics, settings, references=references or {},
                        replicates=replicates).write(root / "transfer" / name)
 
 
@@ -320,6 +325,13 @@ def test_each_figure_is_read_against_its_floor_and_ceiling(tmp_path):
     assert "off-diagonal mean 0.1 [" in low and "], below the floor" in low
     none = findings(make_run(tmp_path / "none", flat_matrix(value=0.5)))
     assert "Scale of" not in none
+    # a figure without an interval says why, and its position gets none either
+    refs = references()
+    refs["floor"]["decoder_matched_fraction"] = {hook(layer): 0.1 for layer in LAYERS}
+    refs["ceiling"]["decoder_matched_fraction"] = {hook(layer): 0.5 for layer in (2, 8)}
+    text = findings(make_run(tmp_path / "decoder", flat_matrix(value=0.5), references=refs, decoder_fraction=0.2))
+    assert ("Scale of decoder-matched fraction: mean over adjacent pairs 0.2 (no interval: decoder weights only), "
+            "0.25 of the way from floor to ceiling") in text
 
 
 def test_the_raw_ratio_gets_no_verdicts_and_the_report_says_why(tmp_path):

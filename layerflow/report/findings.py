@@ -167,7 +167,8 @@ def _references(matrix: TransferMatrix | None) -> dict[str, Any]:
             mask = ~np.eye(len(matrix.sources), dtype=bool)
         observed = pairs_mean(M, matrix.replicates.get(metric), mask)
         entry = {"observed": observed.value, "observed_low": observed.low, "observed_high": observed.high,
-                 "observed_pairs": int((mask & np.isfinite(M)).sum())}
+                 "observed_pairs": int((mask & np.isfinite(M)).sum()),
+                 "no_interval": (matrix.settings.get("no_interval") or {}).get(metric)}  # why, where there is none
         for kind in ("floor", "ceiling"):
             mean, n = refs.summary(kind, metric)
             entry[kind] = mean if n else None
@@ -479,6 +480,8 @@ def _scale(refs: dict, names: dict[str, tuple[str, str]] = WITHIN_SCALES, own: s
             continue
         floor = f"floor {fmt(r['floor'])} ({_layers(r['floor_layers'])})"
         observed = iv({"value": r["observed"], "low": r["observed_low"], "high": r["observed_high"]})
+        if r.get("no_interval") and r["observed_low"] is None:
+            observed = observed.replace("(no interval)", f"(no interval: {r['no_interval']})")
         if r["ceiling"] is None:
             lines.append(f"Scale of {label}: {what} {observed}, {floor}; no ceiling was measured.")
             continue
