@@ -183,8 +183,8 @@ def transfer_table(matrix: Any, rows: list[Any]) -> None:
     n = len(matrix.sources)
     table = Table(title=f"{matrix.sources[0].model}: {n} x {n} sites, {matrix.settings['n_tokens']} held-out tokens each",
                   caption="means over the other sites with this site's dictionary as the source; relative transfer "
-                          "clips each entry to [0, 1] first; [bootstrap interval]. The notes' loss ratio is in the "
-                          "CSV only (docs/findings.md says why it misleads).")
+                          "clips each entry to [0, 1] first; in brackets, the bootstrap interval. The notes' loss ratio "
+                          "is in the CSV only (docs/findings.md says why it misleads).")
     table.add_column("site", no_wrap=True)
     for name in ("own EV", "relative transfer", "beyond persistence", "decoder top-1 cos"):
         table.add_column(name, justify="right")
@@ -235,7 +235,7 @@ def cross_model_table(matrix: Any, same_depth: dict[int, int]) -> None:
 
     table = Table(title=f"{matrix.settings['model_a']} SAEs -> {matrix.settings['model_b']} sites "
                         f"({matrix.settings['n_heldout_words']} held-out words)",
-                  caption="[bootstrap interval over the held-out documents]")
+                  caption="in brackets, the bootstrap interval over the held-out documents")
     for col in ("source", "depth", "same-depth target", "rel. transfer", "CKA", "best target", "rel. transfer "):
         label = col in ("source", "same-depth target", "best target")
         table.add_column(col, justify="left" if label else "right", no_wrap=label)

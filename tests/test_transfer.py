@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -304,6 +305,8 @@ def test_cli_transfer_and_bad_input(tiny_run, tmp_path):
     assert result.returncode == 0, result.stderr
     assert (out / "transfer_matrix.json").exists() and (out / "transfer_matrix.csv").exists()
     assert "0.resid_post" in result.stdout and "off-diagonal mean (clipped to [0, 1])" in result.stdout
+    words = " ".join(result.stdout.split())
+    assert "in brackets, the bootstrap interval" in words and re.search(r"\d \[-?[\d.]+, -?[\d.]+\] ", words)
     assert "decay rate n/a per layer" in result.stdout  # two layers: one distance, no slope
     assert "transfer_matrix.bootstrap.npz" in result.stdout
     bad = run_cli("transfer", str(tmp_path / "missing"))
