@@ -191,20 +191,20 @@ def _capture(cfg: ExperimentConfig, entry, root: Path, models: _ModelCache, repo
 
 
 def _train(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache, report: Progress) -> None:
-    train(_train_config(cfg, name, root), root / SAE_DIR / name, evaluate=False, sae_subdir="",
+    train(train_config(cfg, name, root), root / SAE_DIR / name, evaluate=False, sae_subdir="",
           progress=lambda done, total: report("train", name, done, total))
 
 
 def _train_twins(cfg: ExperimentConfig, name: str, root: Path, report: Progress) -> None:
     """Second-seed SAEs at a few sites spread over depth: the ceilings of the transfer figures."""
     hooks = [s.hook_name for s in CaptureManifest.read(root / ACTIVATIONS_DIR / name).sites]
-    twin_cfg = dataclasses.replace(_train_config(cfg, name, root), hooks=spread_over_depth(hooks, cfg.transfer.reference_sites),
+    twin_cfg = dataclasses.replace(train_config(cfg, name, root), hooks=spread_over_depth(hooks, cfg.transfer.reference_sites),
                                    seed=cfg.seed + 1)
     train(twin_cfg, root / CEILING_DIR / name, evaluate=False, sae_subdir="",
           progress=lambda done, total: report("train", f"{name} (seed twins)", done, total))
 
 
-def _train_config(cfg: ExperimentConfig, name: str, root: Path) -> TrainConfig:
+def train_config(cfg: ExperimentConfig, name: str, root: Path) -> TrainConfig:
     t = cfg.train
     return TrainConfig(str((root / ACTIVATIONS_DIR / name).resolve()), schedule=t.schedule(), steps=t.steps,
                        epochs=t.epochs, batch_tokens=t.batch_tokens, checkpoint_every=t.checkpoint_every, seed=cfg.seed)
