@@ -1,7 +1,9 @@
 """Token sources: text in, fixed-length token sequences out, with explicit BOS handling.
 
 A source is one of:
-- `default`: the English corpus shipped with layerflow (public domain; see data/corpus/SOURCES.md);
+- a shipped corpus by name (`CORPORA`; see data/corpus/SOURCES.md): `default` (= `mixed`: fiction,
+  drama, technical documentation, a reference glossary and code), `novels` (eight public-domain
+  novels, the first default) or `ood` (registers the mix does not emphasise, for evaluation only);
 - a path to a local `.txt` or `.txt.gz` file;
 - `hf:NAME[:CONFIG]`: a Hugging Face dataset (streamed; needs the hub), column `text`, split `train`;
 - `random`: uniform random token ids (for twins, which have no tokenizer, and for benchmarks).
@@ -27,6 +29,13 @@ from layerflow.cache import cache_dir, cache_entry
 from layerflow.errors import LayerflowError
 
 DEFAULT_SOURCE = "default"
+OOD_SOURCE = "ood"  # the out-of-domain evaluation text
+CORPORA = {DEFAULT_SOURCE: "mixed.txt.gz", "mixed": "mixed.txt.gz", "novels": "novels.txt.gz", OOD_SOURCE: "ood.txt.gz"}
+CORPUS_DESCRIPTIONS = {
+    "mixed.txt.gz": "fiction, drama, technical documentation, a reference glossary and Python code",
+    "novels.txt.gz": "eight public-domain novels",
+    "ood.txt.gz": "out-of-domain evaluation text: verse, another project's documentation and code, the glossary's other half",
+}
 RANDOM_SOURCE = "random"
 HF_PREFIX = "hf:"
 # Files up to this size are tokenized whole (once, then cached) and sampled uniformly.
@@ -46,13 +55,15 @@ class TokenPlan:
     seed: int
 
 
-def default_corpus_path() -> Path:
-    return Path(str(resources.files("layerflow.data.corpus") / "default_corpus.txt.gz"))
+def corpus_path(name: str) -> Path:
+    """The file of a shipped corpus (`CORPORA`)."""
+    return Path(str(resources.files("layerflow.data.corpus") / CORPORA[name]))
 
 
 def describe_source(source: str) -> str:
-    if source == DEFAULT_SOURCE:
-        return f"layerflow default corpus ({default_corpus_path().name}, public domain; see layerflow/data/corpus/SOURCES.md)"
+    if source in CORPORA:
+        return (f"layerflow corpus '{source}' ({CORPORA[source]}: {CORPUS_DESCRIPTIONS[CORPORA[source]]}; "
+                "see layerflow/data/corpus/SOURCES.md)")
     if source == RANDOM_SOURCE:
         return "uniform random token ids"
     if source.startswith(HF_PREFIX):
@@ -64,11 +75,11 @@ def _source_file(source: str) -> Path | None:
     """The file behind a file source (None for 'random' and hf: sources); a clear error if missing."""
     if source == RANDOM_SOURCE or source.startswith(HF_PREFIX):
         return None
-    path = default_corpus_path() if source == DEFAULT_SOURCE else Path(source)
+    path = corpus_path(source) if source in CORPORA else Path(source)
     if not path.is_file():
         raise LayerflowError(
-            f"Text source '{source}' is not a file. Valid sources: 'default', 'random', "
-            "a path to a .txt/.txt.gz file, or hf:DATASET[:CONFIG]."
+            f"Text source '{source}' is not a file. Valid sources: a shipped corpus ({', '.join(CORPORA)}), "
+            "'random', a path to a .txt/.txt.gz file, or hf:DATASET[:CONFIG]."
         )
     return path
 
@@ -104,6 +115,12 @@ def iter_documents(source: str) -> Iterator[str]:
             yield "".join(buffer)
 
 
+def count_documents(source: str) -> int | None:
+    """How many documents `iter_documents(source)` yields, for a file small enough to read through;
+    None for datasets and large files (streams)."""
+    return sum(1 for _ in iter_documents(source)) if _is_small_file(source) else None
+
+
 def _iter_hf_dataset(spec: str) -> Iterator[str]:
     """Stream the `text` column of a dataset's train split: a hub name, or a local dataset folder."""
     import datasets
@@ -117,7 +134,7 @@ def _iter_hf_dataset(spec: str) -> Iterator[str]:
     except Exception as err:  # datasets raises many types for "unreachable", "no such dataset", "no column"
         raise LayerflowError(
             f"Could not stream Hugging Face dataset '{spec}' (split train, column text): {type(err).__name__}: {err}\n"
-            "Offline sources: 'default' (shipped corpus), a local text file, or hf:<local dataset folder>."
+            f"Offline sources: a shipped corpus ({', '.join(CORPORA)}), a local text file, or hf:<local dataset folder>."
         ) from None
 
 

@@ -270,8 +270,8 @@ def capture_aligned(
     Reading stops after `max_words` aligned words, and after `max_words_per_document` within each
     document, so that a small budget still spans many documents and both splits: the statistics
     permute whole held-out documents, so their number bounds what a p-value can mean
-    (`cross_model_runs` spreads its words over every document of the shipped corpus's 73, 24 of
-    them held out).
+    (`cross_model_runs` spreads its words over every document of a file source: the shipped mix has
+    50, 16 of them held out).
     """
     for loaded in (loaded_a, loaded_b):
         if loaded.tokenizer is None:

@@ -6,6 +6,7 @@ summaries, the matrix JSON last.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -16,7 +17,7 @@ from sae_lens import SAE
 
 from layerflow import defaults
 from layerflow.capture.store import ActivationStore, read_tensor
-from layerflow.data.tokens import iter_documents
+from layerflow.data.tokens import count_documents, iter_documents
 from layerflow.dictionaries.io import load_saes
 from layerflow.dictionaries.kinds import is_transcoder, output_hook
 from layerflow.errors import LayerflowError
@@ -259,9 +260,11 @@ def cross_model_runs(
     (saes_a, model_a), (saes_b, model_b) = sides
     twins = _checked_twins(Path(twins_b), saes_b) if twins_b is not None else None  # before the long work
     loaded_a, loaded_b = loaded or (load_model(model_a), load_model(model_b))
+    # Spread the words over every document of a file source (a stream: over CROSS_MODEL_DOCUMENTS of them).
+    n_documents = count_documents(source) or defaults.CROSS_MODEL_DOCUMENTS
     aligned = capture_aligned(loaded_a, list(saes_a), loaded_b, list(saes_b), iter_documents(source),
                               context_size=context_size, max_words=max_words,
-                              max_words_per_document=max(10, max_words // defaults.CROSS_MODEL_DOCUMENTS))
+                              max_words_per_document=max(10, math.ceil(max_words / n_documents)))
     matrix = cross_model_matrix(saes_a, saes_b, aligned, twins_b=twins, **options)
     matrix.settings["source"] = source
     folder = Path(out_dir) if out_dir else run_a / TRANSFER_DIR / cross_dir_name(model_a, model_b)

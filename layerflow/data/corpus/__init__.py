@@ -1,1 +1,1 @@
-"""The shipped public-domain English corpus (default_corpus.txt.gz; see SOURCES.md and build_corpus.py)."""
+"""The shipped corpora (mixed, novels, ood .txt.gz; see SOURCES.md and build_corpus.py)."""
