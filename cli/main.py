@@ -128,8 +128,9 @@ def train(
     samples_every: int = typer.Option(defaults.SAMPLES_EVERY, min=0, help="Every N steps, keep each latent's top-activating "
                                       "held-out tokens (see `layerflow samples`); 0: never."),
     target_site: str = typer.Option(defaults.TRANSCODER_TARGET, help="Transcoders: the site kind each input site's transcoder predicts."),
-    dead_feature_window: int = typer.Option(defaults.DEAD_FEATURE_WINDOW, min=1, help="Steps without firing before a latent "
-                                            "counts as dead (TopK-family AuxK revives dead latents only after this many steps)."),
+    dead_feature_window: Optional[int] = typer.Option(defaults.DEAD_FEATURE_WINDOW, min=1, help="Steps without firing "
+                                                      "before a latent counts as dead (AuxK works on it after this many "
+                                                      "steps). Default: a fifth of the run, between 10 and 1000."),
     seed: int = typer.Option(defaults.SEED),
     overwrite: bool = typer.Option(False, help=OVERWRITE_HELP),
     model_eval: bool = typer.Option(True, help="Also splice the SAEs into the model for CE/KL at the end."),
@@ -228,14 +229,16 @@ def eval_command(
     store: Optional[Path] = typer.Option(None, help="Capture with held-out activations (default: the run's own)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write evals.json/csv (default: SAES)."),
     include_special_tokens: bool = typer.Option(False, help="Count BOS/special positions too."),
-    model_eval: bool = typer.Option(True, help="Splice the SAEs into the model for CE/KL."),
+    model_eval: bool = typer.Option(True, help="Run the model too: spliced CE/KL and out-of-domain FVU."),
+    ood_tokens: int = typer.Option(defaults.OOD_TOKENS, min=0, help="Tokens of the shipped out-of-domain text for "
+                                   "the out-of-domain FVU (0: none)."),
 ) -> None:
-    """Evaluate SAEs on held-out tokens: FVU, L0, dead/dense, l2 ratio, and spliced CE/KL."""
+    """Evaluate SAEs on held-out tokens: FVU, L0, dead/dense, l2 ratio, spliced CE/KL, out-of-domain FVU."""
     from layerflow.evaluate import evaluate_run
 
     with err.status("evaluating"):
         results, written = evaluate_run(saes, store, out_dir, exclude_special_tokens=not include_special_tokens,
-                                        model_eval=model_eval)
+                                        model_eval=model_eval, ood_tokens=ood_tokens)
     render.site_table(f"{len(results)} SAEs on held-out tokens", [r.to_row() for r in results.values()])
     render.written(written)
 

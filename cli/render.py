@@ -143,13 +143,18 @@ def site_table(title: str, rows: list[dict]) -> None:
     table = Table(title=title)
     columns = [("site", "hook_name"), ("predicts", "hook_name_out"), ("FVU", "fvu"), ("prefix FVU", "prefix_fvu"),
                ("L0", "l0"), ("dead", "dead_fraction"), ("dense", "dense_fraction"), ("l2 ratio", "l2_ratio"),
-               ("CE score", "ce_loss_score"), ("dCE nats", "delta_ce"), ("KL", "kl_div")]
+               ("FVU out of domain", "ood_fvu"), ("CE score", "ce_loss_score"), ("dCE nats", "delta_ce"), ("KL", "kl_div")]
     present = [(name, key) for name, key in columns if any(r.get(key) is not None for r in rows)]
     for name, _ in present:
         table.add_column(name, justify="left" if name == "site" else "right")
     for r in rows:
-        table.add_row(*[_cell(key, r.get(key)) for _, key in present])
+        table.add_row(*[_cell(key, r.get(key)) if key != "ood_fvu" or r.get(key) is None else
+                        escape(iv({"value": r["ood_fvu"], "low": r.get("ood_fvu_low"), "high": r.get("ood_fvu_high")}))
+                        for _, key in present])
     out.print(table)
+    if any(r.get("ood_fvu") is not None for r in rows):
+        out.print("FVU out of domain: on the shipped 'ood' text (registers training did not emphasise); "
+                  "in brackets, its 95% bootstrap interval over sequences.")
 
 
 def _cell(key: str, value: Any) -> str:

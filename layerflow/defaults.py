@@ -30,9 +30,19 @@ PRESET = "default"  # train.schedule.PRESETS
 EPOCHS = 1.0
 BATCH_TOKENS = 4096  # tokens per step, the same for every site
 CHECKPOINT_EVERY = 500
-DEAD_FEATURE_WINDOW = 1000  # steps without firing before a latent counts as dead
+# Steps without firing before a latent counts as dead (and AuxK works on it). None: a fifth of the
+# run's steps, between 10 and 1000 (train.config.dead_feature_window), so that a 100-step run revives
+# latents too; SAELens' fixed 1000 never acts in one.
+DEAD_FEATURE_WINDOW: int | None = None
+DEAD_WINDOW_FRACTION = 0.2
+DEAD_WINDOW_RANGE = (10, 1000)
+K_ANNEAL_FRACTION = 0.0  # TopK-family SAEs: k falls from K_ANNEAL_START * k to k over this fraction of the steps
+K_ANNEAL_START = 4.0
 SAMPLES_EVERY = 0  # 0: no samples
 TRANSCODER_TARGET = "mlp_out"
+
+# evaluation
+OOD_TOKENS = 4096  # tokens of the shipped out-of-domain text for each dictionary's out-of-domain FVU (0: none)
 
 # transfer
 TRANSFER_TOKENS = 8192  # held-out tokens per site
@@ -48,7 +58,7 @@ MIN_EFFECT = 0.05  # a hub's excess over the fitted decay, or a break in the adj
 MIN_DECODER_COSINE = 0.7  # a decoder match must also reach this cosine, whatever the null says
 MIN_ACTIVATION_CORRELATION = 0.5  # and an activation match this correlation
 CROSS_MODEL_WORDS = 20_000  # aligned words of text
-CROSS_MODEL_DOCUMENTS = 72  # cross-model words are spread over about this many documents (the shipped corpus has 73)
+CROSS_MODEL_DOCUMENTS = 72  # cross-model words from a stream (a dataset) are spread over about this many documents
 HELDOUT_EVERY = 3  # cross-model: every 3rd document is held out (the permutation tests shuffle whole documents)
 MATCH_PAIRS = ("all", "same_depth", "none")  # cross-model feature matching: every pair, each source's same-depth target, none
 

@@ -224,6 +224,18 @@ def reconstruction_metrics(
     return stats.compute()
 
 
+def variance_concentration(x: Float[torch.Tensor, "tokens d"], fraction: float = 0.01) -> float:
+    """The share of E||x - E[x]||^2 carried by the `fraction` of tokens farthest from the mean.
+
+    About `fraction` when the variance is spread evenly. Far above it when a few tokens have
+    activations far larger than the rest (attention sinks: in SmolLM2 from layer 11 on, a token near
+    the start of a sequence can reach 80 times the median norm): FVU, a ratio of sums of squares,
+    then measures mostly those tokens."""
+    deviation = (x.double() - x.double().mean(0)).square().sum(-1)
+    top = deviation.topk(max(1, int(fraction * len(deviation)))).values
+    return (top.sum() / deviation.sum()).item()
+
+
 def batch_variance(x: Float[torch.Tensor, "tokens d"]) -> torch.Tensor:
     """E||x - mean(x)||^2 over one batch, in the batch's dtype: the denominator of the per-step FVU
     in training curves (held-out FVU sums over the whole eval set: `ReconstructionStats`)."""

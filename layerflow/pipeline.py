@@ -211,8 +211,9 @@ def train_config(cfg: ExperimentConfig, name: str, root: Path) -> TrainConfig:
 
 
 def _evaluate(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache) -> None:
-    evaluate_run(root / SAE_DIR / name, model_eval=cfg.eval.spliced, spliced_max_tokens=cfg.eval.spliced_tokens,
-                 loaded=models.get(name) if cfg.eval.spliced else None)
+    model_eval = cfg.eval.spliced or cfg.eval.ood_tokens > 0
+    evaluate_run(root / SAE_DIR / name, model_eval=model_eval, spliced_max_tokens=cfg.eval.spliced_tokens,
+                 spliced=cfg.eval.spliced, ood_tokens=cfg.eval.ood_tokens, loaded=models.get(name) if model_eval else None)
 
 
 def _transfer(cfg: ExperimentConfig, name: str, root: Path, models: _ModelCache, report: Progress) -> None:

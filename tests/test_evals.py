@@ -284,3 +284,31 @@ def test_bad_input(setup, tmp_path_factory):
         evaluate_saes({RESID: _sae(64)}, store, loaded=loaded, batch_size=0)
     with pytest.raises(LayerflowError, match=r"No eval results at"):
         read_eval_results(tmp_path_factory.mktemp("empty"))
+
+
+def test_out_of_domain_fvu_equals_an_independent_computation(smollm2):
+    """FVU on the shipped out-of-domain text: the model's activations on the same sequences, BOS left out,
+    summed independently; the bootstrap interval brackets it."""
+    from layerflow.data.tokens import TokenPlan, make_sequences
+    from layerflow.evaluate.evals import ood_reconstruction
+
+    hooks = ["blocks.3.hook_resid_post", "blocks.5.hook_mlp_out"]
+    d, ctx = smollm2.model.cfg.d_model, 32
+    tokens = make_sequences(12, TokenPlan("ood", ctx, True, smollm2.bos_token_id, 0), smollm2.tokenizer)
+    _, cache = smollm2.model.run_with_cache(tokens, names_filter=lambda n: n in hooks)
+    saes, expected = {}, {}
+    for i, hook in enumerate(hooks):
+        x = cache[hook][:, 1:].reshape(-1, d).double()  # BOS is the only special token here
+        eye = torch.eye(d)
+        saes[hook] = _sae(d, torch.cat([eye, -eye], 1), torch.cat([eye, -eye], 0) + 0.05 * (i + 1) * torch.randn(2 * d, d),
+                          b_dec=x.mean(0).float(), b_enc=-0.05 * torch.rand(2 * d), center=True)
+        x_hat = saes[hook].decode(saes[hook].encode(x.float())).double()
+        expected[hook] = ((x - x_hat).square().sum(-1).mean() / (x - x.mean(0)).square().sum(-1).mean()).item()
+    specials = [smollm2.bos_token_id]
+    ours = ood_reconstruction(saes, smollm2, {h: h for h in hooks}, specials, n_tokens=12 * ctx, context_size=ctx,
+                              prepend_bos=True, batch_size=5)
+    for hook in hooks:
+        assert ours[hook]["ood_fvu"] == pytest.approx(expected[hook], rel=1e-4)
+        assert ours[hook]["ood_tokens"] == 12 * (ctx - 1)
+        assert ours[hook]["ood_fvu_low"] < ours[hook]["ood_fvu"] < ours[hook]["ood_fvu_high"]
+    assert expected[hooks[0]] != pytest.approx(expected[hooks[1]], rel=0.1)  # the two sites are told apart

@@ -137,3 +137,22 @@ def test_median_centred_resamples_keep_their_spread_around_the_figure():
     assert (low[ok] < figure[ok]).all() and (figure[ok] < high[ok]).all() and np.isnan(low[0, 1])
     assert np.nanmedian(centred, 0)[0, 0] == pytest.approx(0.62) and np.nanmax(centred) <= 1.0
     assert np.std(centred[:, 0, 0]) == pytest.approx(np.std(resamples[:, 0, 0]))
+
+
+def test_variance_concentration_finds_the_few_tokens_fvu_measures():
+    """Planted: 999 ordinary tokens and one 80x larger (an attention sink). An SAE that reconstructs
+    only the sink's direction gets a good FVU; the concentration says why, and FVU without the sink
+    is what it is on the ordinary tokens."""
+    from layerflow.metrics import variance_concentration
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 32, generator=g, dtype=torch.float64)
+    even = variance_concentration(x)
+    assert 0.01 < even < 0.03  # the top 1% of a Gaussian cloud: a little above 1%
+    x[7] = 0
+    x[7, 0] = 80 * x.norm(dim=-1).median()
+    sink_only = torch.zeros_like(x)
+    sink_only[:, 0] = x[:, 0]  # reconstructs dimension 0 exactly, nothing else
+    fvu = lambda a, b: ((a - b).square().sum() / (a - a.mean(0)).square().sum()).item()  # noqa: E731
+    assert fvu(x, sink_only) < 0.5 < fvu(torch.cat([x[:7], x[8:]]), torch.cat([sink_only[:7], sink_only[8:]]))
+    assert variance_concentration(x) > 0.5

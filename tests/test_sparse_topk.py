@@ -18,10 +18,11 @@ def _saes(arch: str, n: int, **extra):
     sae_cls, cfg_cls = get_sae_training_class(arch)
     if arch == "matryoshka_batchtopk":
         extra.setdefault("matryoshka_widths", [12, 40, D_SAE])
+    extra.setdefault("k", 4)
     saes = []
     for i in range(n):
         torch.manual_seed(i)
-        sae = sae_cls(cfg_cls(d_in=D_IN, d_sae=D_SAE, k=4, dtype="float64", **extra))
+        sae = sae_cls(cfg_cls(d_in=D_IN, d_sae=D_SAE, dtype="float64", **extra))
         with torch.no_grad():  # non-trivial biases so every gradient path is exercised
             sae.b_enc.normal_(0, 0.1)
             sae.b_dec.normal_(0, 0.5)
@@ -92,3 +93,34 @@ def test_batch_topk_selection_matches_full_topk():
         reference = x.reshape(-1).topk(min(n_keep, x.numel())).indices
         reference = reference[x.reshape(-1)[reference] > 0]
         assert torch.equal(ours, reference.sort().values)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_annealed_k_is_a_larger_k(arch):
+    """A step with k_factor f is the step of the same SAEs built with k = f * k (whose step equals SAELens')."""
+    x = _batches(2, 1)[0]
+    annealed = StackedTopKSAEs(_saes(arch, 2), lrs=[1e-3, 1e-3])
+    annealed.k_factor = 2.5
+    wider = StackedTopKSAEs(_saes(arch, 2, k=10), lrs=[1e-3, 1e-3])
+    ours, theirs = annealed.step(x), wider.step(x)
+    torch.testing.assert_close(ours["total"], theirs["total"], rtol=1e-12, atol=0)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(annealed.params[name], wider.params[name], rtol=1e-12, atol=0)
+    assert len(annealed.last_acts[0].col) == 10 * N_TOK * 2
+
+
+def test_k_anneal_schedule():
+    """k_anneal_fraction: k falls linearly from K_ANNEAL_START * k to k over that fraction of the steps."""
+    from layerflow import defaults
+    from layerflow.train.config import TrainConfig
+    from layerflow.train.groups import StackedGroup
+
+    saes = _saes("batchtopk", 1)
+    group = StackedGroup(saes, [1e-3], TrainConfig("unused", k_anneal_fraction=0.5), 8, [1.0], [0])
+    assert group.stack.dead_feature_window == 10  # the default window: a fifth of 8 steps, at least 10
+    factors = []
+    for x in _batches(1, 6):
+        group.step(x)
+        factors.append(group.stack.k_factor)
+    start = defaults.K_ANNEAL_START
+    assert factors == pytest.approx([start, start - (start - 1) / 4, start - (start - 1) / 2, 1 + (start - 1) / 4, 1, 1])

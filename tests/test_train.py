@@ -1,5 +1,6 @@
 """Training runs: SAELens folders, determinism, resume, bad input, and the 30-layer end-to-end run."""
 
+import json
 
 import pytest
 import torch
@@ -78,7 +79,8 @@ def test_every_architecture_saves_a_folder_saelens_loads(tiny_store, tmp_path, a
 
 def test_scale_is_folded_so_saved_saes_read_raw_activations(tiny_store, tmp_path):
     """Train on activations scaled to norm sqrt(d); the saved SAE must reconstruct raw ones just as well."""
-    manifest = train(TrainConfig(str(tiny_store), schedule=_schedule("topk"), steps=30, batch_tokens=512), tmp_path,
+    manifest = train(TrainConfig(str(tiny_store), schedule=_schedule("topk"), steps=30, batch_tokens=512,
+                                 dead_feature_window=1000), tmp_path,  # no AuxK term in the final loss
                      evaluate=False)
     store = ActivationStore(tiny_store)
     site = manifest.sites[1]
@@ -221,3 +223,16 @@ def test_decoder_bias_starts_at_the_training_mean(tiny_store, tmp_path, arch):
             assert ((b_dec - mean).abs() < 5 * spread + 1e-6).all(), site.hook_name
     with pytest.raises(LayerflowError, match="Unknown init_b_dec 'median'. Valid: mean, zeros"):
         train(TrainConfig(str(tiny_store), schedule=schedule, steps=1, init_b_dec="median"), tmp_path / "bad")
+
+
+def test_dead_feature_window_scales_with_the_run(tiny_store, tmp_path):
+    """The default window is a fifth of the run (10 to 1000 steps), so AuxK acts in a short run too;
+    the plan records the window used, and an explicit one is kept."""
+    from layerflow.train.config import dead_feature_window
+
+    assert [dead_feature_window(n) for n in (3, 104, 2_000, 50_000)] == [10, 21, 400, 1000]
+    schedule = _schedule("batchtopk")
+    for window, expected in ((None, 10), (7, 7)):
+        cfg = TrainConfig(str(tiny_store), schedule=schedule, steps=12, batch_tokens=128, dead_feature_window=window)
+        train(cfg, tmp_path / str(window), evaluate=False)
+        assert json.loads((tmp_path / str(window) / "plan.json").read_text())["dead_feature_window"] == expected

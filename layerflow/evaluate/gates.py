@@ -12,6 +12,10 @@ SAE's own held-out figures (`evaluate.evals.SiteEval`) with a threshold:
 - **Dead fraction <= 0.1.** A latent that never fires on held-out text makes the dictionary
   narrower than configured. Dead fractions differ between layers (the default run: 15-60%), so
   comparisons across layers would compare dictionaries of different effective width.
+- **Out-of-domain FVU <= 0.6.** On text of registers the training corpus does not emphasise (the
+  shipped `ood` corpus), a dictionary that leaves more than 60% of its layer's variance
+  unexplained describes the training text rather than the layer: deep-layer SAEs trained on
+  novels alone reached 1.03 there, worse than predicting the mean.
 - **Spliced delta CE <= 0.25 nats.** FVU weighs every direction by its variance; the model does
   not. A dictionary with a good FVU that raises the next-token loss by more than a quarter of a
   nat (about 28% more perplexity) misses directions the model reads downstream, and its features
@@ -26,12 +30,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-GATES = {"fvu": 0.2, "dead_fraction": 0.1, "delta_ce": 0.25}  # figure -> the most that passes
-LABELS = {"fvu": "held-out FVU", "dead_fraction": "dead fraction", "delta_ce": "spliced delta CE (nats)"}
+GATES = {"fvu": 0.2, "dead_fraction": 0.1, "ood_fvu": 0.6, "delta_ce": 0.25}  # figure -> the most that passes
+LABELS = {"fvu": "held-out FVU", "dead_fraction": "dead fraction", "ood_fvu": "out-of-domain FVU",
+          "delta_ce": "spliced delta CE (nats)"}
 ADVICE = {
     "fvu": "more training tokens and steps per site, or a wider dictionary (or a larger k) where the dead fraction "
            "is already low",
     "dead_fraction": "more training tokens per site (latents the data never reaches die), or a narrower dictionary",
+    "ood_fvu": "a training corpus that covers more registers, and more training tokens",
     "delta_ce": "more training steps, then a wider dictionary if the loss still rises",
 }
 
@@ -50,7 +56,8 @@ class QualityVerdict:
 
 
 def quality_verdict(rows: list[dict[str, Any]]) -> QualityVerdict:
-    """The gates on per-layer rows ({"layer", "fvu", "dead_fraction", "delta_ce", ...}; None = not measured)."""
+    """The gates on per-layer rows ({"layer", "fvu", "dead_fraction", "ood_fvu", "delta_ce", ...}; None = not
+    measured)."""
     failing: dict[str, list[int]] = {}
     worst: dict[str, float | None] = {}
     measured: dict[str, int] = {}

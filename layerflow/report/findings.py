@@ -84,7 +84,7 @@ DEFINITIONS = {
                                    "stream carrying the previous layer forward.",
     "floor": "The layer's own SAE rotated inside the layer's principal subspace (no shared features).",
     "ceiling": "A second SAE trained on the same layer with another seed, compared with the first.",
-    "quality_gates": "Each SAE's own held-out FVU, dead fraction and spliced delta CE against the thresholds; "
+    "quality_gates": "Each SAE's own held-out FVU, dead fraction, out-of-domain FVU and spliced delta CE against the thresholds; "
                      "see layerflow/evaluate/gates.py for the reasoning.",
     "raw_ratio": "The notes' MSE(SAE_i on i) / MSE(SAE_i on j). It follows the residual norm, so it gets no bands, "
                  "hubs or verdicts here; it is shown only to explain why it misleads.",
@@ -234,6 +234,8 @@ def _layer_rows(m: ModelResults, transfer: dict[str, dict]) -> list[dict[str, An
                "mean_norm": m.capture.mean_norm.get(hook),
                "fvu": getattr(rec, "fvu", None), "l0": getattr(rec, "l0", None),
                "dead_fraction": getattr(rec, "dead_fraction", None), "delta_ce": getattr(ev, "delta_ce", None),
+               "variance_top1": getattr(ev, "variance_top1", None), "ood_fvu": getattr(ev, "ood_fvu", None), "ood_fvu_low": getattr(ev, "ood_fvu_low", None),
+               "ood_fvu_high": getattr(ev, "ood_fvu_high", None),
                "kl_div": getattr(ev, "kl_div", None), "ce_loss_score": getattr(ev, "ce_loss_score", None)}
         i = s["layers"].index(layer) if s and layer in s["layers"] else None
         for key, figure in (("universality", "universality"), ("incoming", "universality_incoming"),
@@ -449,6 +451,25 @@ def _quality_lines(q: dict, facts: dict) -> list[str]:
             "are in `layerflow/evaluate/gates.py`."]
 
 
+CONCENTRATED = 0.25  # the 1% of held-out tokens farthest from the mean carrying more than this share of the variance
+
+
+def _concentration_lines(rows: list[dict]) -> list[str]:
+    """A warning where held-out FVU mostly measures a few tokens (evals' variance_top1)."""
+    bad = [r for r in rows if (r.get("variance_top1") or 0) > CONCENTRATED]
+    if not bad:
+        return []
+    worst = max(bad, key=lambda r: r["variance_top1"])
+    ood = [r["ood_fvu"] for r in bad if r.get("ood_fvu") is not None]
+    guide = (f" There the out-of-domain FVU ({fmt(min(ood))} to {fmt(max(ood))}) is the better guide to how well the "
+             "dictionaries describe ordinary tokens." if ood else "")
+    return [f"**Held-out FVU is carried by a few tokens at {_layers([r['layer'] for r in bad])}.** The 1% of held-out "
+            f"tokens farthest from the mean carry up to {fmt(worst['variance_top1'])} of the variance (layer "
+            f"{worst['layer']}; about 0.01 when it is spread evenly): tokens with activations far larger than the rest, "
+            "such as attention sinks near the start of a sequence. FVU, a ratio of sums of squares, mostly measures "
+            f"them there, and so do the transfer figures of those layers.{guide}", ""]
+
+
 def _raw_lines(r: dict) -> list[str]:
     lines = []
     nr = r["norm_rank_correlation"]
@@ -542,7 +563,8 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> list[str]:
 
 
 LAYER_COLUMNS = [("layer", "layer"), ("relative_depth", "depth"), ("mean_norm", "mean norm"), ("fvu", "FVU"),
-                 ("l0", "L0"), ("dead_fraction", "dead"), ("delta_ce", "ΔCE"), ("kl_div", "KL"),
+                 ("l0", "L0"), ("dead_fraction", "dead"), ("ood_fvu", "FVU out of domain"), ("ood_fvu_low", "low"),
+                 ("ood_fvu_high", "high"), ("delta_ce", "ΔCE"), ("kl_div", "KL"),
                  ("universality", "universality"), ("universality_low", "low"), ("universality_high", "high"),
                  ("verdict", "verdict"), ("hub_excess", "excess over decay"), ("incoming", "incoming")]
 CROSS_COLUMNS = [("source_layer", "source layer"), ("source_depth", "depth"), ("target_layer", "target layer"),
@@ -586,7 +608,9 @@ def _how_to_read(conv: dict) -> list[str]:
         f"- **Bands** (the notes' heatmap bands, for relative transfer only): HIGH >= {fmt(b['HIGH'])}, MODERATE >= "
         f"{fmt(b['MODERATE'])}, LOW >= {fmt(b['LOW'])}, SPECIALISED below.",
         "- **FVU**: fraction of variance unexplained by a layer's own SAE on held-out tokens (lower is better); "
-        "**L0**: active latents per token; **dead**: fraction of latents that never fire; **ΔCE**: next-token loss "
+        "**L0**: active latents per token; **dead**: fraction of latents that never fire; **FVU out of domain**: the "
+        "same FVU on text of registers training did not emphasise (the shipped `ood` corpus: verse, another project's "
+        "documentation and code, reference entries; low/high its interval); **ΔCE**: next-token loss "
         f"with the SAE spliced in, minus clean (nats). {d['quality_gates']}",
         "- **Why raw ratios mislead**: the notes' ratio divides raw reconstruction errors. The residual norm grows "
         "with depth, so errors on deep layers are larger simply because the numbers are larger: the ratio "
@@ -601,7 +625,7 @@ def findings_markdown(summary: dict) -> list[str]:
     """The Findings section, from summary.json alone (a test re-derives it from the file)."""
     conv, out = summary["conventions"], ["## Findings", ""]
     for name, m in summary["models"].items():
-        out += [f"### `{name}`", ""] + _quality_lines(m["quality"], m["facts"]) + [""]
+        out += [f"### `{name}`", ""] + _quality_lines(m["quality"], m["facts"]) + [""] + _concentration_lines(m["layers"])
         tentative = "(tentative) " if m["quality"]["verdict"] != "adequate" else ""
         if m["unreliable_sae_layers"]:
             worst = max(r["fvu"] for r in m["layers"] if r["fvu"] is not None)

@@ -377,7 +377,8 @@ def _depth(model: ModelResults, hook: str) -> float:
     return model.layer_of(hook) / max(model.n_layers - 1, 1)
 
 
-QUALITY = (("FVU (lower = better; 1 = no better than the mean)", lambda e: e.reconstruction.fvu),
+QUALITY = (("FVU (lower = better; 1 = no better than the mean): held-out, and out-of-domain (dashed)",
+             lambda e: e.reconstruction.fvu),
            ("L0: active latents per token", lambda e: e.reconstruction.l0),
            ("dead fraction of latents (lower = better)", lambda e: e.reconstruction.dead_fraction),
            ("delta CE, nats (spliced - clean; lower = better)", lambda e: e.delta_ce))
@@ -396,6 +397,14 @@ def sae_quality(models: Sequence[ModelResults], stem: Path) -> list[Path]:
         if not drawn:
             ax.text(0.5, 0.5, "not computed", ha="center", va="center", transform=ax.transAxes, color="grey")
         elif label.startswith("FVU"):
+            for k, m in enumerate(models):  # out of domain, dashed, with its interval
+                points = sorted((_depth(m, h), e.ood_fvu, e.ood_fvu_low, e.ood_fvu_high) for h, e in m.evals.items()
+                                if e.ood_fvu is not None)
+                if points:
+                    x, y, lo, hi = map(np.array, zip(*points))
+                    ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="--", color=MODEL_STYLES[k % 10].get("color"),
+                                lw=1, capsize=2, alpha=0.8, label=f"{m.name}: out-of-domain text (95% interval)")
+                    drawn += list(hi)
             low, high = min(drawn), max(drawn)
             if high > 0.8:  # FVU 1 = no better than predicting the mean; drawn when the data come near it
                 ax.axhline(1, color="grey", ls=":", lw=1)
@@ -407,8 +416,9 @@ def sae_quality(models: Sequence[ModelResults], stem: Path) -> list[Path]:
         ax.set_xlabel("relative depth, layer / (n_layers - 1)")
     fig.suptitle("SAE quality by depth: each SAE on its own layer's held-out activations", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.955),
-               ncol=len(models), fontsize=8, frameon=False)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.955), ncol=min(len(handles), 4), fontsize=8,
+               frameon=False)
     return _save(fig, stem)
 
 

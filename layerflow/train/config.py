@@ -11,6 +11,14 @@ from layerflow.capture.writer import CaptureConfig
 from layerflow.train.schedule import LayerSchedule, get_preset
 
 
+def dead_feature_window(steps: int) -> int:
+    """The default window: a fifth of the run, between 10 and 1000 steps. SAELens' 1000 suits runs of
+    tens of thousands of steps; in the default study's 104 it never acts, and a window of 20 cut the
+    dead fraction by a third there (docs/training.md)."""
+    low, high = defaults.DEAD_WINDOW_RANGE
+    return int(min(high, max(low, round(defaults.DEAD_WINDOW_FRACTION * steps))))
+
+
 @dataclass
 class TrainConfig:
     store: str  # a capture directory; with `online`, where its held-out split is captured
@@ -23,7 +31,9 @@ class TrainConfig:
     lr_warm_up_steps: int = 0  # linear warm-up, as in SAELens
     lr_decay_steps: int = 0  # linear decay to 0 over the last steps, as in SAELens
     exclude_special_tokens: bool = True
-    dead_feature_window: int = defaults.DEAD_FEATURE_WINDOW  # steps without firing before a latent counts as dead
+    dead_feature_window: int | None = defaults.DEAD_FEATURE_WINDOW  # None: `dead_feature_window(steps)`
+    # TopK-family SAEs: over this fraction of the steps k falls linearly from K_ANNEAL_START * k to k
+    k_anneal_fraction: float = defaults.K_ANNEAL_FRACTION
     checkpoint_every: int = defaults.CHECKPOINT_EVERY
     seed: int = defaults.SEED
     fast_path: bool = True  # stack TopK-family SAEs in sparse_topk; False: SAELens' step for all
@@ -37,6 +47,10 @@ class TrainConfig:
     # Online: train from model forwards on this capture's training sequences (nothing of them is
     # stored); only its held-out split is captured, to `store`, for the evals.
     online: CaptureConfig | None = None
+
+    def window(self, steps: int) -> int:
+        """Steps without firing before a latent counts as dead, in a run of `steps` steps."""
+        return self.dead_feature_window if self.dead_feature_window is not None else dead_feature_window(steps)
 
     def plan(self) -> dict[str, Any]:
         d = asdict(self)

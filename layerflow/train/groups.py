@@ -19,6 +19,7 @@ from sae_lens.config import SAETrainerConfig
 from sae_lens.training.optim import get_lr_scheduler
 from sae_lens.training.sae_trainer import SAETrainer
 
+from layerflow import defaults
 from layerflow.dictionaries.transcoders import make_optimizer, train_step
 from layerflow.metrics import batch_variance
 from layerflow.train.config import TrainConfig
@@ -39,7 +40,7 @@ class SAELensGroup:
                 total_training_samples=total_steps * cfg.batch_tokens, train_batch_size_samples=cfg.batch_tokens,
                 lr=lr, lr_end=lr / 10, lr_scheduler_name=cfg.lr_scheduler, lr_warm_up_steps=cfg.lr_warm_up_steps,
                 lr_decay_steps=cfg.lr_decay_steps,
-                dead_feature_window=cfg.dead_feature_window, feature_sampling_window=10**9), sae, iter(()))
+                dead_feature_window=cfg.window(total_steps), feature_sampling_window=10**9), sae, iter(()))
             trainer.activation_scaler.scaling_factor = scale
             self.trainers.append(trainer)
 
@@ -79,7 +80,8 @@ class StackedGroup:
                  rows: list[int]):
         self.saes, self.rows = saes, rows
         self.metrics: list[dict[str, Any]] = [{} for _ in saes]
-        self.stack = StackedTopKSAEs(saes, lrs, dead_feature_window=cfg.dead_feature_window)
+        self.stack = StackedTopKSAEs(saes, lrs, dead_feature_window=cfg.window(total_steps))
+        self.anneal_steps = cfg.k_anneal_fraction * total_steps
         self.scales = torch.tensor(scales).view(-1, 1, 1)
         # The LR schedule as a factor: SAELens' scheduler driving a stand-in optimizer with lr 1.
         self._lr_holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
@@ -90,6 +92,8 @@ class StackedGroup:
     def step(self, batch: torch.Tensor) -> torch.Tensor:
         x = batch[self.rows]
         factor = torch.tensor(self._lr_holder.param_groups[0]["lr"], dtype=torch.float64)
+        left = max(0.0, 1 - self.stack.adam_step / self.anneal_steps) if self.anneal_steps else 0.0
+        self.stack.k_factor = 1 + (defaults.K_ANNEAL_START - 1) * left
         losses = self.stack.step(x * self.scales.to(x.dtype), lr_factors=factor)
         self._lr_holder.step()  # a no-op (no gradient); keeps torch's scheduler order check quiet
         self.lr_scheduler.step()

@@ -97,7 +97,9 @@ def _batch_topk(relu_pre: Float[Tensor, "tokens d_sae"], n_keep: int) -> Int[Ten
     flat = relu_pre.reshape(-1)
     sample = flat[:: max(1, flat.numel() // 65536)]
     keep_fraction = 1.5 * n_keep / flat.numel()
-    threshold = torch.quantile(sample.float(), 1 - keep_fraction).item() if keep_fraction < 1 else 0.0
+    # kthvalue, not quantile: quantile sorts the sample, which cost as much as the encoder matmul
+    rank = int(sample.numel() * (1 - keep_fraction))
+    threshold = sample.float().kthvalue(rank).values.item() if keep_fraction < 1 and rank >= 1 else 0.0
     candidates = (flat > threshold).nonzero().squeeze(1) if threshold > 0 else None
     if candidates is None or candidates.numel() < n_keep:
         candidates = (flat > 0).nonzero().squeeze(1)
@@ -132,12 +134,13 @@ class StackedTopKSAEs:
         self.n_counted = 0
         self.topk_threshold = torch.tensor([float(getattr(s, "topk_threshold", 0.0)) for s in saes],
                                            dtype=torch.float64)
+        self.k_factor = 1.0  # k annealing: the trainer sets it before each step
 
     # ---- forward and loss ---------------------------------------------------------------
     def _select(self, hidden: Float[Tensor, "tokens d_sae"]) -> tuple[Tensor, Tensor]:
         """(token, latent) of the active latents of one layer, row-major. BatchTopK selects among
         ReLU'd values and applies the ReLU to `hidden` in place (the selected values are positive)."""
-        k = self.cfg.k
+        k = self.cfg.k * self.k_factor
         if self.arch == "topk":
             idx = hidden.topk(int(k), dim=-1, sorted=False).indices
             return torch.arange(hidden.shape[0]).repeat_interleave(idx.shape[1]), idx.reshape(-1)

@@ -140,7 +140,8 @@ def _setup(cfg: TrainConfig, loaded: LoadedModel | None) -> _Setup:
     if cfg.samples_every < 0 or cfg.samples_tokens < 1:
         raise LayerflowError(f"samples_every must be >= 0 and samples_tokens >= 1, got {cfg.samples_every} and "
                              f"{cfg.samples_tokens}.")
-    plan = json.loads(json.dumps(cfg.plan() | {"hooks": hooks, "steps": steps}))  # as it reads back from disk
+    plan = json.loads(json.dumps(cfg.plan() | {"hooks": hooks, "steps": steps,
+                                               "dead_feature_window": cfg.window(steps)}))  # as it reads back from disk
     return _Setup(store, hooks, targets, stream, specials, steps, _model_layers(store.manifest), plan)
 
 
@@ -169,14 +170,16 @@ def _build(cfg: TrainConfig, setup: _Setup, loaded: LoadedModel | None) -> _Run:
         if targets:
             extra["d_out"] = sites[targets[h]].d
             if "dead_feature_window" in cfg.schedule.valid_keys() and "dead_feature_window" not in values[h]:
-                extra["dead_feature_window"] = cfg.dead_feature_window
+                extra["dead_feature_window"] = cfg.window(setup.steps)
         sae_cfg = cfg.schedule.sae_config(sites[h].layer, setup.n_layers, sites[h].d, **extra)
         saes[h] = get_sae_training_class(sae_cfg.architecture())[0](sae_cfg)
 
     buffer = _buffer_bytes(setup.store, setup.stream)
     chunks = lambda seed: _train_chunks(cfg, setup.store, setup.stream, seed, loaded)  # noqa: E731
     batches = mixed_batches(chunks(cfg.seed), cfg.batch_tokens, setup.specials, cfg.seed, buffer)
-    norms, means = _input_statistics(cfg, chunks(cfg.seed + 1), setup.stream, setup.specials, buffer)
+    # a buffer of a few batches is mixed enough for a mean; filling the full one cost 10 s at 30 sites
+    stats_buffer = min(buffer, 4 * NORM_ESTIMATE_BATCHES * cfg.batch_tokens * sum(sites[h].d for h in setup.stream) * 4)
+    norms, means = _input_statistics(cfg, chunks(cfg.seed + 1), setup.stream, setup.specials, stats_buffer)
 
     def scale(hook: str, normalize: str) -> float:  # SAELens' rule: mean norm sqrt(d) for expected_average_only_in
         return sites[hook].d ** 0.5 / norms[hook] if normalize == "expected_average_only_in" else 1.0
