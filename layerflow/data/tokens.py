@@ -32,9 +32,11 @@ DEFAULT_SOURCE = "default"
 OOD_SOURCE = "ood"  # the out-of-domain evaluation text
 CORPORA = {DEFAULT_SOURCE: "mixed.txt.gz", "mixed": "mixed.txt.gz", "novels": "novels.txt.gz", OOD_SOURCE: "ood.txt.gz"}
 CORPUS_DESCRIPTIONS = {
-    "mixed.txt.gz": "fiction, drama, technical documentation, a reference glossary and Python code",
-    "novels.txt.gz": "eight public-domain novels",
-    "ood.txt.gz": "out-of-domain evaluation text: verse, another project's documentation and code, the glossary's other half",
+    "mixed.txt.gz": "fiction, drama, technical documentation, a reference glossary and Python code; public domain "
+                    "and BSD-3-Clause",
+    "novels.txt.gz": "eight novels; public domain",
+    "ood.txt.gz": "out-of-domain evaluation text: verse, another project's documentation and code, the glossary's "
+                  "other half; public domain and BSD-3-Clause",
 }
 RANDOM_SOURCE = "random"
 HF_PREFIX = "hf:"
